@@ -1,0 +1,1 @@
+"""bge-jax: BGE embedding-model training in JAX/Flax."""

@@ -1,0 +1,141 @@
+"""The BERT model configuration: shapes, numerics, which heads the params hold, and presets."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import jax.numpy as jnp
+
+# Which Hugging Face state-dict naming a params pytree came from (and goes back to).
+HF_FAMILIES = ("bert", "bert_mlm", "sentence_transformers", "retromae")
+POOLINGS = ("cls", "mean")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+QUERY_STREAMS = ("fe", "rm")
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+  """Hashable (usable as a jit static argument) description of one BERT.
+
+  Shape fields follow Hugging Face's `BertConfig` with shorter names. `dtype` is the compute
+  dtype, `param_dtype` the storage dtype of the parameters. `add_pooler`, `add_mlm_head` and
+  `add_decoder` say which optional parts the params hold; `hf_family` which HF naming they
+  convert back to (see `bge_jax.convert`).
+  """
+
+  vocab_size: int = 30522
+  hidden_size: int = 768
+  num_layers: int = 12
+  num_heads: int = 12
+  intermediate_size: int = 3072
+  max_position_embeddings: int = 512
+  type_vocab_size: int = 2
+  layer_norm_eps: float = 1e-12
+  hidden_dropout: float = 0.1
+  attention_dropout: float = 0.1
+  initializer_range: float = 0.02
+  pad_token_id: int = 0
+
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  # Rematerialisation of each layer in the backward pass: "none", "full" (save nothing),
+  # "dots" (save matmul outputs), "dots_no_batch" (save matmuls without batch dims: weights-only).
+  remat_policy: str = "none"
+  # Passed to jax.nn.dot_product_attention: None (XLA picks), "xla" or "cudnn".
+  attention_impl: str | None = None
+
+  pooling: str = "cls"
+  normalize: bool = True
+
+  add_pooler: bool = False
+  add_mlm_head: bool = False
+  add_decoder: bool = False
+  # RetroMAE decoder query stream: "fe" = Emb(cls repeated) with LayerNorm (FlagEmbedding),
+  # "rm" = cls + position embedding, no LayerNorm (original RetroMAE).
+  decoder_query_stream: str = "fe"
+
+  hf_family: str = "bert"
+
+  def __post_init__(self):
+    def bad(key, value, allowed):
+      raise ValueError(f"BertConfig.{key}={value!r} is not one of {allowed}")
+
+    if self.hidden_size % self.num_heads:
+      raise ValueError(
+          f"BertConfig.hidden_size={self.hidden_size} is not divisible by "
+          f"num_heads={self.num_heads}; choose a head count that divides it.")
+    if self.pooling not in POOLINGS:
+      bad("pooling", self.pooling, POOLINGS)
+    if self.remat_policy not in REMAT_POLICIES:
+      bad("remat_policy", self.remat_policy, REMAT_POLICIES)
+    if self.hf_family not in HF_FAMILIES:
+      bad("hf_family", self.hf_family, HF_FAMILIES)
+    if self.decoder_query_stream not in QUERY_STREAMS:
+      bad("decoder_query_stream", self.decoder_query_stream, QUERY_STREAMS)
+    for key in ("dtype", "param_dtype"):
+      try:
+        jnp.dtype(getattr(self, key))
+      except TypeError:
+        bad(key, getattr(self, key), "numpy dtype names such as 'float32', 'bfloat16'")
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+  def replace(self, **changes: Any) -> "BertConfig":
+    return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, values: dict[str, Any]) -> "BertConfig":
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+      raise ValueError(f"unknown BertConfig keys {unknown}; known keys: {sorted(known)}")
+    return cls(**values)
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+  def num_params(self, include_heads: bool = True) -> int:
+    """Parameter count (tied MLM decoder counted once)."""
+    e, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
+    layer = 4 * (e * e + e) + 2 * e + (e * f + f) + (f * e + e) + 2 * e
+    total = (v + self.max_position_embeddings + self.type_vocab_size) * e + 2 * e
+    total += self.num_layers * layer
+    if include_heads:
+      total += (e * e + e) * self.add_pooler
+      total += (e * e + e + 2 * e + v) * self.add_mlm_head
+      total += layer * self.add_decoder
+    return total
+
+
+# Shapes per SPEC.md (layers / hidden / heads / ffn / vocab).
+_PRESETS: dict[str, dict[str, int]] = {
+    "tiny": dict(vocab_size=1024, hidden_size=64, num_layers=2, num_heads=4,
+                 intermediate_size=128, max_position_embeddings=128),
+    "bge-small-zh": dict(vocab_size=21128, hidden_size=512, num_layers=4, num_heads=8,
+                         intermediate_size=2048),
+    "bge-small-en": dict(vocab_size=30522, hidden_size=384, num_layers=12, num_heads=12,
+                         intermediate_size=1536),
+    "bge-base-zh": dict(vocab_size=21128, hidden_size=768, num_layers=12, num_heads=12,
+                        intermediate_size=3072),
+    "bge-base-en": dict(vocab_size=30522, hidden_size=768, num_layers=12, num_heads=12,
+                        intermediate_size=3072),
+    "bge-large-zh": dict(vocab_size=21128, hidden_size=1024, num_layers=24, num_heads=16,
+                         intermediate_size=4096),
+    "bge-large-en": dict(vocab_size=30522, hidden_size=1024, num_layers=24, num_heads=16,
+                         intermediate_size=4096),
+}
+PRESETS = tuple(_PRESETS)
+
+
+def preset(name: str, **overrides: Any) -> BertConfig:
+  """A named model shape (`tiny`, `bge-{small,base,large}-{zh,en}`) with optional overrides."""
+  if name not in _PRESETS:
+    raise ValueError(f"unknown model preset {name!r}; choose one of {PRESETS}")
+  return BertConfig(**{**_PRESETS[name], **overrides})

@@ -1,0 +1,271 @@
+"""BERT in Flax Linen (embeddings, post-LN layers, MLM head, pooler), named by logical axes only."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bge_jax.config import BertConfig
+
+Array = jax.Array
+LP = nn.with_logical_partitioning
+
+# BERT's initialisation: truncation-free normal(initializer_range) weights, zero biases, unit LN.
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _normal(config: BertConfig):
+  return nn.initializers.normal(stddev=config.initializer_range)
+
+
+def _layer_norm(config: BertConfig, name: str) -> nn.LayerNorm:
+  # use_fast_variance=False: E[(x-mu)^2] like PyTorch, not E[x^2]-mu^2 (parity at 1e-5 needs it).
+  return nn.LayerNorm(
+      epsilon=config.layer_norm_eps, dtype=config.dtype, param_dtype=config.param_dtype,
+      use_fast_variance=False, name=name,
+      scale_init=LP(nn.initializers.ones_init(), ("embed",)),
+      bias_init=LP(nn.initializers.zeros_init(), ("embed",)))
+
+
+def _dense(config: BertConfig, features, kernel_axes: tuple, name: str, axis=-1) -> nn.DenseGeneral:
+  bias_axes = kernel_axes[-1:] if isinstance(features, int) else kernel_axes[-len(features):]
+  return nn.DenseGeneral(
+      features=features, axis=axis, dtype=config.dtype, param_dtype=config.param_dtype, name=name,
+      kernel_init=LP(_normal(config), kernel_axes),
+      bias_init=LP(nn.initializers.zeros_init(), bias_axes))
+
+
+def _embed(config: BertConfig, num: int, axes: tuple, name: str) -> nn.Embed:
+  return nn.Embed(num, config.hidden_size, dtype=config.dtype, param_dtype=config.param_dtype,
+                  embedding_init=LP(_normal(config), axes), name=name)
+
+
+def padding_mask(attention_mask: Array) -> Array:
+  """[B, L] 1/0 key mask -> boolean [B, 1, 1, L], broadcastable to attention logits [B, H, Q, K]."""
+  return attention_mask.astype(bool)[:, None, None, :]
+
+
+def matrix_mask(attention_matrix: Array) -> Array:
+  """[B, Q, K] position-specific mask (1 = row may see column) -> boolean [B, 1, Q, K]."""
+  return attention_matrix.astype(bool)[:, None, :, :]
+
+
+class BertEmbeddings(nn.Module):
+  """word + token type + absolute position embeddings, LayerNorm, dropout."""
+
+  config: BertConfig
+
+  def setup(self):
+    c = self.config
+    self.word_embeddings = _embed(c, c.vocab_size, ("vocab", "embed"), "word_embeddings")
+    self.position_embeddings = _embed(c, c.max_position_embeddings, (None, "embed"),
+                                      "position_embeddings")
+    self.token_type_embeddings = _embed(c, c.type_vocab_size, (None, "embed"),
+                                        "token_type_embeddings")
+    self.norm = _layer_norm(c, "norm")
+    self.dropout = nn.Dropout(c.hidden_dropout)
+
+  def __call__(self, input_ids: Array | None = None, token_type_ids: Array | None = None,
+               position_ids: Array | None = None, inputs_embeds: Array | None = None,
+               deterministic: bool = True) -> Array:
+    if inputs_embeds is None:
+      inputs_embeds = self.word_embeddings(input_ids)
+    batch, length = inputs_embeds.shape[:2]
+    if position_ids is None:
+      position_ids = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    if token_type_ids is None:
+      token_type_ids = jnp.zeros((batch, length), jnp.int32)
+    x = inputs_embeds + self.token_type_embeddings(token_type_ids)
+    x = x + self.position_embeddings(position_ids)
+    x = self.dropout(self.norm(x), deterministic=deterministic)
+    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+  def attend(self, x: Array) -> Array:
+    """x @ word_embeddings^T: the tied MLM output projection."""
+    return self.word_embeddings.attend(x)
+
+
+class BertLayer(nn.Module):
+  """One post-LN transformer layer; queries from `hq`, keys/values from `hkv`.
+
+  The encoder calls it with hq = hkv. The RetroMAE enhanced decoder is the same layer (same
+  parameter names as HF's BertLayer) fed two streams: hq = the [CLS]-derived query stream,
+  hkv = [cls ; Emb(x)[1:]]; the residual of the attention block comes from hq.
+  """
+
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, hq: Array, hkv: Array, mask: Array, deterministic: bool = True) -> Array:
+    c = self.config
+    qkv = functools.partial(_dense, c, (c.num_heads, c.head_dim), ("embed", "heads", "kv"))
+    q = qkv("query")(hq)
+    k = qkv("key")(hkv)
+    v = qkv("value")(hkv)
+    q, k, v = (nn.with_logical_constraint(t, ("batch", "length", "heads", "kv")) for t in (q, k, v))
+
+    if deterministic or c.attention_dropout == 0.0:
+      # Fused attention (cuDNN flash attention on GPU when implementation allows it).
+      ctx = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=c.attention_impl)
+    else:
+      ctx = self._attention_with_dropout(q, k, v, mask)
+    ctx = nn.with_logical_constraint(ctx, ("batch", "length", "heads", "kv"))
+
+    attn = _dense(c, c.hidden_size, ("heads", "kv", "embed"), "attention_out", axis=(-2, -1))(ctx)
+    attn = nn.Dropout(c.hidden_dropout)(attn, deterministic=deterministic)
+    x = _layer_norm(c, "attention_norm")(attn + hq)
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+    h = _dense(c, c.intermediate_size, ("embed", "mlp"), "intermediate")(x)
+    h = jax.nn.gelu(h, approximate=False)
+    h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
+    h = _dense(c, c.hidden_size, ("mlp", "embed"), "output")(h)
+    h = nn.Dropout(c.hidden_dropout)(h, deterministic=deterministic)
+    out = _layer_norm(c, "output_norm")(h + x)
+    return nn.with_logical_constraint(out, ("batch", "length", "embed"))
+
+  def _attention_with_dropout(self, q: Array, k: Array, v: Array, mask: Array) -> Array:
+    """Explicit softmax attention: the fused kernel has no dropout on the probabilities."""
+    c = self.config
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(c.head_dim).astype(q.dtype)
+    logits = jnp.where(mask, logits.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
+    probs = nn.Dropout(c.attention_dropout)(probs, deterministic=False)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+def _layer_class(config: BertConfig):
+  if config.remat_policy == "none":
+    return BertLayer
+  # Argument 4 (counting self) is `deterministic`, a Python bool.
+  return nn.remat(BertLayer, policy=_REMAT_POLICIES[config.remat_policy], static_argnums=(4,))
+
+
+class BertMLMHead(nn.Module):
+  """BERT's transform (dense, GELU, LayerNorm); the vocab projection is the word embeddings."""
+
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, hidden: Array, embeddings: BertEmbeddings) -> Array:
+    c = self.config
+    x = _dense(c, c.hidden_size, ("embed", "mlp"), "transform")(hidden)
+    x = _layer_norm(c, "transform_norm")(jax.nn.gelu(x, approximate=False))
+    bias = self.param("bias", LP(nn.initializers.zeros_init(), ("vocab",)), (c.vocab_size,),
+                      c.param_dtype)
+    logits = embeddings.attend(x) + bias.astype(c.dtype)
+    return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+
+
+class BertModel(nn.Module):
+  """The encoder plus the optional parts its config enables (pooler, MLM head, RetroMAE decoder).
+
+  Methods (use with `apply(..., method=...)`): `__call__` -> last hidden state [B, L, E];
+  `mlm_logits`; `pooler_output`; `decoder_layer`; `embeddings`. `init_all` touches every part,
+  so `model.init(rng, ..., method=BertModel.init_all)` creates all parameters.
+  """
+
+  config: BertConfig
+
+  def setup(self):
+    c = self.config
+    self.embeddings = BertEmbeddings(c)
+    layer = _layer_class(c)
+    self.layers = [layer(c) for _ in range(c.num_layers)]
+    if c.add_pooler:
+      self.pooler = _dense(c, c.hidden_size, ("embed", "mlp"), "pooler")
+    if c.add_mlm_head:
+      self.mlm_head = BertMLMHead(c)
+    if c.add_decoder:
+      self.decoder = BertLayer(c)
+
+  def __call__(self, input_ids: Array, attention_mask: Array, token_type_ids: Array | None = None,
+               position_ids: Array | None = None, deterministic: bool = True) -> Array:
+    h = self.embeddings(input_ids, token_type_ids, position_ids, deterministic=deterministic)
+    mask = padding_mask(attention_mask)
+    for layer in self.layers:
+      h = layer(h, h, mask, deterministic)
+    return h
+
+  def embed(self, input_ids: Array | None = None, inputs_embeds: Array | None = None,
+            deterministic: bool = True) -> Array:
+    return self.embeddings(input_ids, inputs_embeds=inputs_embeds, deterministic=deterministic)
+
+  def mlm_logits(self, hidden: Array) -> Array:
+    return self.mlm_head(hidden, self.embeddings)
+
+  def pooler_output(self, hidden: Array) -> Array:
+    return jnp.tanh(self.pooler(hidden[:, 0]))
+
+  def decoder_layer(self, hq: Array, hkv: Array, attention_matrix: Array,
+                    deterministic: bool = True) -> Array:
+    return self.decoder(hq, hkv, matrix_mask(attention_matrix), deterministic)
+
+  def init_all(self, input_ids: Array, attention_mask: Array) -> Array:
+    h = self(input_ids, attention_mask)
+    if self.config.add_pooler:
+      self.pooler_output(h)
+    if self.config.add_mlm_head:
+      self.mlm_logits(h)
+    if self.config.add_decoder:
+      length = input_ids.shape[1]
+      self.decoder_layer(h, h, jnp.ones((input_ids.shape[0], length, length), jnp.int32))
+    return h
+
+
+def pool(hidden: Array, attention_mask: Array, pooling: str) -> Array:
+  """Sentence vector from token states, in float32: [CLS] state or mean over real tokens."""
+  hidden = hidden.astype(jnp.float32)
+  if pooling == "cls":
+    return hidden[:, 0]
+  if pooling == "mean":
+    m = attention_mask.astype(jnp.float32)[..., None]
+    return (hidden * m).sum(axis=1) / jnp.maximum(m.sum(axis=1), 1.0)
+  raise ValueError(f"pooling={pooling!r}; use 'cls' or 'mean'")
+
+
+def l2_normalize(x: Array, eps: float = 1e-12) -> Array:
+  """x / max(||x||, eps), as torch.nn.functional.normalize."""
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+def embed_sentences(params: Any, config: BertConfig, input_ids: Array, attention_mask: Array,
+                    token_type_ids: Array | None = None, *, pooling: str | None = None,
+                    normalize: bool | None = None, rng: Array | None = None) -> Array:
+  """Pooled (and by default L2-normalised) sentence embeddings [B, E]; `rng` enables dropout."""
+  pooling = config.pooling if pooling is None else pooling
+  normalize = config.normalize if normalize is None else normalize
+  hidden = BertModel(config).apply(
+      {"params": params}, input_ids, attention_mask, token_type_ids,
+      deterministic=rng is None, rngs=None if rng is None else {"dropout": rng})
+  vectors = pool(hidden, attention_mask, pooling)
+  return l2_normalize(vectors) if normalize else vectors
+
+
+def init(config: BertConfig, rng: Array, batch: int = 1, length: int = 8) -> tuple[Any, Any]:
+  """Fresh parameters: (params as a plain pytree, their logical PartitionSpecs)."""
+  ids = jnp.zeros((batch, length), jnp.int32)
+  variables = BertModel(config).init(rng, ids, jnp.ones_like(ids), method=BertModel.init_all)
+  return nn.unbox(variables)["params"], nn.get_partition_spec(variables)["params"]
+
+
+def abstract_init(config: BertConfig, batch: int = 1, length: int = 8) -> tuple[Any, Any]:
+  """(ShapeDtypeStruct params, logical PartitionSpecs) without allocating anything."""
+  ids = jax.ShapeDtypeStruct((batch, length), jnp.int32)
+  variables = jax.eval_shape(
+      lambda r, i: BertModel(config).init(r, i, i, method=BertModel.init_all),
+      jax.random.key(0), ids)
+  return nn.unbox(variables)["params"], nn.get_partition_spec(variables)["params"]
+
+
+def logical_specs(config: BertConfig) -> Any:
+  """Logical PartitionSpecs of the params pytree for `config`."""
+  return abstract_init(config)[1]
