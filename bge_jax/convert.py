@@ -381,7 +381,7 @@ def _weights_in(folder: str) -> str:
   raise ConversionError(f"{folder}: no weights found; expected one of {list(WEIGHT_FILES)}.")
 
 
-def _read_json(path: str) -> Any:
+def read_json(path: str) -> Any:
   try:
     with open(path) as f:
       return json.load(f)
@@ -393,7 +393,7 @@ def _read_json(path: str) -> Any:
 
 def read_sentence_transformers(folder: str) -> tuple[str, str | None, bool]:
   """(Transformer module folder, pooling or None, normalize) from a sentence-transformers folder."""
-  modules = _read_json(os.path.join(folder, "modules.json"))
+  modules = read_json(os.path.join(folder, "modules.json"))
   by_type: dict[str, dict] = {}
   for m in modules:
     by_type.setdefault(m.get("type", "").replace("sentence_transformers.models.", ""), m)
@@ -402,7 +402,7 @@ def read_sentence_transformers(folder: str) -> tuple[str, str | None, bool]:
   model_dir = os.path.join(folder, by_type["Transformer"].get("path", ""))
   pooling = None
   if "Pooling" in by_type:
-    pcfg = _read_json(os.path.join(folder, by_type["Pooling"]["path"], "config.json"))
+    pcfg = read_json(os.path.join(folder, by_type["Pooling"]["path"], "config.json"))
     modes = [k for k, v in pcfg.items() if k.startswith("pooling_mode_") and v]
     mapping = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean"}
     if len(modes) != 1 or modes[0] not in mapping:
@@ -456,7 +456,7 @@ def load_hf(path: str, *, strict: bool = True, **overrides: Any) -> tuple[BertCo
     parts["pooling"] = pooling
   if normalize is not None:
     parts["normalize"] = normalize
-  config = config_from_hf(_read_json(cfg_path), cfg_path, **{**parts, **overrides})
+  config = config_from_hf(read_json(cfg_path), cfg_path, **{**parts, **overrides})
   params = params_from_state_dict(state_dict, config, source=weights, strict=strict)
   return config, params
 
@@ -506,7 +506,7 @@ def save_hf(params: Any, config: BertConfig, out_dir: str, tokenizer: Any = None
       full = {k: np.array(v, copy=True) for k, v in full.items()}
       save_file(full, os.path.join(tmp, RETROMAE_STATE_FILE), metadata={"format": "pt"})
     if tokenizer is not None:
-      _write_tokenizer(tokenizer, tmp)
+      write_tokenizer(tokenizer, tmp)
     if sentence_transformers:
       write_sentence_transformers_files(tmp, config, max_seq_length)
 
@@ -517,7 +517,7 @@ def _strip_decoder(params: Mapping[str, Any]) -> dict[str, Any]:
   return {k: v for k, v in params.items() if k != "decoder"}
 
 
-def _write_tokenizer(tokenizer: Any, out_dir: str) -> None:
+def write_tokenizer(tokenizer: Any, out_dir: str) -> None:
   if isinstance(tokenizer, (str, os.PathLike)):
     src = str(tokenizer)
     found = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(src, n))]

@@ -1,0 +1,147 @@
+"""`Encoder`: texts -> sentence embeddings with the HF tokenizer, bucketed shapes, one jit per bucket."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bge_jax import checkpoint, convert
+from bge_jax.config import BertConfig
+from bge_jax.models import bert
+
+log = logging.getLogger(__name__)
+
+MIN_BUCKET = 16
+
+
+def length_buckets(max_length: int, smallest: int = MIN_BUCKET) -> tuple[int, ...]:
+  """Padded lengths used for batches: powers of two from `smallest`, capped by `max_length`."""
+  out, n = [], smallest
+  while n < max_length:
+    out.append(n)
+    n *= 2
+  out.append(max_length)
+  return tuple(out)
+
+
+def bucket_for(n: int, buckets: Sequence[int]) -> int:
+  for b in buckets:
+    if n <= b:
+      return b
+  raise ValueError(f"length {n} exceeds the largest bucket {buckets[-1]}")
+
+
+def _load_tokenizer(folder: str):
+  from transformers import AutoTokenizer
+  try:
+    return AutoTokenizer.from_pretrained(folder)
+  except (OSError, ValueError) as e:
+    raise convert.ConversionError(
+        f"{folder}: no usable tokenizer ({e}). Put tokenizer files (tokenizer.json or vocab.txt "
+        "with tokenizer_config.json) there, or pass tokenizer= to the Encoder.") from e
+
+
+class Encoder:
+  """Sentence embeddings from a BERT: `Encoder.from_hf(path).encode(texts)` -> [N, D] numpy.
+
+  Batching: texts are tokenised once, sorted by length, cut into batches of `batch_size`, and
+  each batch is padded to the next length bucket (16, 32, 64, ... max_length) and to a
+  power-of-two row count, so a whole corpus compiles a handful of shapes, not one per batch.
+  Results come back in input order.
+  """
+
+  def __init__(self, params: Any, config: BertConfig, tokenizer: Any, *,
+               pooling: str = "cls", normalize: bool = True):
+    if pooling not in ("cls", "mean"):
+      raise ValueError(f"pooling={pooling!r}; use 'cls' or 'mean'")
+    self.config = config.replace(pooling=pooling, normalize=normalize)
+    self.params = params
+    self.tokenizer = tokenizer
+    self._embed = jax.jit(functools.partial(bert.embed_sentences, config=self.config))
+
+  @classmethod
+  def from_hf(cls, path: str, pooling: str = "cls", normalize: bool = True, *,
+              tokenizer: Any = None, **config_overrides: Any) -> "Encoder":
+    """From a Hugging Face / sentence-transformers folder, or a bge-jax checkpoint folder."""
+    if os.path.isdir(path) and checkpoint.is_checkpoint(path):
+      return cls.from_checkpoint(path, pooling, normalize, tokenizer=tokenizer)
+    config, params = convert.load_hf(path, **config_overrides)
+    if config.hf_family == "sentence_transformers" and config.pooling != pooling:
+      log.warning("%s declares %s pooling; encoding with pooling=%r as requested.",
+                  path, config.pooling, pooling)
+    if tokenizer is None:
+      weights = convert.resolve(path)[0]
+      tokenizer = _load_tokenizer(os.path.dirname(weights) if os.path.isfile(path) else path)
+    return cls(params, config, tokenizer, pooling=pooling, normalize=normalize)
+
+  @classmethod
+  def from_checkpoint(cls, path: str, pooling: str = "cls", normalize: bool = True, *,
+                      tokenizer: Any = None) -> "Encoder":
+    config, params = checkpoint.load_params(path)
+    if tokenizer is None:
+      folder = checkpoint.tokenizer_dir(path)
+      if folder is None:
+        raise convert.ConversionError(
+            f"{path}: the checkpoint has no tokenizer/ folder; pass tokenizer=.")
+      tokenizer = _load_tokenizer(folder)
+    return cls(params, config, tokenizer, pooling=pooling, normalize=normalize)
+
+  @property
+  def dim(self) -> int:
+    return self.config.hidden_size
+
+  def tokenize(self, texts: Sequence[str], max_length: int) -> list[list[int]]:
+    return self.tokenizer(list(texts), truncation=True, max_length=max_length, padding=False,
+                          return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+
+  def encode(self, texts: str | Sequence[str], batch_size: int = 256, max_length: int = 512,
+             instruction: str | None = None, show_progress: bool | None = None) -> np.ndarray:
+    """[N, D] float32 embeddings in input order; `instruction` is prepended to every text.
+
+    `max_length` is capped at the model's max_position_embeddings. `show_progress=None`
+    shows a progress bar when there is more than a few batches of work.
+    """
+    if isinstance(texts, str):
+      texts = [texts]
+    texts = list(texts)
+    for i, t in enumerate(texts):
+      if not isinstance(t, str):
+        raise TypeError(f"texts[{i}] is {type(t).__name__}, expected str")
+    if batch_size < 1:
+      raise ValueError(f"batch_size={batch_size}; it must be >= 1")
+    if not texts:
+      return np.zeros((0, self.dim), np.float32)
+    if instruction:
+      texts = [instruction + t for t in texts]
+    max_length = min(max_length, self.config.max_position_embeddings)
+    ids = self.tokenize(texts, max_length)
+    buckets = length_buckets(max_length)
+    order = np.argsort([-len(x) for x in ids], kind="stable")
+    out = np.zeros((len(texts), self.dim), np.float32)
+    starts = range(0, len(order), batch_size)
+    if show_progress is None:
+      show_progress = len(starts) > 4
+    if show_progress:
+      from tqdm.auto import tqdm
+      starts = tqdm(starts, desc="encode", unit="batch")
+    pad = self.tokenizer.pad_token_id or 0
+    for start in starts:
+      rows = order[start:start + batch_size]
+      length = bucket_for(max(len(ids[i]) for i in rows), buckets)
+      n_rows = min(batch_size, 1 << (len(rows) - 1).bit_length())
+      input_ids = np.full((n_rows, length), pad, np.int32)
+      mask = np.zeros((n_rows, length), np.int32)
+      for r, i in enumerate(rows):
+        input_ids[r, :len(ids[i])] = ids[i]
+        mask[r, :len(ids[i])] = 1
+      mask[len(rows):, 0] = 1  # filler rows: one visible token keeps their softmax finite
+      vectors = self._embed(self.params, input_ids=jnp.asarray(input_ids),
+                            attention_mask=jnp.asarray(mask))
+      out[rows] = np.asarray(vectors)[:len(rows)]
+    return out
