@@ -1,0 +1,519 @@
+"""The conversion command line (Hugging Face folder <-> bge-jax checkpoint) and its PyTorch parity check.
+
+`conversion/convert.py` is a thin script over `main(argv) -> exit status`; everything here runs
+in-process too (tests call `main([...])`). Refusals raise `convert.ConversionError` and come out
+as one `error:` line on stderr with exit status 2; a failed `--check` exits 1. Outputs are staged
+in a temporary folder beside OUT (checked there when `--check` is given) and renamed into place
+only when complete, so a failure leaves neither OUT nor a temporary folder behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from bge_jax import checkpoint, convert
+from bge_jax.config import BertConfig
+
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_REFUSED = 0, 1, 2
+DTYPES = ("float32", "bfloat16", "float16")
+DEFAULT_TOL = 1e-4
+TORCH_PIN = "torch==2.13.0"
+
+# Mixed lengths (so padding is exercised) and scripts; CJK maps to [UNK] in English vocabularies.
+CHECK_SENTENCES = (
+    "The quick brown fox jumps over the lazy dog.",
+    "BGE maps queries and passages into one vector space, so retrieval is a dot product.",
+    "Represent this sentence for searching relevant passages: how does JAX compile a function?",
+    "为这个句子生成表示以用于检索相关文章：北京的天气",
+    "ok",
+)
+
+_EPILOG = """\
+formats:
+  Hugging Face side (what `hf-to-jax` reads, via bge_jax.convert.load_hf):
+    * a transformers folder: config.json + model.safetensors, model.safetensors.index.json,
+      pytorch_model.bin or pytorch_model.bin.index.json, in BertModel (embeddings.*,
+      encoder.layer.N.*, pooler.*) or BertForMaskedLM (bert.*, cls.*) naming;
+    * a sentence-transformers folder (modules.json, 1_Pooling/config.json, optional
+      Normalize): its pooling (cls or mean) and normalisation go into the checkpoint config;
+    * a single .safetensors or .bin weight file with config.json beside it;
+    * FlagEmbedding's RetroMAE pre-training state (lm.bert.*, lm.cls.*, c_head.*,
+      decoder_embeddings.*) as a .bin with config.json beside it: encoder, MLM head and
+      enhanced decoder are all kept.
+    Only config.json model_type "bert" is converted (post-LN, exact GELU, absolute positions).
+  Hugging Face side (what `jax-to-hf` writes, via bge_jax.convert.save_hf):
+    config.json + model.safetensors (BertForMaskedLM when the params hold an MLM head, else
+    BertModel), the tokenizer files, sentence-transformers modules.json + 1_Pooling (+
+    2_Normalize), and retromae_state.safetensors (FlagEmbedding naming) when the params hold a
+    RetroMAE decoder.
+  bge-jax checkpoint (what `hf-to-jax` writes, `jax-to-hf` reads, training loads):
+    DIR/bge_jax.json  {"format": "bge-jax/params", "version": 1, "config": {BertConfig fields}}
+    DIR/params/       orbax StandardCheckpointer tree, nested like the Flax params
+    DIR/tokenizer/    Hugging Face tokenizer files (vocab.txt, tokenizer.json, ...), when known
+
+writing:
+  OUT must not exist unless --overwrite is given, and --overwrite only replaces a previous
+  output of the same kind (or an empty folder). Everything is written to a temporary folder
+  beside OUT and renamed into place when complete (and, with --check, verified): after any
+  failure there is no OUT and no temporary folder.
+
+--check:
+  Runs the Hugging Face side in PyTorch (transformers.AutoModel) and the bge-jax model on a few
+  sample sentences (tokenised with the model's tokenizer, random ids when there is none) and
+  prints max |delta| of the last hidden state over real tokens and of the pooled embedding.
+  Needs torch (pip install torch==2.13.0).
+
+exit status: 0 done; 1 --check found a difference above --tol (nothing written);
+  2 refused (one "error:" line on stderr naming the file, key or shape and the fix).
+"""
+
+
+class CheckFailed(Exception):
+  """--check measured a difference above the tolerance."""
+
+
+class _Parser(argparse.ArgumentParser):
+  """argparse, but usage errors raise (one `error:` line from main) instead of exiting."""
+
+  def error(self, message: str):
+    raise convert.ConversionError(f"{message} (see {self.prog} --help)")
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+  parser = _Parser(
+      prog=prog or "convert.py",
+      description="Convert BERT weights between Hugging Face / sentence-transformers / "
+                  "FlagEmbedding RetroMAE files and bge-jax checkpoints.",
+      epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest="command", required=True, metavar="{hf-to-jax,jax-to-hf}")
+
+  def add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--check", action="store_true",
+                   help="compare PyTorch and bge-jax outputs on sample sentences before moving "
+                        "OUT into place (needs torch)")
+    p.add_argument("--tol", type=float, default=DEFAULT_TOL,
+                   help="largest max |delta| --check accepts (default %(default)g; use ~5e-2 "
+                        "for bfloat16/float16 params)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT when it is a previous output of this command")
+
+  h2j = sub.add_parser(
+      "hf-to-jax", help="Hugging Face folder or file -> bge-jax checkpoint",
+      description="Read a Hugging Face BERT (folder, sentence-transformers folder, single "
+                  ".safetensors/.bin with config.json beside it, or FlagEmbedding RetroMAE "
+                  "state .bin) and write a bge-jax checkpoint (bge_jax.json + params/ + "
+                  "tokenizer/) at OUT. Tokenizer files next to the weights are copied.",
+      epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+  h2j.add_argument("src", metavar="SRC", help="Hugging Face folder or weight file")
+  h2j.add_argument("out", metavar="OUT", help="bge-jax checkpoint folder to create")
+  h2j.add_argument("--ignore-unknown", action="store_true",
+                   help="drop tensors that are not part of the BERT encoder, pooler, MLM head "
+                        "or RetroMAE decoder (a warning lists them) instead of refusing")
+  h2j.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="storage dtype of the written params (default %(default)s)")
+  add_common(h2j)
+  h2j.set_defaults(run=_run_hf_to_jax)
+
+  j2h = sub.add_parser(
+      "jax-to-hf", help="bge-jax checkpoint -> Hugging Face / sentence-transformers folder",
+      description="Read a bge-jax checkpoint and write a folder that transformers "
+                  "(AutoModel / AutoModelForMaskedLM) and sentence-transformers load without "
+                  "weight warnings. The tokenizer comes from the checkpoint's tokenizer/ folder.",
+      epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+  j2h.add_argument("src", metavar="SRC", help="bge-jax checkpoint folder (has bge_jax.json)")
+  j2h.add_argument("out", metavar="OUT", help="Hugging Face folder to create")
+  j2h.add_argument("--no-sentence-transformers", action="store_true",
+                   help="write only the transformers files (no modules.json / 1_Pooling)")
+  j2h.add_argument("--pooling", choices=("cls", "mean"), default=None,
+                   help="sentence-transformers pooling (default: the checkpoint config's, which "
+                        "is cls unless it came from a mean-pooling model)")
+  j2h.add_argument("--max-seq-length", type=int, default=None,
+                   help="sentence-transformers max_seq_length (default: "
+                        "max_position_embeddings)")
+  add_common(j2h)
+  j2h.set_defaults(run=_run_jax_to_hf)
+  return parser
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+  """Runs the command line; returns the exit status (0 done, 1 check failed, 2 refused)."""
+  parser = build_parser(prog)
+  warnings = _WarningLines()
+  logging.getLogger("bge_jax").addHandler(warnings)
+  try:
+    try:
+      args = parser.parse_args(argv)
+    except SystemExit as e:  # --help
+      return int(e.code or 0)
+    return args.run(args)
+  except CheckFailed as e:
+    _error(str(e))
+    return EXIT_CHECK_FAILED
+  except (convert.ConversionError, OSError) as e:
+    _error(str(e))
+    return EXIT_REFUSED
+  finally:
+    logging.getLogger("bge_jax").removeHandler(warnings)
+
+
+# ---------------------------------------------------------------------------------------------
+# hf-to-jax
+# ---------------------------------------------------------------------------------------------
+
+def _run_hf_to_jax(args: argparse.Namespace) -> int:
+  hf_to_jax(args.src, args.out, check=args.check, tol=args.tol, overwrite=args.overwrite,
+            ignore_unknown=args.ignore_unknown, dtype=args.dtype)
+  return EXIT_OK
+
+
+def hf_to_jax(src: str, out: str, *, check: bool = False, tol: float = DEFAULT_TOL,
+              overwrite: bool = False, ignore_unknown: bool = False,
+              dtype: str = "float32") -> str:
+  """Hugging Face folder/file -> bge-jax checkpoint at `out`; returns its absolute path."""
+  if check:
+    _require_torch()
+  if os.path.isdir(src) and checkpoint.is_checkpoint(src):
+    raise convert.ConversionError(
+        f"SRC {src} is a bge-jax checkpoint ({checkpoint.META_FILE}); use `jax-to-hf` to export "
+        "it to Hugging Face.")
+  _require_source(src, "a Hugging Face folder, a sentence-transformers folder, or a "
+                       ".safetensors/.bin file with config.json beside it")
+  out = _require_output(out, src, overwrite, checkpoint.is_checkpoint, "bge-jax checkpoint")
+  try:
+    config, params = convert.load_hf(src, strict=not ignore_unknown, param_dtype=dtype)
+  except (convert.ConversionError, OSError):
+    raise
+  except Exception as e:  # a corrupt file: safetensors / torch.load errors
+    raise convert.ConversionError(
+        f"{src}: cannot read the weights ({type(e).__name__}: {e}); re-download or re-export "
+        "the file.") from e
+  weights = convert.resolve(src)[0]
+  tokenizer = _tokenizer_folder(src, weights)
+  _say(f"read: {os.path.abspath(weights)}: {_describe(config)}; tokenizer: "
+       f"{tokenizer or 'none (no vocab.txt / tokenizer.json beside the weights)'}")
+
+  def write(tmp: str) -> None:
+    _lift(tmp, lambda d: checkpoint.save_params(d, params, config, tokenizer=tokenizer))
+    if check:
+      written_config, written_params = checkpoint.load_params(tmp)
+      _check(lambda: _torch_from_source(src, config), written_params, written_config,
+             checkpoint.tokenizer_dir(tmp), "the tokenizer copied to OUT/tokenizer", tol)
+
+  convert.atomic_output_dir(out, write, overwrite=overwrite)
+  parts = "bge_jax.json, params/ " + dtype + (", tokenizer/" if tokenizer else "")
+  _say(f"wrote: {out}: bge-jax checkpoint ({parts})")
+  return out
+
+
+def _tokenizer_folder(src: str, weights: str) -> str | None:
+  """The folder holding the source's tokenizer (beside the weights, or SRC itself), if any."""
+  candidates = [os.path.dirname(os.path.abspath(weights))]
+  if os.path.isdir(src):
+    candidates.append(os.path.abspath(src))
+  for folder in candidates:
+    if any(os.path.isfile(os.path.join(folder, n)) for n in ("vocab.txt", "tokenizer.json")):
+      return folder
+  return None
+
+
+# ---------------------------------------------------------------------------------------------
+# jax-to-hf
+# ---------------------------------------------------------------------------------------------
+
+def _run_jax_to_hf(args: argparse.Namespace) -> int:
+  if args.max_seq_length is not None and args.max_seq_length < 1:
+    raise convert.ConversionError(f"--max-seq-length={args.max_seq_length}; it must be >= 1.")
+  jax_to_hf(args.src, args.out, check=args.check, tol=args.tol, overwrite=args.overwrite,
+            sentence_transformers=not args.no_sentence_transformers, pooling=args.pooling,
+            max_seq_length=args.max_seq_length)
+  return EXIT_OK
+
+
+def jax_to_hf(src: str, out: str, *, check: bool = False, tol: float = DEFAULT_TOL,
+              overwrite: bool = False, sentence_transformers: bool = True,
+              pooling: str | None = None, max_seq_length: int | None = None) -> str:
+  """bge-jax checkpoint -> Hugging Face (+ sentence-transformers) folder at `out`."""
+  if check:
+    _require_torch()
+  _require_source(src, "a bge-jax checkpoint folder (bge_jax.json + params/)")
+  if not os.path.isdir(src) or not checkpoint.is_checkpoint(src):
+    raise convert.ConversionError(
+        f"SRC {src} is not a bge-jax checkpoint (no {checkpoint.META_FILE}); for a Hugging Face "
+        "folder or file use `hf-to-jax`.")
+  params_dir = os.path.join(src, "params")
+  if not os.path.isdir(params_dir):
+    raise convert.ConversionError(
+        f"{params_dir}: missing (the orbax params tree of the checkpoint); the checkpoint is "
+        "incomplete, re-create it with `hf-to-jax` or take another training checkpoint.")
+  out = _require_output(out, src, overwrite, lambda d: os.path.isfile(
+      os.path.join(d, "config.json")), "Hugging Face folder (config.json)")
+  try:
+    config, params = checkpoint.load_params(src)
+  except convert.ConversionError:
+    raise
+  except Exception as e:  # orbax: corrupt or partial params/
+    raise convert.ConversionError(
+        f"{params_dir}: cannot restore the params ({type(e).__name__}: {e}); the checkpoint is "
+        "damaged, re-create it.") from e
+  _validate_params(params, config, src)
+  if pooling is not None:
+    config = config.replace(pooling=pooling)
+  tokenizer = checkpoint.tokenizer_dir(src)
+  _say(f"read: {os.path.abspath(src)}: bge-jax checkpoint, {_describe(config)}; tokenizer: "
+       f"{tokenizer or 'none (no tokenizer/ folder)'}")
+
+  def write(tmp: str) -> None:
+    _lift(tmp, lambda d: convert.save_hf(params, config, d, tokenizer=tokenizer,
+                                         sentence_transformers=sentence_transformers,
+                                         max_seq_length=max_seq_length))
+    if check:
+      _check(lambda: _torch_from_folder(tmp), params, config,
+             tmp if tokenizer else None, "the tokenizer copied to OUT", tol)
+
+  convert.atomic_output_dir(out, write, overwrite=overwrite)
+  arch = "BertForMaskedLM" if config.add_mlm_head else "BertModel"
+  parts = [f"config.json + model.safetensors ({arch})"]
+  if config.add_decoder:
+    parts.append(f"{convert.RETROMAE_STATE_FILE} (FlagEmbedding RetroMAE state)")
+  if tokenizer:
+    parts.append("tokenizer files")
+  if sentence_transformers:
+    parts.append(f"sentence-transformers modules ({config.pooling} pooling"
+                 + (", Normalize)" if config.normalize else ")"))
+  _say(f"wrote: {out}: {', '.join(parts)}")
+  return out
+
+
+def _validate_params(params: Any, config: BertConfig, src: str) -> None:
+  """Refuses params whose tree or shapes differ from what `config` (bge_jax.json) describes."""
+  import jax
+
+  from bge_jax.models import bert
+
+  def flat(tree: Any) -> dict[str, tuple[int, ...]]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(np.shape(leaf))
+            for path, leaf in leaves}
+
+  want, got = flat(bert.abstract_init(config)[0]), flat(params)
+  meta = os.path.join(src, checkpoint.META_FILE)
+  fix = f"{meta} does not describe {os.path.join(src, 'params')}; restore the matching config."
+  missing = sorted(set(want) - set(got))
+  if missing:
+    raise convert.ConversionError(f"{src}: params lack {len(missing)} entries the config "
+                                  f"implies: {convert._short(missing)}; {fix}")
+  unknown = sorted(set(got) - set(want))
+  if unknown:
+    raise convert.ConversionError(f"{src}: params hold {len(unknown)} unknown entries: "
+                                  f"{convert._short(unknown)}; {fix}")
+  for path in sorted(want):
+    if want[path] != got[path]:
+      raise convert.ConversionError(
+          f"{src}: params/{path} has shape {got[path]}, the config expects {want[path]}; {fix}")
+
+
+# ---------------------------------------------------------------------------------------------
+# --check: PyTorch (transformers) vs bge-jax
+# ---------------------------------------------------------------------------------------------
+
+def _require_torch() -> None:
+  try:
+    import torch  # noqa: F401
+  except ImportError as e:
+    raise convert.ConversionError(
+        f"--check runs the PyTorch model and needs torch, which is not installed: pip install "
+        f"{TORCH_PIN} (or run without --check).") from e
+
+
+def _torch_from_folder(folder: str):
+  """transformers.AutoModel of a Hugging Face folder, float32, eval mode."""
+  import torch
+  import transformers
+
+  hf_logging = transformers.utils.logging
+  verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+  hf_logging.set_verbosity_error()  # the expected "unused cls.*" / "new pooler" notes
+  hf_logging.disable_progress_bar()
+  try:
+    model, info = transformers.AutoModel.from_pretrained(
+        folder, dtype=torch.float32, output_loading_info=True)
+  finally:
+    hf_logging.set_verbosity(verbosity)
+    if bar:
+      hf_logging.enable_progress_bar()
+  _require_loaded(info.get("missing_keys", ()), folder)
+  return model.eval()
+
+
+def _torch_from_source(src: str, config: BertConfig):
+  """The PyTorch BertModel of an hf-to-jax SRC, including single files and RetroMAE states."""
+  import torch
+  import transformers
+
+  weights, cfg_path = convert.resolve(src)[:2]
+  if os.path.isdir(src) and config.hf_family != "retromae":
+    return _torch_from_folder(os.path.dirname(weights))
+  # A lone weight file (maybe not named model.safetensors) or a RetroMAE state: build the
+  # BertModel from config.json and load the encoder's tensors with their prefix stripped.
+  hf_config = transformers.AutoConfig.from_pretrained(os.path.dirname(cfg_path))
+  model = transformers.AutoModel.from_config(hf_config).float()
+  if weights.endswith(".safetensors"):
+    from safetensors.torch import load_file
+    state = load_file(weights)
+  elif weights.endswith(".index.json"):
+    state = {k: torch.from_numpy(np.asarray(v, np.float32))
+             for k, v in convert.read_state_dict(weights).items()}
+  else:
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+  prefix = {"retromae": "lm.bert.", "bert_mlm": "bert."}.get(config.hf_family, "")
+  state = {k[len(prefix):]: v.float() for k, v in state.items() if k.startswith(prefix)}
+  missing, _ = model.load_state_dict(state, strict=False)
+  _require_loaded(missing, weights)
+  return model.eval()
+
+
+def _require_loaded(missing: Sequence[str], source: str) -> None:
+  # The pooler (BertModel's tanh head) is optional; our embeddings never use it.
+  missing = [k for k in missing if not k.startswith("pooler.") and not k.endswith("_ids")]
+  if missing:
+    raise CheckFailed(f"check failed: PyTorch could not load {len(missing)} encoder tensor(s) "
+                      f"from {source}: {convert._short(sorted(missing))}")
+
+
+def _sample_batch(config: BertConfig, tokenizer_folder: str | None,
+                  label: str) -> tuple[np.ndarray, np.ndarray, str]:
+  """(input_ids, attention_mask, description): tokenised sample sentences, else random ids."""
+  note = "no tokenizer"
+  if tokenizer_folder:
+    try:
+      from transformers import AutoTokenizer
+      tok = AutoTokenizer.from_pretrained(tokenizer_folder)
+      enc = tok(list(CHECK_SENTENCES), padding=True, truncation=True, return_tensors="np",
+                max_length=min(64, config.max_position_embeddings))
+      ids, mask = enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
+      if ids.max() < config.vocab_size:
+        return ids, mask, f"{len(ids)} sample sentences tokenised by {label}"
+      note = f"tokenizer ids reach {ids.max()} >= vocab_size {config.vocab_size}"
+    except Exception as e:  # a folder with tokenizer files transformers cannot load
+      note = f"tokenizer unusable: {type(e).__name__}"
+  rng = np.random.RandomState(0)
+  length = min(16, config.max_position_embeddings)
+  lengths = np.array([length, max(length - 3, 1), max(length // 2, 1), min(2, length)])
+  mask = (np.arange(length)[None, :] < lengths[:, None]).astype(np.int32)
+  ids = rng.randint(1, config.vocab_size, size=mask.shape).astype(np.int32)
+  ids[mask == 0] = config.pad_token_id
+  return ids, mask, f"{len(ids)} rows of random token ids ({note})"
+
+
+def _check(load_torch: Callable[[], Any], params: Any, config: BertConfig,
+           tokenizer_folder: str | None, tokenizer_label: str, tol: float) -> None:
+  """Prints max |delta| of hidden states and pooled embeddings; raises CheckFailed above `tol`."""
+  import jax
+  import torch
+
+  from bge_jax.models import bert
+
+  ids, mask, what = _sample_batch(config, tokenizer_folder, tokenizer_label)
+  _say(f"check: PyTorch transformers.AutoModel (torch {torch.__version__}) vs bge-jax on {what}")
+  model = load_torch()
+  with torch.no_grad():
+    ref = model(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long(),
+                token_type_ids=torch.zeros(ids.shape, dtype=torch.long)).last_hidden_state.numpy()
+
+  def forward(p, input_ids, attention_mask):
+    hidden = bert.BertModel(config).apply({"params": p}, input_ids, attention_mask)
+    vectors = bert.pool(hidden, attention_mask, config.pooling)
+    return hidden, bert.l2_normalize(vectors) if config.normalize else vectors
+
+  hidden, pooled = (np.asarray(x, np.float32) for x in jax.jit(forward)(params, ids, mask))
+  ref_pooled = ref[:, 0] if config.pooling == "cls" else (
+      (ref * mask[..., None]).sum(1) / np.maximum(mask.sum(1, keepdims=True), 1))
+  if config.normalize:
+    ref_pooled = ref_pooled / np.maximum(np.linalg.norm(ref_pooled, axis=-1, keepdims=True), 1e-12)
+  real = mask.astype(bool)
+  d_hidden = float(np.abs(hidden[real] - ref[real]).max())
+  d_pooled = float(np.abs(pooled - ref_pooled).max())
+  how = f"{config.pooling}{', normalized' if config.normalize else ''}"
+  _say(f"check: last hidden state max |Δ| = {d_hidden:.2e} over {int(real.sum())} real tokens "
+       f"(tol {tol:.1e})")
+  _say(f"check: pooled embedding ({how}) max |Δ| = {d_pooled:.2e} (tol {tol:.1e})")
+  if not (d_hidden <= tol and d_pooled <= tol):  # NaN fails too
+    raise CheckFailed(
+        f"check failed: max |Δ| hidden {d_hidden:.2e}, pooled {d_pooled:.2e} > tol {tol:.1e}; "
+        "nothing was written. Reduced-precision params (--dtype bfloat16/float16) need a looser "
+        "--tol such as 5e-2.")
+  _say("check: passed")
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared helpers
+# ---------------------------------------------------------------------------------------------
+
+def _require_source(src: str, what: str) -> None:
+  if not os.path.exists(src):
+    raise convert.ConversionError(f"SRC {src}: no such file or folder; pass {what}.")
+
+
+def _require_output(out: str, src: str, overwrite: bool, is_previous: Callable[[str], bool],
+                    kind: str) -> str:
+  """Absolute OUT, refusing an existing OUT (unless --overwrite of a previous output) or SRC."""
+  out = os.path.abspath(out)
+  real_out, real_src = os.path.realpath(out), os.path.realpath(src)
+  if os.path.commonpath([real_out, real_src]) == real_out:
+    raise convert.ConversionError(
+        f"OUT {out} is SRC or contains it; choose an output folder outside the source.")
+  if os.path.lexists(out):
+    if not overwrite:
+      raise convert.ConversionError(
+          f"OUT {out} already exists; pass --overwrite to replace it, or choose another folder.")
+    if os.path.islink(out) or not os.path.isdir(out):
+      raise convert.ConversionError(
+          f"OUT {out} exists and is not a folder; --overwrite replaces folders only, remove it "
+          "yourself or choose another path.")
+    if os.listdir(out) and not is_previous(out):
+      raise convert.ConversionError(
+          f"OUT {out} exists and is not a {kind}; --overwrite only replaces a previous output, "
+          "remove the folder yourself if you mean it.")
+  return out
+
+
+def _lift(tmp: str, write: Callable[[str], str]) -> None:
+  """Runs a writer that takes a fresh folder path, then moves what it wrote up into `tmp`."""
+  staged = write(os.path.join(tmp, "staged"))
+  for name in os.listdir(staged):
+    os.rename(os.path.join(staged, name), os.path.join(tmp, name))
+  os.rmdir(staged)
+
+
+def _describe(config: BertConfig) -> str:
+  parts = ["encoder"] + [name for name, on in (
+      ("pooler", config.add_pooler), ("mlm_head", config.add_mlm_head),
+      ("decoder (RetroMAE)", config.add_decoder)) if on]
+  return (f"family {config.hf_family}, {config.num_layers} layers, hidden {config.hidden_size}, "
+          f"{config.num_heads} heads, vocab {config.vocab_size}, params {config.param_dtype}; "
+          f"parts: {', '.join(parts)}; pooling {config.pooling}"
+          + (" + normalize" if config.normalize else ""))
+
+
+def _say(line: str) -> None:
+  print(line, file=sys.stdout, flush=True)
+
+
+def _error(message: str) -> None:
+  print("error: " + " ".join(message.split()), file=sys.stderr, flush=True)
+
+
+class _WarningLines(logging.Handler):
+  """bge_jax library warnings (e.g. tensors dropped by --ignore-unknown) as `warning:` lines."""
+
+  def __init__(self):
+    super().__init__(level=logging.WARNING)
+
+  def emit(self, record: logging.LogRecord) -> None:
+    print("warning: " + record.getMessage(), file=sys.stderr, flush=True)

@@ -1,0 +1,1 @@
+"""Host-side data: text sources, masking and batching."""

@@ -1,0 +1,36 @@
+"""Which examples a process reads at a step: a pure function of (seed, step), so resume is exact."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class EpochOrder:
+  """Example indices for each step: a fresh permutation per epoch, seeded by (seed, epoch).
+
+  The process reads `batch` consecutive entries of the permuted stream per step; an epoch ends
+  when the stream passes `num_examples`, possibly inside a batch (the batch then mixes the tail
+  of one epoch and the head of the next, so no example is dropped or seen twice per epoch).
+  """
+
+  def __init__(self, num_examples: int, batch: int, seed: int, shuffle: bool = True):
+    if num_examples < 1:
+      raise ValueError("the data source is empty")
+    self.num_examples, self.batch, self.seed, self.shuffle = num_examples, batch, seed, shuffle
+    self._cache: dict[int, np.ndarray] = {}
+
+  def permutation(self, epoch: int) -> np.ndarray:
+    if epoch not in self._cache:
+      if len(self._cache) > 2:
+        self._cache.clear()
+      self._cache[epoch] = (np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
+                            if self.shuffle else np.arange(self.num_examples))
+    return self._cache[epoch]
+
+  def indices(self, step: int) -> np.ndarray:
+    counters = step * self.batch + np.arange(self.batch)
+    epochs, positions = np.divmod(counters, self.num_examples)
+    return np.array([self.permutation(int(e))[p] for e, p in zip(epochs, positions)])
+
+  def epoch(self, step: int) -> float:
+    return step * self.batch / self.num_examples

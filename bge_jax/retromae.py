@@ -1,0 +1,148 @@
+"""Stage 1, RetroMAE pre-training: the loss (public API) over the collator's batch."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from bge_jax.config import BertConfig
+from bge_jax.models.bert import BertModel
+from bge_jax.models.decoder import retromae_logits
+
+IGNORE_INDEX = -100
+BATCH_KEYS = ("encoder_input_ids", "encoder_attention_mask", "encoder_labels",
+              "decoder_input_ids", "decoder_attention_mask", "decoder_labels")
+
+
+def masked_cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(mean CE over labels != -100, accuracy over them, their count), in float32."""
+  valid = labels != IGNORE_INDEX
+  safe = jnp.where(valid, labels, 0)
+  logits = logits.astype(jnp.float32)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, safe)
+  count = valid.sum()
+  denom = jnp.maximum(count, 1).astype(jnp.float32)
+  loss = jnp.where(valid, ce, 0.0).sum() / denom
+  correct = jnp.where(valid, logits.argmax(-1) == safe, False).sum()
+  return loss, correct / denom, count
+
+
+def check_config(config: BertConfig) -> None:
+  if not (config.add_mlm_head and config.add_decoder):
+    raise ValueError(
+        "RetroMAE needs an MLM head and the enhanced decoder: set model add_mlm_head=True and "
+        f"add_decoder=True (got add_mlm_head={config.add_mlm_head}, "
+        f"add_decoder={config.add_decoder}).")
+
+
+def loss(params: Any, config: BertConfig, batch: Mapping[str, Any],
+         rng: jax.Array | None = None) -> dict[str, jax.Array]:
+  """RetroMAE loss = mean CE(encoder MLM) + mean CE(decoder), with both terms and accuracies.
+
+  batch: FlagEmbedding's collator names (`BATCH_KEYS`); `decoder_attention_mask` is [B, L, L]
+  with 1 = visible. rng=None: no dropout.
+  """
+  check_config(config)
+  missing = [k for k in BATCH_KEYS if k not in batch]
+  if missing:
+    raise KeyError(f"RetroMAE batch is missing {missing}; expected keys {list(BATCH_KEYS)}")
+  encoder_logits, decoder_logits = BertModel(config).apply(
+      {"params": params}, batch["encoder_input_ids"], batch["encoder_attention_mask"],
+      batch["decoder_input_ids"], batch["decoder_attention_mask"], rng is None,
+      method=retromae_logits, rngs=None if rng is None else {"dropout": rng})
+  enc_loss, enc_acc, enc_n = masked_cross_entropy(encoder_logits, batch["encoder_labels"])
+  dec_loss, dec_acc, dec_n = masked_cross_entropy(decoder_logits, batch["decoder_labels"])
+  return {"loss": enc_loss + dec_loss, "encoder_loss": enc_loss, "decoder_loss": dec_loss,
+          "encoder_accuracy": enc_acc, "decoder_accuracy": dec_acc,
+          "encoder_tokens": enc_n, "decoder_tokens": dec_n}
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage wiring for the trainer: text source -> tokenise -> masking collator; exports.
+# ---------------------------------------------------------------------------------------------
+
+class TextBatcher:
+  """Process-local RetroMAE batches for a step: texts in epoch order, tokenised, masked."""
+
+  def __init__(self, source, tokenizer, collator, local_batch: int, *, seed: int,
+               max_length: int, mode: str, process_index: int):
+    from bge_jax.data.masking import pack_sequences
+    from bge_jax.data.order import EpochOrder
+
+    if mode not in ("truncate", "pack"):
+      raise ValueError(f"config.data.mode={mode!r}; use 'truncate' (FlagEmbedding) or 'pack' "
+                       "(original RetroMAE sentence packing)")
+    self.source, self.tokenizer, self.collator = source, tokenizer, collator
+    self.max_length, self.mode, self.process_index = max_length, mode, process_index
+    self._blocks = None
+    if mode == "pack":
+      ids = self._tokenize([source[i] for i in range(len(source))])
+      self._blocks = pack_sequences(ids, max_length)
+    self.num_examples = len(self._blocks) if self._blocks is not None else len(source)
+    self.order = EpochOrder(self.num_examples, local_batch, seed)
+
+  def _tokenize(self, texts: list[str]) -> list[list[int]]:
+    limit = None if self.mode == "pack" else self.max_length - 2
+    return self.tokenizer(texts, add_special_tokens=False, truncation=limit is not None,
+                          max_length=limit, return_attention_mask=False,
+                          return_token_type_ids=False)["input_ids"]
+
+  def __call__(self, step: int) -> dict[str, np.ndarray]:
+    idx = self.order.indices(step)
+    if self._blocks is not None:
+      examples = [self._blocks[i] for i in idx]
+    else:
+      examples = self._tokenize([self.source[int(i)] for i in idx])
+    return self.collator(examples, step, self.process_index)
+
+  def real_tokens(self, batch) -> int:
+    return int(batch["encoder_attention_mask"].sum())
+
+  def describe(self) -> str:
+    unit = "packed blocks" if self._blocks is not None else "texts"
+    summary = getattr(self.source, "summary", lambda: "")()
+    return f"{self.num_examples} {unit} on this process ({self.mode}); {summary}".strip("; ")
+
+
+class RetroMAEStage:
+  name = "retromae"
+
+  def model_config(self, base: BertConfig) -> BertConfig:
+    return base.replace(add_mlm_head=True, add_decoder=True, hf_family="retromae")
+
+  def loss(self, params, model_config, batch, rng):
+    return loss(params, model_config, batch, rng)
+
+  def batcher(self, config, tokenizer, model_config, process_index, process_count):
+    from bge_jax.data.masking import RetroMAECollator
+    from bge_jax.data.sources import open_text_source
+
+    d = config.data
+    specs = [s for s in d.train.split(",") if s.strip()]
+    if not specs:
+      raise ValueError("config.data.train is empty: give JSONL/txt files, folders, globs or "
+                       "tfds:NAME[:SPLIT] specs, comma-separated.")
+    source = open_text_source(specs, field=d.field, on_error=d.on_error)
+    source = source.shard(process_index, process_count)
+    collator = RetroMAECollator(
+        tokenizer, max_length=d.max_length, encoder_mlm_probability=d.encoder_mlm_probability,
+        decoder_mlm_probability=d.decoder_mlm_probability, seed=config.seed)
+    return TextBatcher(source, tokenizer, collator, config.batch_size // process_count,
+                       seed=config.seed, max_length=d.max_length, mode=d.mode,
+                       process_index=process_index)
+
+  def export(self, params, model_config, tokenizer, out_dir):
+    """The encoder + MLM head as an HF folder (stage 2's input) and the full RetroMAE state."""
+    import os
+
+    from bge_jax import convert
+    path = convert.save_hf(params, model_config, os.path.join(out_dir, "hf"), tokenizer=tokenizer,
+                           overwrite=True)
+    return [path, os.path.join(path, convert.RETROMAE_STATE_FILE)]
+
+
+STAGE = RetroMAEStage()

@@ -1,0 +1,1 @@
+"""The stage-agnostic trainer: state and optimizer, the loop, checkpoints, metrics."""

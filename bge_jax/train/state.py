@@ -1,0 +1,100 @@
+"""Train state, the optax optimizer (AdamW, warmup + linear decay, clipping) and the jitted step."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+LossFn = Callable[[Any, Mapping[str, jax.Array], jax.Array | None], dict[str, jax.Array]]
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def lr_schedule(peak: float, total_steps: int, warmup_steps: int, kind: str = "linear") -> optax.Schedule:
+  """Linear warmup to `peak`, then linear decay to 0 (HF's default) or constant."""
+  warmup = optax.linear_schedule(0.0, peak, max(warmup_steps, 1))
+  if kind == "linear":
+    after = optax.linear_schedule(peak, 0.0, max(total_steps - warmup_steps, 1))
+  elif kind == "constant":
+    after = optax.constant_schedule(peak)
+  else:
+    raise ValueError(f"optimizer.schedule={kind!r}; use 'linear' or 'constant'")
+  return optax.join_schedules([warmup, after], [warmup_steps])
+
+
+def decay_mask(params: Any) -> Any:
+  """True where weight decay applies: matrices and embeddings, not LayerNorm or biases."""
+  def wants_decay(path, _):
+    return getattr(path[-1], "key", None) not in ("bias", "scale")
+  return jax.tree_util.tree_map_with_path(wants_decay, params)
+
+
+def make_optimizer(opt: Mapping[str, Any], total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW with decoupled weight decay (masked), global-norm clipping, warmup + decay."""
+  warmup = opt["warmup_steps"] if opt.get("warmup_steps", -1) >= 0 else int(
+      round(opt.get("warmup_ratio", 0.0) * total_steps))
+  schedule = lr_schedule(opt["lr"], total_steps, warmup, opt.get("schedule", "linear"))
+  parts = []
+  if opt.get("clip_norm", 0.0) and opt["clip_norm"] > 0:
+    parts.append(optax.clip_by_global_norm(opt["clip_norm"]))
+  parts.append(optax.adamw(schedule, b1=opt.get("b1", 0.9), b2=opt.get("b2", 0.999),
+                           eps=opt.get("eps", 1e-8), weight_decay=opt.get("weight_decay", 0.0),
+                           mask=decay_mask))
+  return optax.chain(*parts), schedule
+
+
+def init_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    grad_accum_steps: int = 1) -> Callable[[TrainState, Any, jax.Array], tuple[TrainState, dict]]:
+  """A pure `(state, batch, rng) -> (state, metrics)`; the batch's leading dim is the global batch.
+
+  With grad_accum_steps=k the batch is split into k micro-batches, run in sequence by `lax.scan`
+  (activations of one micro-batch live at a time), and their gradients averaged: the same update
+  as one step on the whole batch for per-example losses.
+  """
+
+  def loss_and_metrics(params, batch, rng):
+    out = loss_fn(params, batch, rng)
+    return out["loss"], out
+
+  grad_fn = jax.value_and_grad(loss_and_metrics, has_aux=True)
+
+  def step(state: TrainState, batch: Any, rng: jax.Array):
+    rng = jax.random.fold_in(rng, state.step)
+    if grad_accum_steps == 1:
+      (_, metrics), grads = grad_fn(state.params, batch, rng)
+    else:
+      micro = jax.tree.map(
+          lambda x: x.reshape((grad_accum_steps, x.shape[0] // grad_accum_steps) + x.shape[1:]),
+          batch)
+
+      def body(carry, inputs):
+        i, mb = inputs
+        (_, m), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
+        return jax.tree.map(jnp.add, carry, (g, m)), None
+
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      metric_shapes = jax.eval_shape(lambda: grad_fn(state.params, jax.tree.map(lambda x: x[0], micro), rng)[0][1])
+      zero_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
+      (grads, metrics), _ = jax.lax.scan(
+          body, (zeros, zero_metrics), (jnp.arange(grad_accum_steps), micro))
+      grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
+      metrics = jax.tree.map(lambda m: m / grad_accum_steps, metrics)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=schedule(state.step))
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return step

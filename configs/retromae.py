@@ -1,0 +1,38 @@
+"""Stage 1, RetroMAE pre-training. `--config configs/retromae.py:<preset>`.
+
+<preset> is a model shape (tiny, bge-small-en, bge-base-zh, ...; default bge-small-en) used when
+training from scratch; with model.init_from the source's shape is used. Defaults follow
+FlagEmbedding: encoder mask ratio 0.3, decoder 0.5, max length 512, lr 2e-5 from a pretrained
+BERT (use ~1e-4 from scratch, as the original RetroMAE recipe).
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import base_config  # noqa: E402
+from ml_collections import ConfigDict  # noqa: E402
+
+
+def get_config(arg: str = "bge-small-en"):
+  c = base_config()
+  c.stage = "retromae"
+  c.model.preset = arg or "bge-small-en"
+
+  c.data = ConfigDict()
+  c.data.train = ""  # comma-separated JSONL/txt files, folders, globs, tfds:NAME[:SPLIT]
+  c.data.field = "text"
+  c.data.on_error = "raise"  # raise | skip (bad rows are counted and reported)
+  c.data.max_length = 512
+  c.data.mode = "truncate"  # truncate (FlagEmbedding) | pack (original RetroMAE)
+  c.data.encoder_mlm_probability = 0.3
+  c.data.decoder_mlm_probability = 0.5
+  c.data.prefetch = 2
+
+  if arg == "tiny":
+    c.data.max_length = 128
+    c.batch_size = 8
+    c.optimizer.lr = 1e-3
+    c.log_every_steps = 5
+  return c

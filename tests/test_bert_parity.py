@@ -1,0 +1,281 @@
+"""Numerical parity of the Flax BERT with Hugging Face's PyTorch BERT (float32, CPU)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from bge_jax import convert
+from bge_jax.models import bert
+from conftest import make_hf_folder
+
+# Seeds of conftest.tiny_hf_config: 1-3 layers, hidden 32/64, 2/4 heads, vocab 97/211.
+SEEDS = (1, 4, 5, 7)
+BATCH, LENGTH = 4, 11
+# Real-token counts per row for each padding pattern.
+PATTERNS = {
+    "no_padding": (LENGTH,) * BATCH,
+    "ragged": (LENGTH, 6, 3, 9),
+    "single_token_row": (1, LENGTH, 5, 1),
+}
+TOL = 1e-5
+
+
+def _batch(vocab_size: int, lengths, seed: int):
+  """Random ids (pad id 0 after each row's length), its 1/0 mask and random token types."""
+  rng = np.random.RandomState(seed)
+  ids = rng.randint(1, vocab_size, size=(len(lengths), LENGTH)).astype(np.int32)
+  mask = (np.arange(LENGTH)[None, :] < np.asarray(lengths)[:, None]).astype(np.int32)
+  ids = np.where(mask == 1, ids, 0).astype(np.int32)
+  types = rng.randint(0, 2, size=ids.shape).astype(np.int32)
+  return ids, mask, types
+
+
+def _torch_inputs(ids, mask, types):
+  return dict(input_ids=torch.tensor(ids, dtype=torch.long),
+              attention_mask=torch.tensor(mask, dtype=torch.long),
+              token_type_ids=torch.tensor(types, dtype=torch.long))
+
+
+def _max_abs_on_real(ours, ref, mask) -> float:
+  real = np.asarray(mask).astype(bool)
+  return float(np.abs(np.asarray(ours, np.float64) - np.asarray(ref, np.float64))[real].max())
+
+
+class _Case:
+  """One random tiny model: HF torch modules and our (config, params) for the same weights."""
+
+  def __init__(self, root, seed):
+    self.seed = seed
+    folder = make_hf_folder(root, "bert", seed)
+    self.config, self.params = convert.load_hf(str(folder))
+    self.torch_model = transformers.BertModel.from_pretrained(folder).eval()
+    mlm_folder = make_hf_folder(root, "bert_mlm", seed)
+    self.mlm_config, self.mlm_params = convert.load_hf(str(mlm_folder))
+    self.torch_mlm = transformers.BertForMaskedLM.from_pretrained(mlm_folder).eval()
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory):
+  root = tmp_path_factory.mktemp("bert_parity")
+  return {seed: _Case(root, seed) for seed in SEEDS}
+
+
+@pytest.mark.parametrize("pattern", sorted(PATTERNS))
+@pytest.mark.parametrize("seed", SEEDS)
+def test_hidden_state_and_pooler_match_hf(cases, seed, pattern):
+  case = cases[seed]
+  assert case.config.add_pooler and case.config.hf_family == "bert"
+  ids, mask, types = _batch(case.config.vocab_size, PATTERNS[pattern], seed)
+  with torch.no_grad():
+    ref = case.torch_model(**_torch_inputs(ids, mask, types))
+  model = bert.BertModel(case.config)
+  hidden = model.apply({"params": case.params}, ids, mask, types)
+  assert hidden.shape == (BATCH, LENGTH, case.config.hidden_size)
+  assert hidden.dtype == jnp.float32
+  assert _max_abs_on_real(hidden, ref.last_hidden_state.numpy(), mask) <= TOL
+
+  pooled = model.apply({"params": case.params}, hidden, method=bert.BertModel.pooler_output)
+  np.testing.assert_allclose(np.asarray(pooled), ref.pooler_output.numpy(), rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("pattern", sorted(PATTERNS))
+@pytest.mark.parametrize("seed", SEEDS)
+def test_mlm_logits_match_hf(cases, seed, pattern):
+  case = cases[seed]
+  assert case.mlm_config.add_mlm_head and case.mlm_config.hf_family == "bert_mlm"
+  ids, mask, types = _batch(case.mlm_config.vocab_size, PATTERNS[pattern], seed + 100)
+  with torch.no_grad():
+    ref = case.torch_mlm(**_torch_inputs(ids, mask, types), output_hidden_states=True)
+  model = bert.BertModel(case.mlm_config)
+  hidden = model.apply({"params": case.mlm_params}, ids, mask, types)
+  assert _max_abs_on_real(hidden, ref.hidden_states[-1].numpy(), mask) <= TOL
+  logits = model.apply({"params": case.mlm_params}, hidden, method=bert.BertModel.mlm_logits)
+  assert logits.shape == (BATCH, LENGTH, case.mlm_config.vocab_size)
+  assert _max_abs_on_real(logits, ref.logits.numpy(), mask) <= TOL
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+@pytest.mark.parametrize("seed", SEEDS)
+def test_pooled_normalized_embeddings_match_reference(cases, seed, pooling):
+  case = cases[seed]
+  ids, mask, types = _batch(case.config.vocab_size, PATTERNS["ragged"], seed + 200)
+  with torch.no_grad():
+    h = case.torch_model(**_torch_inputs(ids, mask, types)).last_hidden_state.numpy()
+  h = h.astype(np.float64)
+  if pooling == "cls":
+    ref = h[:, 0]
+  else:
+    m = mask[..., None].astype(np.float64)
+    ref = (h * m).sum(1) / m.sum(1)
+  ref_norm = ref / np.linalg.norm(ref, axis=-1, keepdims=True)
+
+  got = bert.embed_sentences(case.params, case.config, ids, mask, types, pooling=pooling)
+  np.testing.assert_allclose(np.asarray(got), ref_norm, rtol=0, atol=TOL)
+  np.testing.assert_allclose(np.linalg.norm(np.asarray(got), axis=-1), 1.0, atol=1e-6)
+  raw = bert.embed_sentences(case.params, case.config, ids, mask, types, pooling=pooling,
+                             normalize=False)
+  np.testing.assert_allclose(np.asarray(raw), ref, rtol=0, atol=TOL)
+
+
+def test_attention_with_dropout_path_matches_hf(cases):
+  """The explicit-softmax attention (used when attention dropout is on) is exact with ~0 rate."""
+  case = cases[7]
+  config = case.config.replace(attention_dropout=1e-9, hidden_dropout=0.0)
+  ids, mask, types = _batch(config.vocab_size, PATTERNS["single_token_row"], 300)
+  with torch.no_grad():
+    ref = case.torch_model(**_torch_inputs(ids, mask, types)).last_hidden_state.numpy()
+  hidden = bert.BertModel(config).apply({"params": case.params}, ids, mask, types,
+                                        deterministic=False, rngs={"dropout": jax.random.key(0)})
+  assert _max_abs_on_real(hidden, ref, mask) <= TOL
+
+
+# ---------------------------------------------------------------------------------------------
+# Real weights: all-MiniLM-L6-v2
+# ---------------------------------------------------------------------------------------------
+
+SENTENCES = [
+    "A man is playing a guitar.",
+    "The quick brown fox jumps over the lazy dog near the riverbank at dawn.",
+    "Hi",
+    "Embeddings map sentences to vectors; similar sentences land close together.",
+    "JAX and PyTorch should agree to within float32 rounding on every real token.",
+]
+
+
+@pytest.fixture(scope="module")
+def minilm(minilm_path):
+  config, params = convert.load_hf(minilm_path)
+  tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path)
+  torch_model = transformers.AutoModel.from_pretrained(minilm_path).eval()
+  return config, params, tokenizer, torch_model
+
+
+def test_minilm_matches_transformers(minilm):
+  config, params, tokenizer, torch_model = minilm
+  batch = tokenizer(SENTENCES, padding=True, return_tensors="np")
+  mask = batch["attention_mask"]
+  assert mask.sum(1).min() < mask.shape[1]  # some padding
+  with torch.no_grad():
+    ref = torch_model(**{k: torch.tensor(v) for k, v in batch.items()})
+  model = bert.BertModel(config)
+  hidden = model.apply({"params": params}, batch["input_ids"], mask, batch["token_type_ids"])
+  delta = _max_abs_on_real(hidden, ref.last_hidden_state.numpy(), mask)
+  print(f"\nall-MiniLM-L6-v2 last hidden state max |delta| on real tokens: {delta:.3g}")
+  assert delta <= TOL
+  pooled = model.apply({"params": params}, hidden, method=bert.BertModel.pooler_output)
+  np.testing.assert_allclose(np.asarray(pooled), ref.pooler_output.numpy(), rtol=0, atol=TOL)
+
+
+def test_minilm_bfloat16_compute_stays_close(minilm):
+  """A sanity check: bf16 compute runs, returns bf16 states and stays near the f32 reference."""
+  config, params, tokenizer, torch_model = minilm
+  batch = tokenizer(SENTENCES, padding=True, return_tensors="np")
+  mask = batch["attention_mask"]
+  with torch.no_grad():
+    ref = torch_model(**{k: torch.tensor(v) for k, v in batch.items()}).last_hidden_state.numpy()
+  config16 = config.replace(dtype="bfloat16")
+  hidden = bert.BertModel(config16).apply({"params": params}, batch["input_ids"], mask,
+                                          batch["token_type_ids"])
+  assert hidden.dtype == jnp.bfloat16
+  hidden = np.asarray(hidden.astype(jnp.float32))
+  assert np.isfinite(hidden).all()
+  # Per-token relative error of the state vectors (raw |delta| scales with MiniLM's large states).
+  real = mask.astype(bool)
+  rel = (np.linalg.norm(hidden - ref, axis=-1) / np.linalg.norm(ref, axis=-1))[real]
+  assert rel.max() <= 5e-2
+  # The pooled, normalised sentence vectors (what the embedder serves) within 5e-2 abs.
+  got = bert.embed_sentences(params, config16, batch["input_ids"], mask, batch["token_type_ids"],
+                             pooling="mean")
+  m = mask[..., None]
+  ref_vec = (ref * m).sum(1) / m.sum(1)
+  ref_vec /= np.linalg.norm(ref_vec, axis=-1, keepdims=True)
+  assert got.dtype == jnp.float32
+  assert np.abs(np.asarray(got) - ref_vec).max() <= 5e-2
+  # bf16 is not the f32 computation (the check above is not vacuous).
+  assert np.abs(hidden - ref)[real].max() > 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# Rematerialisation and dropout
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def remat_case(cases):
+  """(case, inputs, f64 params, remat-free hidden state and gradients) for the remat tests."""
+  case = cases[4]  # 2 layers
+  ids, mask, types = _batch(case.config.vocab_size, PATTERNS["ragged"], 400)
+  with jax.enable_x64(True):
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), case.params)
+    weights = jax.random.normal(jax.random.key(1), (BATCH, LENGTH, case.config.hidden_size),
+                                jnp.float64)
+    ref = _hidden_and_grads(case.config, params, ids, mask, types, weights)
+  return case, (ids, mask, types, weights), params, ref
+
+
+def _hidden_and_grads(config, params, ids, mask, types, weights):
+  """Hidden state and d/dparams of a scalar function of it, in float64 (call under enable_x64)."""
+  config = config.replace(dtype="float64", param_dtype="float64")
+  model = bert.BertModel(config)
+
+  def loss(p):
+    h = model.apply({"params": p}, ids, mask, types)
+    return jnp.sum(jnp.tanh(h) * weights * mask[..., None]), h
+
+  (_, h), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+  return jax.device_get(h), jax.device_get(g)
+
+
+@pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch"])
+def test_remat_policies_same_outputs_and_gradients(remat_case, policy):
+  """Remat recomputes the same function: outputs and gradients agree with remat "none".
+
+  In float64, so that the comparison at 1e-6 is about the math and not about float32 rounding
+  (XLA fuses the recomputation differently, which moves float32 gradients by ~1e-6 relative).
+  """
+  case, (ids, mask, types, weights), params, (h_ref, g_ref) = remat_case
+  with jax.enable_x64(True):
+    h, g = _hidden_and_grads(case.config.replace(remat_policy=policy), params, ids, mask, types,
+                             weights)
+  assert h.dtype == np.float64
+  np.testing.assert_allclose(h, h_ref, rtol=0, atol=1e-6)
+  assert jax.tree.structure(g) == jax.tree.structure(g_ref)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g), jax.tree.leaves(g_ref)):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+  # The gradient reaches every layer (not a vacuous all-zero comparison).
+  assert np.abs(g_ref["layers_0"]["query"]["kernel"]).max() > 1e-3
+  # float32 forward with remat on: the same hidden state as without.
+  h32 = bert.BertModel(case.config.replace(remat_policy=policy)).apply(
+      {"params": case.params}, ids, mask, types)
+  h32_ref = bert.BertModel(case.config).apply({"params": case.params}, ids, mask, types)
+  np.testing.assert_allclose(np.asarray(h32), np.asarray(h32_ref), rtol=0, atol=1e-6)
+
+
+def test_dropout_changes_outputs_and_is_deterministic_per_rng(cases):
+  case = cases[5]
+  config = case.config.replace(hidden_dropout=0.1, attention_dropout=0.1)
+  ids, mask, types = _batch(config.vocab_size, PATTERNS["ragged"], 500)
+  model = bert.BertModel(config)
+  p = {"params": case.params}
+  clean = np.asarray(model.apply(p, ids, mask, types))
+
+  def noisy(seed):
+    return np.asarray(model.apply(p, ids, mask, types, deterministic=False,
+                                  rngs={"dropout": jax.random.key(seed)}))
+
+  a, a_again, b = noisy(0), noisy(0), noisy(1)
+  real = mask.astype(bool)
+  assert np.abs(a - clean)[real].max() > 1e-2
+  np.testing.assert_array_equal(a, a_again)
+  assert np.abs(a - b)[real].max() > 1e-2
+  # deterministic=True ignores any rng.
+  np.testing.assert_array_equal(
+      clean, np.asarray(model.apply(p, ids, mask, types, rngs={"dropout": jax.random.key(0)})))
+  # embed_sentences: rng switches dropout on.
+  e0 = bert.embed_sentences(case.params, config, ids, mask, types)
+  e1 = bert.embed_sentences(case.params, config, ids, mask, types, rng=jax.random.key(3))
+  e2 = bert.embed_sentences(case.params, config, ids, mask, types, rng=jax.random.key(3))
+  assert np.abs(np.asarray(e0) - np.asarray(e1)).max() > 1e-3
+  np.testing.assert_array_equal(np.asarray(e1), np.asarray(e2))
