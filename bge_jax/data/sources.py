@@ -1,0 +1,626 @@
+"""Raw-text data sources: validated, random-access sequences of texts for the trainer.
+
+The trainer derives the examples of a step from a permutation seeded by (seed, epoch), so a
+source must answer `len(src)` and `src[i] -> str` for any `i`, in any order. `open_text_source`
+builds such a `TextSource` from one or several specs:
+
+  path/to/file.jsonl        one JSON object per line; the text is `row[field]` (default "text")
+  path/to/file.json         JSONL too, or one JSON array of objects when it starts with `[`
+  path/to/file.txt          one text per non-blank line
+  (any of the above may end in `.gz`)
+  path/to/folder            every *.jsonl, *.json, *.txt (and .gz) below it, recursively, sorted
+                            by relative path; hidden files and folders (".name") are ignored
+  path/with/*/glob*.jsonl   matches sorted (`**` recurses); a matched folder is read as above
+  tfds:NAME[/CONFIG][:VERSION][:SPLIT][@DATA_DIR]
+                            a TFDS dataset in array_record format, read lazily with
+                            `tfds.data_source` (no TensorFlow needed); SPLIT defaults to "train"
+                            and may be a slice ("train[:10%]"); records are dicts holding `field`
+                            (bytes are decoded as UTF-8)
+
+Files are validated up front, in one streaming pass, and their texts are kept in memory as a
+list of str (plus one int64 line number per text, for error messages). That is fine up to a few
+GB of text per process; corpora beyond memory belong in a TFDS array_record dataset, which is
+read record by record. Every process reads (and validates) every file so that all processes
+agree on the global indexing, then `shard` keeps only the process's part and the rest is freed.
+
+Bad rows (invalid JSON, a row that is not an object, a missing or non-string field, an empty,
+whitespace-only or too short text, bytes that are not UTF-8) raise a `DataError` naming
+`file:line`, the problem and the fix, or with `on_error="skip"` are skipped and counted per
+reason in `src.skipped`. Blank lines are not rows and are ignored silently in both modes.
+
+TFDS records cannot be skipped without scanning the whole dataset, which would defeat lazy
+reading, so they are validated when read: a bad record raises a `DataError` naming the dataset
+and the record index whatever `on_error` says (clean the dataset when building it). Whether the
+field exists is checked up front from the dataset's features.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import glob
+import gzip
+import json
+import logging
+import os
+import re
+from collections.abc import Sequence
+from typing import Any, Iterator, Union
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+Spec = Union[str, os.PathLike]
+
+FILE_SUFFIXES = (".jsonl", ".json", ".txt")
+ON_ERROR = ("raise", "skip")
+TFDS_PREFIX = "tfds:"
+
+_SKIP_HINT = "set data.on_error='skip' to count and skip bad rows"
+_TFDS_HINT = ("TFDS records are checked when read and cannot be skipped (on_error does not apply); "
+              "clean the dataset when building it")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_VERSION = re.compile(r"^\d+\.\d+\.\d+$")
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+class DataError(ValueError):
+  """A data source cannot be opened or holds a bad row; the message says where and how to fix."""
+
+
+class _BadRow(Exception):
+  """Internal: one row failed validation (reason key, human-readable problem)."""
+
+  def __init__(self, reason: str, problem: str):
+    super().__init__(problem)
+    self.reason, self.problem = reason, problem
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation of one text value (shared by files and TFDS records).
+# ---------------------------------------------------------------------------------------------
+
+def _check_text(text: str, min_chars: int, what: str, may_be_invalid: bool = True) -> str:
+  """Returns `text` if usable, else raises `_BadRow`. `what` names the value in messages.
+
+  `may_be_invalid=False` skips the (relatively costly) scan for surrogates when the caller knows
+  there can be none (the raw line decoded strictly and holds no JSON \\u escape).
+  """
+  m = _SURROGATE.search(text) if may_be_invalid else None
+  if m is not None:
+    code = ord(m.group())
+    if 0xDC80 <= code <= 0xDCFF:  # A raw byte kept by errors="surrogateescape".
+      problem = (f"{what} holds byte 0x{code - 0xDC00:02x} (character {m.start()}), which is not "
+                 "UTF-8; re-encode the file as UTF-8 (e.g. iconv -f LATIN1 -t UTF-8)")
+    else:
+      problem = (f"{what} holds a lone surrogate \\u{code:04x} (from a JSON \\u escape), which "
+                 "is not valid Unicode")
+    raise _BadRow("invalid_utf8", problem)
+  if not text or text.isspace():
+    raise _BadRow("empty_text", f"{what} is empty or whitespace-only")
+  if min_chars > 1:
+    n = len(text.strip())
+    if n < min_chars:
+      raise _BadRow("too_short", f"{what} has {n} characters, fewer than min_chars={min_chars}")
+  return text
+
+
+def _field_of(row: Any, field: str, min_chars: int, may_be_invalid: bool = True) -> str:
+  """The text `row[field]` of a decoded JSON row, validated."""
+  if not isinstance(row, dict):
+    raise _BadRow("not_object", f"a JSON {_json_type(row)} where an object like "
+                  f"{{\"{field}\": \"...\"}} was expected")
+  if field not in row:
+    keys = ", ".join(repr(k) for k in list(row)[:8]) + (", ..." if len(row) > 8 else "")
+    has = f"the row has keys {keys}" if keys else "the row is an empty object"
+    raise _BadRow("missing_field", f"no field {field!r} ({has}); set data.field to the key "
+                  "holding the text")
+  value = row[field]
+  if not isinstance(value, str):
+    raise _BadRow("not_string", f"field {field!r} is a JSON {_json_type(value)}, not a string")
+  return _check_text(value, min_chars, f"field {field!r}", may_be_invalid)
+
+
+def _json_type(value: Any) -> str:
+  if value is None:
+    return "null"
+  return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number",
+          float: "number"}.get(type(value), type(value).__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parts: the pieces a TextSource concatenates.
+# ---------------------------------------------------------------------------------------------
+
+class _MemoryPart:
+  """Texts of one file, in memory, with the 1-based line number of each."""
+
+  def __init__(self, path: str, texts: list[str], lines: np.ndarray):
+    self.path, self.texts, self.lines = path, texts, lines
+
+  def __len__(self) -> int:
+    return len(self.texts)
+
+  def get(self, i: int) -> str:
+    return self.texts[i]
+
+  def get_many(self, idx: Sequence[int]) -> list[str]:
+    return [self.texts[i] for i in idx]
+
+  def locate(self, i: int) -> str:
+    return f"{self.path}:{int(self.lines[i])}"
+
+  def take(self, r: range) -> _MemoryPart:
+    s = slice(r.start, r.stop, r.step)
+    return _MemoryPart(self.path, self.texts[s], self.lines[s].copy())
+
+
+class _TfdsPart:
+  """A TFDS array_record data source, read and validated record by record."""
+
+  def __init__(self, label: str, ds: Any, field: str, min_chars: int, indices: range):
+    self.label, self.ds, self.field = label, ds, field
+    self.min_chars, self.indices = min_chars, indices
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def _text(self, record: Any, k: int) -> str:
+    try:
+      if not isinstance(record, dict):
+        raise _BadRow("not_object", f"record is a {type(record).__name__}, not a dict of features")
+      if self.field not in record:
+        raise _BadRow("missing_field", f"no feature {self.field!r} (the record has "
+                      f"{sorted(record)}); set data.field to the feature holding the text")
+      value = record[self.field]
+      if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value.item()
+      if isinstance(value, (bytes, np.bytes_)):
+        try:
+          value = bytes(value).decode("utf-8")
+        except UnicodeDecodeError as e:
+          raise _BadRow("invalid_utf8", f"feature {self.field!r} holds byte "
+                        f"0x{value[e.start]:02x} (byte {e.start}), which is not UTF-8") from None
+      if not isinstance(value, str):
+        raise _BadRow("not_string", f"feature {self.field!r} is a {type(value).__name__}, not "
+                      "text")
+      return _check_text(value, self.min_chars, f"feature {self.field!r}")
+    except _BadRow as e:
+      raise DataError(f"{self.label} record {k}: {e.problem}. {_TFDS_HINT}.") from None
+
+  def get(self, i: int) -> str:
+    k = self.indices[i]
+    return self._text(self.ds[k], k)
+
+  def get_many(self, idx: Sequence[int]) -> list[str]:
+    keys = [self.indices[i] for i in idx]
+    getitems = getattr(self.ds, "__getitems__", None)
+    records = getitems(keys) if getitems is not None else [self.ds[k] for k in keys]
+    return [self._text(rec, k) for rec, k in zip(records, keys)]
+
+  def locate(self, i: int) -> str:
+    return f"{self.label}[{self.indices[i]}]"
+
+  def take(self, r: range) -> _TfdsPart:
+    indices = self.indices[r.start:r.stop:r.step]
+    return _TfdsPart(self.label, self.ds, self.field, self.min_chars, indices)
+
+
+_Part = Union[_MemoryPart, _TfdsPart]
+
+
+# ---------------------------------------------------------------------------------------------
+# TextSource
+# ---------------------------------------------------------------------------------------------
+
+class TextSource(Sequence):
+  """A random-access sequence of validated texts: `len(src)`, `src[i] -> str`.
+
+  Attributes:
+    origins: where the texts come from, in order: file paths and `tfds:NAME:SPLIT[@DIR]` labels
+      (all of them, also on a shard).
+    skipped: reason -> number of rows skipped while opening (with `on_error="skip"`); reasons are
+      invalid_json, not_object, missing_field, not_string, empty_text, too_short, invalid_utf8.
+      Counts are over the whole source, also on a shard.
+    shard_index, shard_count: which strided part of the full source this is (0, 1 when unsharded).
+    full_length: the number of texts before sharding.
+  """
+
+  def __init__(self, parts: Sequence[_Part], *, origins: Sequence[str],
+               skipped: dict[str, int] | None = None,
+               first_skipped: dict[str, str] | None = None, shard_index: int = 0,
+               shard_count: int = 1, full_length: int | None = None):
+    self._parts = list(parts)
+    self._offsets = [0]
+    for p in self._parts:
+      self._offsets.append(self._offsets[-1] + len(p))
+    self.origins = tuple(origins)
+    self.skipped = dict(skipped or {})
+    self._first_skipped = dict(first_skipped or {})
+    self.shard_index, self.shard_count = shard_index, shard_count
+    self.full_length = len(self) if full_length is None else full_length
+
+  def __len__(self) -> int:
+    return self._offsets[-1]
+
+  def _find(self, i: Any) -> tuple[_Part, int]:
+    i = int(np.asarray(i)) if isinstance(i, np.ndarray) else i.__index__()
+    n = len(self)
+    if i < 0:
+      i += n
+    if not 0 <= i < n:
+      raise IndexError(f"text index {i} out of range for a source of {n} texts")
+    j = bisect.bisect_right(self._offsets, i) - 1
+    return self._parts[j], i - self._offsets[j]
+
+  def __getitem__(self, i):
+    """`src[i]` is the i-th text (negative i counts from the end); `src[a:b:c]` (c > 0) a view."""
+    if isinstance(i, slice):
+      return self._select(range(len(self))[i], self.shard_index, self.shard_count)
+    part, k = self._find(i)
+    return part.get(k)
+
+  def __getitems__(self, indices: Sequence[int]) -> list[str]:
+    """Texts at `indices` in that order; reads TFDS records in one batch per dataset."""
+    located = [self._find(i) for i in indices]
+    out: list[str | None] = [None] * len(located)
+    groups: dict[int, list[tuple[int, int]]] = collections.defaultdict(list)
+    for pos, (part, k) in enumerate(located):
+      groups[id(part)].append((pos, k))
+    parts = {id(p): p for p in self._parts}
+    for pid, members in groups.items():
+      texts = parts[pid].get_many([k for _, k in members])
+      for (pos, _), text in zip(members, texts):
+        out[pos] = text
+    return out  # type: ignore[return-value]
+
+  def __iter__(self) -> Iterator[str]:
+    for p in self._parts:
+      for k in range(len(p)):
+        yield p.get(k)
+
+  def locate(self, i: int) -> str:
+    """Where text `i` comes from: `file:line` or `tfds:NAME:SPLIT[record]`."""
+    part, k = self._find(i)
+    return part.locate(k)
+
+  def shard(self, index: int, count: int) -> TextSource:
+    """The texts whose index `i` satisfies `i % count == index` (one process's part).
+
+    The shards of `count` processes partition the source; their lengths differ by at most one.
+    Texts of files are copied into the shard, so the full source can be freed; TFDS parts stay
+    lazy. A shard of a shard is a strided part of the shard (composing the strides).
+    """
+    if count < 1 or not 0 <= index < count:
+      raise ValueError(f"shard({index}, {count}): need count >= 1 and 0 <= index < count")
+    out = self._select(range(index, len(self), count), self.shard_index + index * self.shard_count,
+                       self.shard_count * count)
+    if len(out) == 0:
+      raise DataError(f"shard {index} of {count} is empty: the source has only {len(self)} texts "
+                      f"({self.summary()}); use fewer processes or more data")
+    return out
+
+  def _select(self, r: range, shard_index: int, shard_count: int) -> TextSource:
+    if r.step < 1:
+      raise ValueError("a TextSource slice needs a positive step")
+    parts = []
+    for p, lo in zip(self._parts, self._offsets):
+      hi = lo + len(p)
+      k0 = min(len(r), max(0, -(-(lo - r.start) // r.step)))
+      k1 = min(len(r), max(0, -(-(hi - r.start) // r.step)))
+      if k1 > k0:
+        first = r[k0] - lo
+        parts.append(p.take(range(first, first + (k1 - k0 - 1) * r.step + 1, r.step)))
+    return TextSource(parts, origins=self.origins, skipped=self.skipped,
+                      first_skipped=self._first_skipped, shard_index=shard_index,
+                      shard_count=shard_count, full_length=self.full_length)
+
+  def summary(self) -> str:
+    """One line: how many texts from where, and what was skipped."""
+    files = [o for o in self.origins if not o.startswith(TFDS_PREFIX)]
+    tfds_labels = [o for o in self.origins if o.startswith(TFDS_PREFIX)]
+    where = []
+    if files:
+      names = ", ".join(files[:3]) + (f", +{len(files) - 3} more" if len(files) > 3 else "")
+      where.append(f"{len(files)} file{'s' if len(files) != 1 else ''} ({names})")
+    where.extend(tfds_labels)
+    if self.shard_count > 1:
+      head = (f"shard {self.shard_index}/{self.shard_count}: {len(self)} of {self.full_length} "
+              "texts")
+    else:
+      head = f"{len(self)} texts"
+    line = f"{head} from {' and '.join(where) or 'nowhere'}"
+    if self.skipped:
+      total = sum(self.skipped.values())
+      detail = ", ".join(f"{reason} {n} (first at {self._first_skipped.get(reason, '?')})"
+                         for reason, n in sorted(self.skipped.items()))
+      line += f"; skipped {total} bad row{'s' if total != 1 else ''}: {detail}"
+    return line
+
+  def __repr__(self) -> str:
+    return f"TextSource({self.summary()})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading files.
+# ---------------------------------------------------------------------------------------------
+
+class _Reader:
+  """Reads and validates files, collecting skip counts."""
+
+  def __init__(self, field: str, on_error: str, min_chars: int):
+    self.field, self.on_error, self.min_chars = field, on_error, min_chars
+    self.skipped: collections.Counter[str] = collections.Counter()
+    self.first_skipped: dict[str, str] = {}
+
+  def _bad(self, where: str, bad: _BadRow) -> None:
+    if self.on_error == "raise":
+      raise DataError(f"{where}: {bad.problem}. Fix the row, or {_SKIP_HINT}.")
+    self.skipped[bad.reason] += 1
+    self.first_skipped.setdefault(bad.reason, where)
+
+  def read(self, path: str) -> _MemoryPart:
+    base = path[:-3] if path.endswith(".gz") else path
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+      with opener(path, "rb") as f:
+        if base.endswith(".txt"):
+          return self._read_txt(path, f)
+        head = f.read(4096)
+        f.seek(0)
+        if head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
+          return self._read_json_array(path, f.read())
+        return self._read_jsonl(path, f)
+    except OSError as e:
+      raise DataError(f"cannot read {path}: {e}") from None
+
+  def _lines(self, f) -> Iterator[tuple[int, str, bool]]:
+    """(line number, decoded line, may hold surrogates) for the non-blank lines.
+
+    Bytes that are not UTF-8 survive decoding as surrogates (errors="surrogateescape") so that
+    they are reported (or skipped) per row, with the row's line number.
+    """
+    for lineno, raw in enumerate(f, 1):
+      if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+      raw = raw.rstrip(b"\r\n")
+      if not raw or raw.isspace():
+        continue
+      try:
+        yield lineno, raw.decode("utf-8"), b"\\u" in raw
+      except UnicodeDecodeError:
+        yield lineno, raw.decode("utf-8", errors="surrogateescape"), True
+
+  def _read_txt(self, path: str, f) -> _MemoryPart:
+    texts, lines = [], []
+    for lineno, line, suspect in self._lines(f):
+      try:
+        texts.append(_check_text(line, self.min_chars, "line", suspect))
+        lines.append(lineno)
+      except _BadRow as e:
+        self._bad(f"{path}:{lineno}", e)
+    return _MemoryPart(path, texts, np.asarray(lines, np.int64))
+
+  def _read_jsonl(self, path: str, f) -> _MemoryPart:
+    texts, lines = [], []
+    loads = json.loads
+    for lineno, line, suspect in self._lines(f):
+      try:
+        try:
+          row = loads(line)
+        except json.JSONDecodeError as e:
+          raise _BadRow("invalid_json", f"invalid JSON ({e.msg} at column {e.colno}); each line "
+                        f"must be one object like {{\"{self.field}\": \"...\"}}") from None
+        texts.append(_field_of(row, self.field, self.min_chars, suspect))
+        lines.append(lineno)
+      except _BadRow as e:
+        self._bad(f"{path}:{lineno}", e)
+    return _MemoryPart(path, texts, np.asarray(lines, np.int64))
+
+  def _read_json_array(self, path: str, data: bytes) -> _MemoryPart:
+    """A file holding one JSON array of objects; line numbers are those where items start."""
+    text = data.decode("utf-8", errors="surrogateescape")
+    if text.startswith("\ufeff"):
+      text = text[1:]
+    decoder = json.JSONDecoder()
+    ws = re.compile(r"[ \t\r\n]*")
+    texts, lines = [], []
+    pos = ws.match(text, 0).end() + 1  # Past the "[".
+    line, line_pos = 1, 0
+
+    def line_at(p: int) -> int:
+      nonlocal line, line_pos
+      line += text.count("\n", line_pos, p)
+      line_pos = p
+      return line
+
+    def fail(p: int, msg: str) -> DataError:
+      return DataError(f"{path}:{line_at(p)}: invalid JSON array ({msg}); a broken array cannot be "
+                       "skipped row by row: fix the file or convert it to JSONL (one object per "
+                       "line)")
+
+    pos = ws.match(text, pos).end()
+    if text.startswith("]", pos):
+      pos += 1
+    else:
+      while True:
+        pos = ws.match(text, pos).end()
+        try:
+          row, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+          raise fail(e.pos, e.msg) from None
+        lineno = line_at(pos)
+        try:
+          texts.append(_field_of(row, self.field, self.min_chars))
+          lines.append(lineno)
+        except _BadRow as e:
+          self._bad(f"{path}:{lineno}", e)
+        pos = ws.match(text, end).end()
+        if text.startswith(",", pos):
+          pos += 1
+        elif text.startswith("]", pos):
+          pos += 1
+          break
+        else:
+          raise fail(pos, "expected ',' or ']' after an item")
+    if text[pos:].strip():
+      raise fail(pos, "extra data after the array")
+    return _MemoryPart(path, texts, np.asarray(lines, np.int64))
+
+
+def _has_data_suffix(name: str) -> bool:
+  base = name[:-3] if name.endswith(".gz") else name
+  return base.endswith(FILE_SUFFIXES)
+
+
+def _folder_files(folder: str) -> list[str]:
+  found = []
+  for root, dirs, files in os.walk(folder):
+    dirs[:] = [d for d in dirs if not d.startswith(".")]
+    found.extend(os.path.join(root, f) for f in files
+                 if not f.startswith(".") and _has_data_suffix(f))
+  return sorted(found, key=lambda p: os.path.relpath(p, folder).split(os.sep))
+
+
+def _resolve_files(spec: str) -> list[str]:
+  """The data files a (non-TFDS) spec names, in order; raises DataError when there are none."""
+  path = os.path.expanduser(spec)
+  if os.path.isdir(path):
+    files = _folder_files(path)
+    if not files:
+      raise DataError(f"data spec {spec!r}: the folder holds no *.jsonl, *.json or *.txt files "
+                      "(optionally .gz; hidden files are ignored)")
+    return files
+  if os.path.isfile(path):
+    if not _has_data_suffix(path):
+      raise DataError(f"data spec {spec!r}: cannot tell the format from the name; name the file "
+                      "*.jsonl (or *.json) for JSON rows or *.txt for one text per line "
+                      "(optionally .gz)")
+    return [path]
+  if _GLOB_CHARS.search(path):
+    files = []
+    for m in sorted(glob.glob(path, recursive=True)):
+      if os.path.isdir(m):
+        files.extend(_folder_files(m))
+      elif _has_data_suffix(m):
+        files.append(m)
+    if not files:
+      raise DataError(f"data spec {spec!r}: the pattern matches no *.jsonl, *.json or *.txt files")
+    return files
+  raise DataError(f"data spec {spec!r}: no such file or folder (nor a glob pattern, nor "
+                  "tfds:NAME[/CONFIG][:SPLIT][@DATA_DIR])")
+
+
+# ---------------------------------------------------------------------------------------------
+# TFDS
+# ---------------------------------------------------------------------------------------------
+
+def parse_tfds_spec(spec: str) -> tuple[str, str, str | None]:
+  """`tfds:NAME[/CONFIG][:VERSION][:SPLIT][@DATA_DIR]` -> (name[:version], split, data_dir).
+
+  NAME may carry a config (`wiki40b/en`); a VERSION (`1.0.0`) right after it is kept in the name
+  as TFDS expects; SPLIT defaults to "train" and may be a TFDS slice such as `train[:10%]`.
+  """
+  body = spec[len(TFDS_PREFIX):] if spec.startswith(TFDS_PREFIX) else spec
+  name_split, _, data_dir = body.partition("@")
+  name, _, split = name_split.partition(":")
+  head, _, rest = split.partition(":")
+  if _VERSION.match(head):
+    name, split = f"{name}:{head}", rest
+  name, split = name.strip(), split.strip() or "train"
+  if not name:
+    raise DataError(f"data spec {spec!r}: no dataset name; write tfds:NAME[/CONFIG][:SPLIT]"
+                    "[@DATA_DIR]")
+  return name, split, (os.path.expanduser(data_dir.strip()) if data_dir.strip() else None)
+
+
+def _open_tfds(spec: str, field: str, min_chars: int) -> _TfdsPart:
+  name, split, data_dir = parse_tfds_spec(spec)
+  label = f"{TFDS_PREFIX}{name}:{split}" + (f"@{data_dir}" if data_dir else "")
+  try:
+    import tensorflow_datasets as tfds
+  except ImportError:
+    raise DataError(f"data spec {spec!r} needs tensorflow-datasets (pip install "
+                    "tensorflow-datasets array-record)") from None
+  try:
+    ds = tfds.data_source(name, split=split, data_dir=data_dir, download=False,
+                          builder_kwargs={"file_format": "array_record"})
+  except Exception as e:  # pylint: disable=broad-except
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise DataError(f"data spec {spec!r}: cannot open {name} split {split!r} in "
+                    f"{data_dir or 'the default TFDS data dir'} as array_record: {first} "
+                    f"({type(e).__name__}). The dataset must be prepared already (download=False) "
+                    "with file_format='array_record'.") from None
+  features = getattr(getattr(ds, "dataset_info", None), "features", None)
+  keys = None
+  try:
+    keys = list(features.keys()) if features is not None else None
+  except Exception:  # pylint: disable=broad-except
+    keys = None
+  if keys is not None and field not in keys:
+    raise DataError(f"{label}: no feature {field!r} (the dataset has {sorted(keys)}); set "
+                    "data.field to the feature holding the text")
+  return _TfdsPart(label, ds, field, min_chars, range(len(ds)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------
+
+def open_text_source(spec: Spec | Sequence[Spec], *, field: str = "text", on_error: str = "raise",
+                     min_chars: int = 1) -> TextSource:
+  """Opens and validates one or several text specs as a single `TextSource`.
+
+  Args:
+    spec: a spec or a list of specs, concatenated in order (see the module docstring): a .jsonl /
+      .json / .txt file (optionally .gz), a folder, a glob pattern, or
+      `tfds:NAME[/CONFIG][:VERSION][:SPLIT][@DATA_DIR]`.
+    field: the JSON key / TFDS feature holding the text (unused for .txt).
+    on_error: "raise" (a bad row raises `DataError` naming file:line) or "skip" (bad rows are
+      skipped and counted in `src.skipped`). TFDS records always raise, when read.
+    min_chars: texts with fewer non-surrounding-whitespace characters are bad rows ("too_short").
+      Empty or whitespace-only texts are always bad ("empty_text").
+
+  Returns:
+    A `TextSource` holding at least one text.
+
+  Raises:
+    DataError: a spec names nothing, a file holds a bad row (on_error="raise"), or no text is left.
+  """
+  if on_error not in ON_ERROR:
+    raise ValueError(f"on_error={on_error!r}; use 'raise' or 'skip'")
+  if min_chars < 1:
+    raise ValueError(f"min_chars={min_chars}; it must be at least 1")
+  specs = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
+  specs = [os.fspath(s).strip() for s in specs]
+  specs = [s for s in specs if s]
+  if not specs:
+    raise DataError("no data spec given: name JSONL/txt files, folders, globs or "
+                    "tfds:NAME[:SPLIT] datasets")
+  reader = _Reader(field, on_error, min_chars)
+  parts: list[_Part] = []
+  origins: list[str] = []
+  seen: set[str] = set()
+  for s in specs:
+    if s.startswith(TFDS_PREFIX):
+      part = _open_tfds(s, field, min_chars)
+      parts.append(part)
+      origins.append(part.label)
+      continue
+    for path in _resolve_files(s):
+      real = os.path.realpath(path)
+      if real in seen:
+        log.warning("%s is read more than once (named by several data specs)", path)
+      seen.add(real)
+      parts.append(reader.read(path))
+      origins.append(path)
+  source = TextSource([p for p in parts if len(p)], origins=origins, skipped=dict(reader.skipped),
+                      first_skipped=reader.first_skipped)
+  if len(source) == 0:
+    raise DataError(f"data spec {', '.join(specs)}: no usable text in {len(origins)} "
+                    f"source{'s' if len(origins) != 1 else ''}"
+                    + (f" ({source.summary()})" if source.skipped else ""))
+  if source.skipped:
+    log.warning("data: %s", source.summary())
+  return source
