@@ -1,4 +1,4 @@
-"""The conversion command line (Hugging Face folder <-> bge-jax checkpoint) and its PyTorch parity check.
+"""The conversion command line (Hugging Face <-> bge-jax checkpoint) and its PyTorch parity check.
 
 `conversion/convert.py` is a thin script over `main(argv) -> exit status`; everything here runs
 in-process too (tests call `main([...])`). Refusals raise `convert.ConversionError` and come out
@@ -10,15 +10,19 @@ only when complete, so a failure leaves neither OUT nor a temporary folder behin
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
+import textwrap
 from typing import Any, Callable, Sequence
 
+import jax
 import numpy as np
 
 from bge_jax import checkpoint, convert
 from bge_jax.config import BertConfig
+from bge_jax.models import bert
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_REFUSED = 0, 1, 2
 DTYPES = ("float32", "bfloat16", "float16")
@@ -88,8 +92,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
   parser = _Parser(
       prog=prog or "convert.py",
-      description="Convert BERT weights between Hugging Face / sentence-transformers / "
-                  "FlagEmbedding RetroMAE files and bge-jax checkpoints.",
+      description=_fill("Convert BERT weights between Hugging Face / sentence-transformers / "
+                        "FlagEmbedding RetroMAE files and bge-jax checkpoints."),
       epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="command", required=True, metavar="{hf-to-jax,jax-to-hf}")
 
@@ -97,7 +101,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true",
                    help="compare PyTorch and bge-jax outputs on sample sentences before moving "
                         "OUT into place (needs torch)")
-    p.add_argument("--tol", type=float, default=DEFAULT_TOL,
+    p.add_argument("--tol", type=float, default=DEFAULT_TOL, metavar="X",
                    help="largest max |delta| --check accepts (default %(default)g; use ~5e-2 "
                         "for bfloat16/float16 params)")
     p.add_argument("--overwrite", action="store_true",
@@ -105,10 +109,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
   h2j = sub.add_parser(
       "hf-to-jax", help="Hugging Face folder or file -> bge-jax checkpoint",
-      description="Read a Hugging Face BERT (folder, sentence-transformers folder, single "
-                  ".safetensors/.bin with config.json beside it, or FlagEmbedding RetroMAE "
-                  "state .bin) and write a bge-jax checkpoint (bge_jax.json + params/ + "
-                  "tokenizer/) at OUT. Tokenizer files next to the weights are copied.",
+      description=_fill("Read a Hugging Face BERT (folder, sentence-transformers folder, single "
+                        ".safetensors/.bin with config.json beside it, or FlagEmbedding "
+                        "RetroMAE state .bin) and write a bge-jax checkpoint (bge_jax.json + "
+                        "params/ + tokenizer/) at OUT. Tokenizer files next to the weights are "
+                        "copied."),
       epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
   h2j.add_argument("src", metavar="SRC", help="Hugging Face folder or weight file")
   h2j.add_argument("out", metavar="OUT", help="bge-jax checkpoint folder to create")
@@ -122,9 +127,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
   j2h = sub.add_parser(
       "jax-to-hf", help="bge-jax checkpoint -> Hugging Face / sentence-transformers folder",
-      description="Read a bge-jax checkpoint and write a folder that transformers "
-                  "(AutoModel / AutoModelForMaskedLM) and sentence-transformers load without "
-                  "weight warnings. The tokenizer comes from the checkpoint's tokenizer/ folder.",
+      description=_fill("Read a bge-jax checkpoint and write a folder that transformers "
+                        "(AutoModel / AutoModelForMaskedLM) and sentence-transformers load "
+                        "without weight warnings. The tokenizer comes from the checkpoint's "
+                        "tokenizer/ folder; the sentence-transformers pooling from the "
+                        "checkpoint config unless --pooling is given."),
       epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
   j2h.add_argument("src", metavar="SRC", help="bge-jax checkpoint folder (has bge_jax.json)")
   j2h.add_argument("out", metavar="OUT", help="Hugging Face folder to create")
@@ -133,7 +140,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
   j2h.add_argument("--pooling", choices=("cls", "mean"), default=None,
                    help="sentence-transformers pooling (default: the checkpoint config's, which "
                         "is cls unless it came from a mean-pooling model)")
-  j2h.add_argument("--max-seq-length", type=int, default=None,
+  j2h.add_argument("--max-seq-length", type=int, default=None, metavar="N",
                    help="sentence-transformers max_seq_length (default: "
                         "max_position_embeddings)")
   add_common(j2h)
@@ -155,6 +162,9 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
   except CheckFailed as e:
     _error(str(e))
     return EXIT_CHECK_FAILED
+  except KeyboardInterrupt:  # the temporary output is already removed
+    _error("interrupted; nothing was written.")
+    return 130
   except (convert.ConversionError, OSError) as e:
     _error(str(e))
     return EXIT_REFUSED
@@ -266,7 +276,7 @@ def jax_to_hf(src: str, out: str, *, check: bool = False, tol: float = DEFAULT_T
     config = config.replace(pooling=pooling)
   tokenizer = checkpoint.tokenizer_dir(src)
   _say(f"read: {os.path.abspath(src)}: bge-jax checkpoint, {_describe(config)}; tokenizer: "
-       f"{tokenizer or 'none (no tokenizer/ folder)'}")
+       f"{os.path.abspath(tokenizer) if tokenizer else 'none (no tokenizer/ folder)'}")
 
   def write(tmp: str) -> None:
     _lift(tmp, lambda d: convert.save_hf(params, config, d, tokenizer=tokenizer,
@@ -292,10 +302,6 @@ def jax_to_hf(src: str, out: str, *, check: bool = False, tol: float = DEFAULT_T
 
 def _validate_params(params: Any, config: BertConfig, src: str) -> None:
   """Refuses params whose tree or shapes differ from what `config` (bge_jax.json) describes."""
-  import jax
-
-  from bge_jax.models import bert
-
   def flat(tree: Any) -> dict[str, tuple[int, ...]]:
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(np.shape(leaf))
@@ -411,27 +417,33 @@ def _sample_batch(config: BertConfig, tokenizer_folder: str | None,
   return ids, mask, f"{len(ids)} rows of random token ids ({note})"
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _encoder_forward(config: BertConfig, params: Any, input_ids: Any, attention_mask: Any) -> Any:
+  return bert.BertModel(config).apply({"params": params}, input_ids, attention_mask)
+
+
 def _check(load_torch: Callable[[], Any], params: Any, config: BertConfig,
            tokenizer_folder: str | None, tokenizer_label: str, tol: float) -> None:
   """Prints max |delta| of hidden states and pooled embeddings; raises CheckFailed above `tol`."""
-  import jax
   import torch
-
-  from bge_jax.models import bert
 
   ids, mask, what = _sample_batch(config, tokenizer_folder, tokenizer_label)
   _say(f"check: PyTorch transformers.AutoModel (torch {torch.__version__}) vs bge-jax on {what}")
   model = load_torch()
   with torch.no_grad():
-    ref = model(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long(),
+    ref = model(input_ids=torch.from_numpy(ids).long(),
+                attention_mask=torch.from_numpy(mask).long(),
                 token_type_ids=torch.zeros(ids.shape, dtype=torch.long)).last_hidden_state.numpy()
 
-  def forward(p, input_ids, attention_mask):
-    hidden = bert.BertModel(config).apply({"params": p}, input_ids, attention_mask)
-    vectors = bert.pool(hidden, attention_mask, config.pooling)
-    return hidden, bert.l2_normalize(vectors) if config.normalize else vectors
-
-  hidden, pooled = (np.asarray(x, np.float32) for x in jax.jit(forward)(params, ids, mask))
+  # Only the encoder runs, under one jit keyed by its shapes: both directions of a round trip
+  # (and repeated checks of one model) compile once.
+  encoder = config.replace(add_pooler=False, add_mlm_head=False, add_decoder=False,
+                           hf_family="bert", pooling="cls", normalize=False)
+  encoder_params = {k: v for k, v in params.items() if k == "embeddings" or k.startswith("layers_")}
+  hidden = _encoder_forward(encoder, encoder_params, ids, mask)
+  pooled = bert.pool(hidden, mask, config.pooling)
+  pooled = np.asarray(bert.l2_normalize(pooled) if config.normalize else pooled, np.float32)
+  hidden = np.asarray(hidden, np.float32)
   ref_pooled = ref[:, 0] if config.pooling == "cls" else (
       (ref * mask[..., None]).sum(1) / np.maximum(mask.sum(1, keepdims=True), 1))
   if config.normalize:
@@ -495,10 +507,15 @@ def _describe(config: BertConfig) -> str:
   parts = ["encoder"] + [name for name, on in (
       ("pooler", config.add_pooler), ("mlm_head", config.add_mlm_head),
       ("decoder (RetroMAE)", config.add_decoder)) if on]
-  return (f"family {config.hf_family}, {config.num_layers} layers, hidden {config.hidden_size}, "
+  layers = f"{config.num_layers} layer" + ("s" if config.num_layers != 1 else "")
+  return (f"family {config.hf_family}, {layers}, hidden {config.hidden_size}, "
           f"{config.num_heads} heads, vocab {config.vocab_size}, params {config.param_dtype}; "
           f"parts: {', '.join(parts)}; pooling {config.pooling}"
           + (" + normalize" if config.normalize else ""))
+
+
+def _fill(text: str) -> str:
+  return textwrap.fill(text, width=94)
 
 
 def _say(line: str) -> None:
