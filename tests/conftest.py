@@ -110,3 +110,34 @@ def _randomize(module, seed: int) -> None:
     for name, p in module.named_parameters():
       offset = 1.0 if name.endswith("LayerNorm.weight") else 0.0
       p.copy_(torch.randn(p.shape, generator=gen) * 0.2 + offset)
+
+
+WORDS = ("alpha beta gamma delta model vector search index query passage token layer "
+         "embed train learn dense sparse rank score batch graph river mountain city ocean "
+         "forest music paper science data cloud light stone bridge market garden").split()
+
+
+def make_tokenizer(folder: pathlib.Path) -> pathlib.Path:
+  """A tiny WordPiece BERT tokenizer (specials + WORDS + a few ## pieces), saved to `folder`."""
+  from transformers import BertTokenizerFast
+
+  folder.mkdir(parents=True, exist_ok=True)
+  vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(WORDS) + ["##s", "##ing", "##ed", ".", ","]
+  (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+  BertTokenizerFast(vocab={t: i for i, t in enumerate(vocab)}, do_lower_case=True).save_pretrained(folder)
+  return folder
+
+
+def make_corpus(path: pathlib.Path, n: int, seed: int = 0, min_words: int = 5, max_words: int = 40) -> pathlib.Path:
+  """JSONL {"text"} rows of random WORDS with a repeating structure a model can learn."""
+  import json
+  import random
+
+  rng = random.Random(seed)
+  with open(path, "w") as f:
+    for _ in range(n):
+      start = rng.randrange(len(WORDS))
+      length = rng.randint(min_words, max_words)
+      words = [WORDS[(start + 3 * i) % len(WORDS)] + ("s" if i % 4 == 3 else "") for i in range(length)]
+      f.write(json.dumps({"text": " ".join(words) + "."}) + "\n")
+  return path

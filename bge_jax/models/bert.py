@@ -35,12 +35,33 @@ def _layer_norm(config: BertConfig, name: str) -> nn.LayerNorm:
       bias_init=LP(nn.initializers.zeros_init(), ("embed",)))
 
 
-def _dense(config: BertConfig, features, kernel_axes: tuple, name: str, axis=-1) -> nn.DenseGeneral:
-  bias_axes = kernel_axes[-1:] if isinstance(features, int) else kernel_axes[-len(features):]
-  return nn.DenseGeneral(
-      features=features, axis=axis, dtype=config.dtype, param_dtype=config.param_dtype, name=name,
-      kernel_init=LP(_normal(config), kernel_axes),
-      bias_init=LP(nn.initializers.zeros_init(), bias_axes))
+class Dense(nn.Module):
+  """y = x . kernel + bias, contracting the last `n_in` dims of x; kernel [*in, *features].
+
+  Used instead of nn.DenseGeneral, whose init builds a flat 2-D kernel and reshapes it: with
+  logical partitioning under a mesh, Flax's shape check re-runs that init and applies the 3-D
+  sharding to the 2-D array, which fails.
+  """
+
+  features: tuple[int, ...]
+  kernel_axes: tuple[str | None, ...]
+  config: BertConfig
+  n_in: int = 1
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    c = self.config
+    kernel = self.param("kernel", LP(_normal(c), self.kernel_axes),
+                        x.shape[x.ndim - self.n_in:] + self.features, c.param_dtype)
+    bias = self.param("bias", LP(nn.initializers.zeros_init(), self.kernel_axes[self.n_in:]),
+                      self.features, c.param_dtype)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=c.dtype)
+    return jnp.tensordot(x, kernel, axes=self.n_in) + bias
+
+
+def _dense(config: BertConfig, features, kernel_axes: tuple, name: str, n_in: int = 1) -> Dense:
+  features = (features,) if isinstance(features, int) else tuple(features)
+  return Dense(features, tuple(kernel_axes), config, n_in, name=name)
 
 
 def _embed(config: BertConfig, num: int, axes: tuple, name: str) -> nn.Embed:
@@ -119,7 +140,7 @@ class BertLayer(nn.Module):
       ctx = self._attention_with_dropout(q, k, v, mask)
     ctx = nn.with_logical_constraint(ctx, ("batch", "length", "heads", "kv"))
 
-    attn = _dense(c, c.hidden_size, ("heads", "kv", "embed"), "attention_out", axis=(-2, -1))(ctx)
+    attn = _dense(c, c.hidden_size, ("heads", "kv", "embed"), "attention_out", n_in=2)(ctx)
     attn = nn.Dropout(c.hidden_dropout)(attn, deterministic=deterministic)
     x = _layer_norm(c, "attention_norm")(attn + hq)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))

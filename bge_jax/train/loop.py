@@ -236,9 +236,10 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   def global_batch(local):
     return {k: jax.make_array_from_process_local_data(batch_sh[k], v) for k, v in local.items()}
 
+  # Compiled once, ahead of time: the memory analysis is printed before the first step.
   with sharding.activate(mesh):
-    compiled = jit_step.lower(state, global_batch(probe), jax.random.key(0)).compile()
-  memory = compiled.memory_analysis()
+    compiled_step = jit_step.lower(state, global_batch(probe), jax.random.key(0)).compile()
+  memory = compiled_step.memory_analysis()
   if is_main:
     _write_run_info(workdir, config, model_config, origin, total_steps, batcher, memory)
 
@@ -254,7 +255,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
       _, local = prefetch.next()
       window_tokens += batcher.real_tokens(local) * jax.process_count()
       with sharding.activate(mesh):
-        state, metrics = jit_step(state, global_batch(local), rng)
+        state, metrics = compiled_step(state, global_batch(local), rng)
       done = step + 1
       should_log = done % config.log_every_steps == 0 or done == total_steps
       should_save = done % config.checkpoint.every_steps == 0 or done == total_steps

@@ -76,8 +76,11 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule:
     if grad_accum_steps == 1:
       (_, metrics), grads = grad_fn(state.params, batch, rng)
     else:
+      # Micro-batch i takes rows i, i+k, i+2k, ...: each device's contiguous block of the
+      # data-sharded batch holds rows of every micro-batch, so the split moves no data.
       micro = jax.tree.map(
-          lambda x: x.reshape((grad_accum_steps, x.shape[0] // grad_accum_steps) + x.shape[1:]),
+          lambda x: jnp.swapaxes(
+              x.reshape((x.shape[0] // grad_accum_steps, grad_accum_steps) + x.shape[1:]), 0, 1),
           batch)
 
       def body(carry, inputs):
@@ -94,7 +97,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule:
       metrics = jax.tree.map(lambda m: m / grad_accum_steps, metrics)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=schedule(state.step))
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=schedule(state.step))
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return step

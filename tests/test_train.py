@@ -1,0 +1,132 @@
+"""The trainer end to end on stage 1 (RetroMAE): loss goes down, resume continues exactly, exports."""
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO, make_corpus, make_tokenizer
+
+
+def load_config(name: str, arg: str = ""):
+  spec = importlib.util.spec_from_file_location(f"cfg_{name}", REPO / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.fixture(scope="module")
+def corpus_and_tokenizer(tmp_path_factory):
+  root = tmp_path_factory.mktemp("data")
+  return make_corpus(root / "train.jsonl", 256), make_tokenizer(root / "tok")
+
+
+def tiny_retromae(corpus, tokenizer, steps, **kw):
+  c = load_config("retromae", "tiny")
+  c.tokenizer = str(tokenizer)
+  c.data.train = str(corpus)
+  c.data.max_length = 48
+  c.model.max_position_embeddings = 64
+  c.batch_size = 8
+  c.num_train_steps = steps
+  c.optimizer.lr = 2e-3
+  c.optimizer.warmup_steps = 2
+  c.log_every_steps = 1
+  c.checkpoint.every_steps = 1000
+  for k, v in kw.items():
+    node = c
+    *parents, leaf = k.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = v
+  return c
+
+
+def losses(workdir):
+  from bge_jax.train.metrics import read_metrics
+  return {r["step"]: r["loss"] for r in read_metrics(str(workdir))}
+
+
+def test_loss_falls_and_exports(corpus_and_tokenizer, tmp_path):
+  from bge_jax import convert
+  from bge_jax.train.loop import train
+
+  corpus, tok = corpus_and_tokenizer
+  workdir = tmp_path / "run"
+  train(tiny_retromae(corpus, tok, 40, **{"optimizer.lr": 5e-3}), str(workdir))
+  curve = losses(workdir)
+  first, last = np.mean([curve[s] for s in range(1, 6)]), np.mean([curve[s] for s in range(36, 41)])
+  assert last < 0.8 * first, (first, last)
+
+  rows = [json.loads(x) for x in open(workdir / "metrics.jsonl")]
+  for key in ("loss", "encoder_loss", "decoder_loss", "encoder_accuracy", "lr", "grad_norm",
+              "tokens_per_sec"):
+    assert key in rows[-1]
+  assert os.listdir(workdir / "tb"), "TensorBoard event files are written"
+
+  export = workdir / "export" / "hf"
+  config, params = convert.load_hf(str(export))
+  assert config.hf_family == "bert_mlm" and config.add_mlm_head
+  full_config, full = convert.load_hf(str(export / convert.RETROMAE_STATE_FILE))
+  assert full_config.hf_family == "retromae" and "decoder" in full
+  from transformers import AutoTokenizer
+  assert (AutoTokenizer.from_pretrained(str(export)).get_vocab()
+          == AutoTokenizer.from_pretrained(str(tok)).get_vocab())
+
+
+def test_resume_matches_uninterrupted(corpus_and_tokenizer, tmp_path):
+  """Save at step 3, lose everything after it, rerun: steps 4-6 equal the uninterrupted run."""
+  from bge_jax.train.loop import train
+
+  corpus, tok = corpus_and_tokenizer
+  straight = tmp_path / "straight"
+  train(tiny_retromae(corpus, tok, 6, export=False), str(straight))
+
+  resumed = tmp_path / "resumed"
+  train(tiny_retromae(corpus, tok, 6, export=False, **{"checkpoint.every_steps": 3,
+                                                        "checkpoint.keep": 5}), str(resumed))
+  shutil.rmtree(resumed / "checkpoints" / "6")  # as if killed after the step-3 save
+  rows = [r for r in (resumed / "metrics.jsonl").read_text().splitlines() if json.loads(r)["step"] <= 3]
+  (resumed / "metrics.jsonl").write_text("\n".join(rows) + "\n")
+  train(tiny_retromae(corpus, tok, 6, export=False, **{"checkpoint.every_steps": 3,
+                                                        "checkpoint.keep": 5}), str(resumed))
+  a, b = losses(straight), losses(resumed)
+  assert sorted(b) == [1, 2, 3, 4, 5, 6]
+  np.testing.assert_allclose([b[s] for s in range(1, 7)], [a[s] for s in range(1, 7)], rtol=1e-6)
+
+
+def test_grad_accumulation_matches_full_batch(corpus_and_tokenizer, tmp_path):
+  """Without dropout, 2 micro-batches give the same first update as the whole batch."""
+  from bge_jax.train.loop import train
+
+  corpus, tok = corpus_and_tokenizer
+  one = tmp_path / "one"
+  two = tmp_path / "two"
+  common = dict(export=False, dropout=False, batch_size=16)
+  train(tiny_retromae(corpus, tok, 2, **common), str(one))
+  train(tiny_retromae(corpus, tok, 2, grad_accum_steps=2, **common), str(two))
+  a, b = losses(one), losses(two)
+  # Step 1's reported loss is the micro-batch mean; per-micro token counts differ, so compare
+  # the update through step 2's loss, which depends on step 1's gradient.
+  np.testing.assert_allclose(b[2], a[2], rtol=2e-2)
+
+
+def test_cli_errors_name_the_key(corpus_and_tokenizer, tmp_path):
+  corpus, tok = corpus_and_tokenizer
+  base = [sys.executable, str(REPO / "launch" / "train.py"),
+          f"--config={REPO / 'configs' / 'retromae.py'}:tiny", f"--workdir={tmp_path / 'w'}",
+          f"--config.tokenizer={tok}", f"--config.data.train={corpus}"]
+  env = dict(os.environ, XLA_FLAGS="--xla_cpu_multi_thread_eigen=false")
+  bad_key = subprocess.run(base + ["--config.optimizer.lrr=1"], capture_output=True, text=True,
+                           env=env, timeout=300)
+  assert bad_key.returncode != 0
+  assert "lrr" in bad_key.stderr and "lr" in bad_key.stderr
+  bad_len = subprocess.run(base + ["--config.data.max_length=4096"], capture_output=True,
+                           text=True, env=env, timeout=300)
+  assert bad_len.returncode == 2
+  assert "config.data.max_length" in bad_len.stderr and "Traceback" not in bad_len.stderr
