@@ -130,3 +130,49 @@ def test_cli_errors_name_the_key(corpus_and_tokenizer, tmp_path):
                            text=True, env=env, timeout=300)
   assert bad_len.returncode == 2
   assert "config.data.max_length" in bad_len.stderr and "Traceback" not in bad_len.stderr
+
+
+def test_overlong_texts_error_names_the_line_or_are_skipped(corpus_and_tokenizer, tmp_path):
+  from bge_jax.train.loop import train
+
+  _, tok = corpus_and_tokenizer
+  corpus = tmp_path / "mixed.jsonl"
+  rows = [{"text": "alpha beta gamma."}] * 20
+  rows[6] = {"text": " ".join(["river"] * 100)}
+  corpus.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+  with pytest.raises(ValueError, match=r"mixed\.jsonl:7: .*102 tokens.*max_length=48"):
+    train(tiny_retromae(corpus, tok, 1, **{"data.overlong": "error"}), str(tmp_path / "a"))
+  assert not (tmp_path / "a" / "checkpoints").exists() or not os.listdir(tmp_path / "a" / "checkpoints")
+  train(tiny_retromae(corpus, tok, 1, export=False, **{"data.overlong": "skip"}), str(tmp_path / "b"))
+  info = json.loads((tmp_path / "b" / "run_info.json").read_text())
+  assert "19 texts" in info["data"] and "1 overlong texts skipped" in info["data"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["minilm", "retromae_state"])
+def test_init_from_pretrained_keeps_weights(source, corpus_and_tokenizer, tmp_path, request):
+  """lr=0 for one step: the export must hold the source's tensors bit-exactly, plus new parts."""
+  from bge_jax import convert
+  from bge_jax.train.loop import train
+  from conftest import make_hf_folder
+
+  corpus, tok = corpus_and_tokenizer
+  if source == "minilm":
+    init, tokenizer = request.getfixturevalue("minilm_path"), ""
+  else:
+    init, tokenizer = str(make_hf_folder(tmp_path, "retromae", seed=3)), str(tok)
+  c = tiny_retromae(corpus, tok, 1, **{"optimizer.lr": 0.0, "model.init_from": init})
+  c.tokenizer = tokenizer
+  c.model.max_position_embeddings = None
+  c.data.max_length = 32  # the random RetroMAE source has 40 positions
+  train(c, str(tmp_path / "run"))
+  src = convert.to_hf_state_dict(*reversed(convert.load_hf(init)))
+  out_config, out = convert.load_hf(str(tmp_path / "run" / "export" / "hf" / convert.RETROMAE_STATE_FILE))
+  exported = convert.to_hf_state_dict(out, out_config)
+  prefix = "" if source == "retromae_state" else "lm.bert."
+  compared = 0
+  for key, value in src.items():
+    np.testing.assert_array_equal(exported[prefix + key], value, err_msg=key)
+    compared += 1
+  assert compared == len(src)
+  assert any(k.startswith("c_head.") for k in exported) and "lm.cls.predictions.bias" in exported
