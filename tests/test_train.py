@@ -176,3 +176,34 @@ def test_init_from_pretrained_keeps_weights(source, corpus_and_tokenizer, tmp_pa
     compared += 1
   assert compared == len(src)
   assert any(k.startswith("c_head.") for k in exported) and "lm.cls.predictions.bias" in exported
+
+
+@pytest.mark.slow
+def test_launch_resumes_a_killed_run(corpus_and_tokenizer, tmp_path):
+  """SIGKILL launch/train.py after its first checkpoint; the same command resumes and finishes."""
+  import signal
+  import time
+
+  corpus, tok = corpus_and_tokenizer
+  workdir = tmp_path / "w"
+  cmd = [sys.executable, str(REPO / "launch" / "train.py"),
+         f"--config={REPO / 'configs' / 'retromae.py'}:tiny", f"--workdir={workdir}",
+         f"--config.tokenizer={tok}", f"--config.data.train={corpus}",
+         "--config.data.max_length=32", "--config.model.max_position_embeddings=64",
+         "--config.num_train_steps=400", "--config.checkpoint.every_steps=20",
+         "--config.log_every_steps=20", "--config.export=False"]
+  env = dict(os.environ, XLA_FLAGS="--xla_cpu_multi_thread_eigen=false")
+  proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  ckpts = workdir / "checkpoints"
+  deadline = time.time() + 300
+  while time.time() < deadline and not (ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir())):
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  saved = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
+  assert saved and saved[-1] < 400, saved
+  done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-2000:]
+  steps = [json.loads(r)["step"] for r in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert steps[-1] == 400
+  assert f"resumed from" in done.stderr and f"at step {saved[-1]}" in done.stderr
