@@ -26,6 +26,10 @@ def main(argv):
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
   import jax
 
+  # Persistent XLA cache: a re-run (e.g. a resume) skips most of the compile time.
+  jax.config.update("jax_compilation_cache_dir", os.environ.get(
+      "BGE_JAX_COMPILATION_CACHE", os.path.expanduser("~/.cache/bge-jax/xla")))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   if _COORDINATOR.value:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"):

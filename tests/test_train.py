@@ -207,3 +207,22 @@ def test_launch_resumes_a_killed_run(corpus_and_tokenizer, tmp_path):
   steps = [json.loads(r)["step"] for r in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert steps[-1] == 400
   assert f"resumed from" in done.stderr and f"at step {saved[-1]}" in done.stderr
+
+
+@pytest.mark.slow
+def test_bge_small_shaped_step_runs(corpus_and_tokenizer, tmp_path, minilm_path):
+  """Two stage-1 steps at bge-small-en shapes (12 x 384, vocab 30522) with per-layer remat."""
+  from bge_jax.train.loop import train
+
+  corpus, _ = corpus_and_tokenizer
+  c = tiny_retromae(corpus, minilm_path, 2, export=False,
+                    **{"model.remat_policy": "full"})
+  c.model.preset = "bge-small-en"
+  c.model.max_position_embeddings = None
+  c.data.max_length = 64
+  train(c, str(tmp_path / "small"))
+  info = json.loads((tmp_path / "small" / "run_info.json").read_text())
+  assert info["model"]["num_layers"] == 12 and info["model"]["hidden_size"] == 384
+  assert info["num_params"] > 33_000_000
+  curve = losses(tmp_path / "small")
+  assert sorted(curve) == [1, 2] and all(np.isfinite(v) for v in curve.values())
