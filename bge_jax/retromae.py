@@ -146,17 +146,21 @@ class TextBatcher:
 class RetroMAEStage:
   name = "retromae"
 
-  def model_config(self, base: BertConfig) -> BertConfig:
+  def model_config(self, base: BertConfig, config) -> BertConfig:
     return base.replace(add_mlm_head=True, add_decoder=True, hf_family="retromae")
 
-  def loss(self, params, model_config, batch, rng):
-    return loss(params, model_config, batch, rng)
+  def loss_fn(self, config, model_config):
+    return lambda params, batch, rng: loss(params, model_config, batch, rng)
 
   def batcher(self, config, tokenizer, model_config, process_index, process_count):
     from bge_jax.data.masking import RetroMAECollator
     from bge_jax.data.sources import open_text_source
 
     d = config.data
+    if d.max_length > model_config.max_position_embeddings:
+      raise ValueError(
+          f"config.data.max_length={d.max_length} exceeds the model's max_position_embeddings="
+          f"{model_config.max_position_embeddings}; lower config.data.max_length.")
     specs = [s for s in d.train.split(",") if s.strip()]
     if not specs:
       raise ValueError("config.data.train is empty: give JSONL/txt files, folders, globs or "
@@ -170,7 +174,7 @@ class RetroMAEStage:
                        seed=config.seed, max_length=d.max_length, mode=d.mode,
                        process_index=process_index, overlong=d.overlong)
 
-  def export(self, params, model_config, tokenizer, out_dir):
+  def export(self, params, model_config, tokenizer, out_dir, config):
     """The encoder + MLM head as an HF folder (stage 2's input) and the full RetroMAE state."""
     import os
 

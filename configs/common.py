@@ -59,3 +59,42 @@ def base_config() -> ConfigDict:
   c.log_every_steps = 10
   c.export = True
   return c
+
+
+LR_BY_SIZE = {"tiny": 1e-3, "small": 3e-5, "base": 2e-5, "large": 1e-5}
+
+
+def contrastive_config(stage: str, arg: str) -> ConfigDict:
+  """Shared defaults of stages 2 and 3 (FlagEmbedding's fine-tuning defaults)."""
+  c = base_config()
+  c.stage = stage
+  c.model.preset = arg or "bge-small-en"
+  size = next((s for s in LR_BY_SIZE if s in c.model.preset), "base")
+  c.optimizer.lr = LR_BY_SIZE[size]
+  c.optimizer.weight_decay = 0.01
+  c.batch_size = 32
+
+  c.data = ConfigDict()
+  c.data.train = ""  # comma-separated files/folders/globs; each one is a dataset
+  c.data.kind = "auto"  # auto | flag (query/pos/neg JSONL) | pairs (JSONL or TSV)
+  c.data.on_error = "raise"  # raise | skip (bad rows counted and reported)
+  c.data.group_size = 8
+  c.data.query_max_length = 32
+  c.data.passage_max_length = 128
+  c.data.query_instruction = ""
+  c.data.passage_instruction = ""
+  c.data.no_in_batch_datasets = ""  # datasets (as given in data.train) scored within their group
+  c.data.use_teacher_scores = False  # distil from pos_scores / neg_scores when present
+  c.data.prefetch = 2
+
+  c.loss = ConfigDict()
+  c.loss.temperature = 0.02
+  c.loss.pooling = "cls"
+  c.loss.normalize = True
+  c.loss.in_batch_negatives = True
+  c.loss.gradcache_chunk = 0  # > 0: GradCache chunk size (rows); must divide the batch
+
+  if c.model.preset == "tiny":
+    c.batch_size = 16
+    c.log_every_steps = 5
+  return c

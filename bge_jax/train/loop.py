@@ -108,6 +108,10 @@ def merge_loaded(fresh: Any, loaded: dict | None, shardings: Any) -> tuple[Any, 
     return jax.make_array_from_callback(leaf.shape, sh, lambda idx: host[idx])
 
   merged = jax.tree_util.tree_map_with_path(pick, fresh, shardings)
+  used = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(fresh)[0]}
+  dropped = sorted({k.split("]")[0] + "]" for k in flat_loaded if k not in used})
+  if dropped:
+    log.info("init_from: parts this stage does not train, not loaded: %s", dropped)
   return merged, sorted(new_parts)
 
 
@@ -184,12 +188,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   # --- Model ----------------------------------------------------------------------------------
   tokenizer = load_tokenizer(config)
   base_config, loaded, origin = model_config_and_weights(config, tokenizer)
-  model_config = stage.model_config(base_config)
-  max_len = config.data.max_length
-  if max_len > model_config.max_position_embeddings:
-    raise ConfigError(
-        f"config.data.max_length={max_len} exceeds the model's max_position_embeddings="
-        f"{model_config.max_position_embeddings}; lower config.data.max_length.")
+  model_config = stage.model_config(base_config, config)
 
   # --- Data -----------------------------------------------------------------------------------
   batcher = stage.batcher(config, tokenizer, model_config, jax.process_index(), jax.process_count())
@@ -224,8 +223,10 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   start_step = int(jax.device_get(state.step))
 
   # --- The step ---------------------------------------------------------------------------------
+  stage_loss = stage.loss_fn(config, model_config)
+
   def loss_fn(params, batch, rng):
-    return stage.loss(params, model_config, batch, rng if config.dropout else None)
+    return stage_loss(params, batch, rng if config.dropout else None)
 
   step_fn = state_lib.make_train_step(loss_fn, tx, schedule, config.grad_accum_steps)
   probe = batcher(start_step)
@@ -290,7 +291,8 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   if config.export:
     params = _gather(state.params)
     if is_main:
-      for path in stage.export(params, model_config, tokenizer, os.path.join(workdir, "export")):
+      for path in stage.export(params, model_config, tokenizer, os.path.join(workdir, "export"),
+                               config):
         log.info("exported %s", path)
   return last
 

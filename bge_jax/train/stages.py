@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib
-from typing import Any, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 import jax
 import numpy as np
@@ -26,20 +26,26 @@ class Batcher(Protocol):
 class Stage(Protocol):
   name: str
 
-  def model_config(self, base: BertConfig) -> BertConfig:
+  def model_config(self, base: BertConfig, config: Any) -> BertConfig:
     """The model parts the stage trains (e.g. RetroMAE adds the MLM head and decoder)."""
 
-  def loss(self, params: Any, model_config: BertConfig, batch: Mapping[str, jax.Array],
-           rng: jax.Array | None) -> dict[str, jax.Array]: ...
+  def loss_fn(self, config: Any, model_config: BertConfig) -> Callable[
+      [Any, Mapping[str, jax.Array], jax.Array | None], dict[str, jax.Array]]:
+    """`(params, batch, rng) -> metrics` with a scalar "loss"; rng=None means no dropout."""
 
   def batcher(self, config: Any, tokenizer: Any, model_config: BertConfig,
               process_index: int, process_count: int) -> Batcher: ...
 
-  def export(self, params: Any, model_config: BertConfig, tokenizer: Any, out_dir: str) -> list[str]:
+  def export(self, params: Any, model_config: BertConfig, tokenizer: Any, out_dir: str,
+             config: Any) -> list[str]:
     """Writes the stage's artefacts under out_dir; returns their paths."""
 
 
-_REGISTRY = {"retromae": "bge_jax.retromae:STAGE"}
+_REGISTRY = {
+    "retromae": "bge_jax.retromae:STAGE",
+    "contrastive": "bge_jax.contrastive:CONTRASTIVE",
+    "finetune": "bge_jax.contrastive:FINETUNE",
+}
 
 
 def get_stage(name: str) -> Stage:

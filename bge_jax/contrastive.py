@@ -1,0 +1,191 @@
+"""Stages 2-3, contrastive fine-tuning: the InfoNCE loss (public API), GradCache, trainer wiring.
+
+In-batch negatives are taken over the **global** batch: under `jit` with the batch sharded over
+the data axis, `q @ p.T` is one sharded matmul (XLA gathers the passages), so every query scores
+every passage of every device and the gradient flows through all of them — FlagEmbedding's
+cross-device negatives, minus its no-grad restriction on remote shards.
+
+GradCache (`chunk_size > 0`): embeddings are computed by `lax.map` over chunks of the batch under
+`jax.checkpoint`; autodiff then recomputes one chunk at a time in the backward pass, so peak
+activation memory is one chunk's, whatever the batch size, and the gradient is exact.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from bge_jax.config import BertConfig
+from bge_jax.models.bert import embed_sentences
+
+log = logging.getLogger(__name__)
+
+BATCH_KEYS = ("query_input_ids", "query_attention_mask", "passage_input_ids",
+              "passage_attention_mask")
+
+
+def split_strided(x: jax.Array, parts: int) -> jax.Array:
+  """[N, ...] -> [parts, N // parts, ...] with part i = rows i, i + parts, i + 2 parts, ...
+
+  For a batch sharded in contiguous blocks over devices, every device's block holds rows of
+  every part, so iterating over parts moves no data between devices.
+  """
+  return jnp.swapaxes(x.reshape((x.shape[0] // parts, parts) + x.shape[1:]), 0, 1)
+
+
+def merge_strided(x: jax.Array) -> jax.Array:
+  """Inverse of `split_strided`: [parts, M, ...] -> [parts * M, ...]."""
+  return jnp.swapaxes(x, 0, 1).reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
+
+
+def embed(params: Any, config: BertConfig, input_ids: jax.Array, attention_mask: jax.Array, *,
+          pooling: str, normalize: bool, rng: jax.Array | None = None,
+          chunk_size: int = 0) -> jax.Array:
+  """Sentence embeddings [N, D] in float32; chunked with rematerialisation when chunk_size > 0."""
+  def one(ids, mask, key):
+    return embed_sentences(params, config, ids, mask, pooling=pooling, normalize=normalize, rng=key)
+
+  n = input_ids.shape[0]
+  if not chunk_size or chunk_size >= n:
+    return one(input_ids, attention_mask, rng)
+  if n % chunk_size:
+    raise ValueError(f"GradCache: {n} rows are not divisible by loss.gradcache_chunk={chunk_size}; "
+                     "choose a chunk size that divides the per-step query and passage counts.")
+  parts = n // chunk_size
+  ids, mask = split_strided(input_ids, parts), split_strided(attention_mask, parts)
+  body = jax.checkpoint(one if rng is not None else (lambda i, m, _: one(i, m, None)))
+  keys = (jax.random.split(rng, parts) if rng is not None else jnp.zeros((parts,), jnp.uint32))
+  reps = jax.lax.map(lambda args: body(*args), (ids, mask, keys))
+  return merge_strided(reps)
+
+
+def info_nce(q: jax.Array, p: jax.Array, *, temperature: float, group_size: int,
+             in_batch_negatives: bool | jax.Array = True,
+             teacher_scores: jax.Array | None = None) -> dict[str, jax.Array]:
+  """The loss on embeddings: q [B, D], p [B*G, D] laid out [pos, neg_1..neg_{G-1}] per query.
+
+  With in-batch negatives query i scores all B*G passages (target i*G); without, only its own
+  group (target 0). With teacher scores [B, G] the loss is the cross-entropy of the student's
+  group distribution against softmax(teacher) (the KL up to a constant). `in_batch_negatives`
+  may be a traced boolean (a per-batch flag from the data): both forms are computed and the
+  flag selects, which costs one extra [B, G] score block.
+  """
+  b = q.shape[0]
+  if p.shape[0] != b * group_size:
+    raise ValueError(f"{p.shape[0]} passages for {b} queries x group_size={group_size}; the "
+                     "passage batch must be [queries * group_size, L].")
+  hp = jax.lax.Precision.HIGHEST
+  all_scores = jnp.einsum("qd,pd->qp", q, p, precision=hp) / temperature          # [B, B*G]
+  group_scores = jnp.einsum("qd,qgd->qg", q, p.reshape(b, group_size, -1), precision=hp) / temperature
+  targets = jnp.arange(b) * group_size
+  ce_in_batch = optax.softmax_cross_entropy_with_integer_labels(all_scores, targets)
+  ce_group = optax.softmax_cross_entropy_with_integer_labels(group_scores, jnp.zeros(b, jnp.int32))
+  acc_in_batch = all_scores.argmax(-1) == targets
+  acc_group = group_scores.argmax(-1) == 0
+  flag = jnp.asarray(in_batch_negatives, bool)
+  ce = jnp.where(flag, ce_in_batch, ce_group)
+  out = {"accuracy": jnp.where(flag, acc_in_batch, acc_group).mean(),
+         "positive_score": group_scores[:, 0].mean() * temperature,
+         "negative_score": (group_scores[:, 1:].mean() * temperature if group_size > 1
+                            else jnp.zeros(())),
+         "contrastive_loss": ce.mean()}
+  if teacher_scores is not None:
+    targets_soft = jax.nn.softmax(jnp.asarray(teacher_scores, jnp.float32), axis=-1)
+    distill = -(targets_soft * jax.nn.log_softmax(group_scores, axis=-1)).sum(-1)
+    out["distill_loss"] = distill.mean()
+    out["loss"] = out["distill_loss"]
+  else:
+    out["loss"] = out["contrastive_loss"]
+  return out
+
+
+def loss(params: Any, config: BertConfig, batch: Mapping[str, Any], *, temperature: float,
+         group_size: int, pooling: str = "cls", normalize: bool = True,
+         in_batch_negatives: bool | jax.Array = True, rng: jax.Array | None = None,
+         chunk_size: int = 0, use_teacher_scores: bool = True) -> dict[str, jax.Array]:
+  """Contrastive loss of queries against their groups of passages (and the whole batch's).
+
+  batch: query_input_ids, query_attention_mask [B, Lq]; passage_input_ids,
+  passage_attention_mask [B*G, Lp]; optional teacher_scores [B, G] (distillation) and
+  in_batch_negatives (a scalar flag that overrides the argument). Embeddings are pooled
+  (`cls` | `mean`) and L2-normalised; without normalisation the temperature is 1 (as
+  FlagEmbedding). rng=None: no dropout. chunk_size > 0: GradCache (see module docstring).
+  """
+  missing = [k for k in BATCH_KEYS if k not in batch]
+  if missing:
+    raise KeyError(f"contrastive batch is missing {missing}; expected keys {list(BATCH_KEYS)}")
+  if not normalize and temperature != 1.0:
+    log.warning("normalize=False: using temperature 1.0 instead of %s (unnormalised dot "
+                "products are not scaled, as in FlagEmbedding)", temperature)
+    temperature = 1.0
+  q_rng, p_rng = (None, None) if rng is None else tuple(jax.random.split(rng))
+  kw = dict(pooling=pooling, normalize=normalize, chunk_size=chunk_size)
+  q = embed(params, config, batch["query_input_ids"], batch["query_attention_mask"], rng=q_rng, **kw)
+  p = embed(params, config, batch["passage_input_ids"], batch["passage_attention_mask"],
+            rng=p_rng, **kw)
+  flag = batch.get("in_batch_negatives", in_batch_negatives)
+  teacher = batch.get("teacher_scores") if use_teacher_scores else None
+  return info_nce(q, p, temperature=temperature, group_size=group_size, in_batch_negatives=flag,
+                  teacher_scores=teacher)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage wiring for the trainer (stage 2 "contrastive" and stage 3 "finetune" share it).
+# ---------------------------------------------------------------------------------------------
+
+class ContrastiveStage:
+  """Stage 2 (unlabeled pairs, in-batch negatives) and stage 3 (hard negatives, instructions)."""
+
+  def __init__(self, name: str):
+    self.name = name
+
+  def model_config(self, base: BertConfig, config) -> BertConfig:
+    return base.replace(add_mlm_head=False, add_decoder=False, hf_family="bert",
+                        pooling=config.loss.pooling, normalize=config.loss.normalize)
+
+  def loss_fn(self, config, model_config):
+    l, d = config.loss, config.data
+    kw = dict(temperature=l.temperature, group_size=d.group_size, pooling=l.pooling,
+              normalize=l.normalize, in_batch_negatives=l.in_batch_negatives,
+              chunk_size=l.gradcache_chunk, use_teacher_scores=d.use_teacher_scores)
+    return lambda params, batch, rng: loss(params, model_config, batch, rng=rng, **kw)
+
+  def batcher(self, config, tokenizer, model_config, process_index, process_count):
+    from bge_jax.data.pairs import ContrastiveBatcher, open_contrastive_data
+
+    d = config.data
+    specs = [s.strip() for s in d.train.split(",") if s.strip()]
+    if not specs:
+      raise ValueError("config.data.train is empty: give FlagEmbedding JSONL files (query, pos, "
+                       "neg), pair JSONL/TSV files, folders or globs, comma-separated; each "
+                       "spec is one dataset (a batch is drawn from one dataset).")
+    for key in ("query_max_length", "passage_max_length"):
+      if d[key] > model_config.max_position_embeddings:
+        raise ValueError(f"config.data.{key}={d[key]} exceeds the model's "
+                         f"max_position_embeddings={model_config.max_position_embeddings}.")
+    datasets = [(spec, open_contrastive_data(spec, kind=d.kind, on_error=d.on_error))
+                for spec in specs]
+    no_in_batch = [s.strip() for s in d.no_in_batch_datasets.split(",") if s.strip()]
+    return ContrastiveBatcher(
+        datasets, tokenizer, batch_size=config.batch_size // process_count,
+        group_size=d.group_size, query_max_length=d.query_max_length,
+        passage_max_length=d.passage_max_length, query_instruction=d.query_instruction or None,
+        passage_instruction=d.passage_instruction or None, seed=config.seed,
+        process_index=process_index, process_count=process_count,
+        no_in_batch_datasets=tuple(no_in_batch), use_teacher_scores=d.use_teacher_scores)
+
+  def export(self, params, model_config, tokenizer, out_dir, config):
+    """An HF BertModel + sentence-transformers folder (the loss's pooling, Normalize)."""
+    import os
+
+    from bge_jax import convert
+    return [convert.save_hf(params, model_config, os.path.join(out_dir, "hf"), tokenizer=tokenizer,
+                            overwrite=True, max_seq_length=config.data.passage_max_length)]
+
+
+CONTRASTIVE = ContrastiveStage("contrastive")
+FINETUNE = ContrastiveStage("finetune")

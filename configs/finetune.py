@@ -1,0 +1,25 @@
+"""Stage 3, fine-tuning on labeled data with hard negatives and query instructions.
+
+`--config configs/finetune.py:<preset>`. FlagEmbedding defaults: group size 8 (1 positive + 7
+hard negatives, drawn again each epoch, repeated when a row has too few), temperature 0.02,
+query instruction (en: "Represent this sentence for searching relevant passages: ", zh: see
+`bge_jax.data.pairs.INSTRUCTIONS`; a row's "prompt" wins), query 32 / passage 128 tokens,
+lr by model size. Mine hard negatives first with `launch/mine.py`.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import contrastive_config  # noqa: E402
+
+
+def get_config(arg: str = "bge-small-en"):
+  c = contrastive_config("finetune", arg)
+  c.data.group_size = 8
+  c.data.query_instruction = ("为这个句子生成表示以用于检索相关文章："
+                              if arg.endswith("-zh") else
+                              "Represent this sentence for searching relevant passages: ")
+  c.num_epochs = 5.0
+  return c
