@@ -1,0 +1,792 @@
+"""Contrastive fine-tuning data (stages 2 and 3): query/passage rows and their batches.
+
+This module owns reading and validating contrastive data (`open_contrastive_data` -> `PairSource`)
+and turning one or several such datasets into fixed-shape, process-local batches for a step
+(`ContrastiveBatcher`), the host-side half of `contrastive.loss`.
+
+Inputs (`open_contrastive_data(spec, kind=...)`; a spec is a file, a folder (every *.jsonl, *.json
+and *.tsv below it, optionally .gz, recursively, sorted; hidden names ignored) or a glob (matches
+sorted), or a list of those, concatenated):
+
+  kind="fe"     FlagEmbedding fine-tuning JSONL, one object per line:
+                  {"query": str, "pos": [str, ...], "neg": [str, ...], "pos_scores": [float, ...],
+                   "neg_scores": [float, ...], "prompt": str, "type": str}
+                `pos` must be non-empty; `neg` may be empty or missing (negatives are then drawn
+                from other rows' positives, see `ContrastiveBatcher`); the score lists are optional
+                and must match `pos`/`neg` in length. A bare string for `pos`/`neg` counts as a list
+                of one. A null optional field counts as missing.
+  kind="pairs"  Pair data (stage 2): JSONL whose rows hold one of the field pairs
+                `DEFAULT_PAIR_FIELDS` (tried in order: query/pos, title/passage, text/text_pos,
+                sentence1/sentence2; the passage may be a string or a list of strings), or a TSV
+                file of two columns, query<TAB>passage. A TSV header row is recognised when its
+                cells hold one of the pairs of `TSV_HEADERS` (e.g. "query\tpassage",
+                "sentence1\tsentence2"); the header may have more columns, the named two are read
+                (then every row must have the header's column count). Each pair becomes a row with
+                pos=[passage], neg=[].
+  kind="auto"   per file: *.tsv is pairs; a JSONL file is "fe" when its first JSON object has a
+                "pos" key, else "pairs".
+
+Every row is validated up front and kept in memory (every process holds every row, so that all
+processes agree on each step's global selection). A bad row (invalid JSON or UTF-8, not an object,
+a missing or empty query, a missing or empty `pos`, a non-string or empty text, scores that are not
+numbers or do not match `pos`/`neg` in length, a non-string prompt/type, a TSV line with the wrong
+number of columns, a pair row without any known field pair) raises a `DataError` naming
+`file:line`, the problem and the fix, or with `on_error="skip"` is skipped whole and counted per
+reason in `source.skipped`. Blank lines are ignored.
+
+FlagEmbedding's file-name convention is kept: a dataset whose file stem or folder name ends with
+`no_in_batch_neg` does not use in-batch negatives (`PairSource.no_in_batch_neg`).
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import gzip
+import json
+import math
+import os
+import re
+import string
+from collections.abc import Sequence
+from typing import Any, Iterator, Mapping, NamedTuple, Union
+
+import numpy as np
+
+from bge_jax.data.sources import DataError
+
+Spec = Union[str, os.PathLike]
+
+INSTRUCTIONS = {
+    "zh": "为这个句子生成表示以用于检索相关文章：",
+    "en": "Represent this sentence for searching relevant passages: ",
+}
+KINDS = ("auto", "fe", "pairs")
+ON_ERROR = ("raise", "skip")
+FILE_SUFFIXES = (".jsonl", ".json", ".tsv")
+DEFAULT_PAIR_FIELDS: tuple[tuple[str, str], ...] = (
+    ("query", "pos"), ("title", "passage"), ("text", "text_pos"), ("sentence1", "sentence2"))
+TSV_HEADERS: tuple[tuple[str, str], ...] = (("query", "passage"),) + DEFAULT_PAIR_FIELDS
+# Row types whose batches score each query against its own group only (no in-batch negatives):
+# other rows of a classification/clustering batch often share the label, so their passages would
+# be false negatives. FlagEmbedding's own type names are included.
+NO_IN_BATCH_TYPES = ("classification", "clustering", "symmetric_class", "symmetric_clustering")
+# Row types whose passages get the query's instruction too (FlagEmbedding: symmetric tasks).
+SYMMETRIC_TYPES = ("symmetric_sts", "symmetric_clustering")
+NO_IN_BATCH_SUFFIX = "no_in_batch_neg"
+
+_SKIP_HINT = "set on_error='skip' to count and skip bad rows"
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_GLOB_CHARS = re.compile(r"[*?\[]")
+# Stream tags of the seeded generators (so the schedule, row order and groups are independent).
+_TAG_MIX, _TAG_ROWS, _TAG_GROUP = 0x6D6978, 0x726F77, 0x677270
+
+
+class PairRow(NamedTuple):
+  """One validated contrastive example."""
+
+  query: str
+  pos: tuple[str, ...]  # Non-empty.
+  neg: tuple[str, ...]  # May be empty.
+  pos_scores: tuple[float, ...] | None  # Aligned with `pos` when present.
+  neg_scores: tuple[float, ...] | None  # Aligned with `neg` when present.
+  prompt: str | None  # Per-row query instruction.
+  type: str | None
+
+
+class _BadRow(Exception):
+  """Internal: one row failed validation (reason key, human-readable problem)."""
+
+  def __init__(self, reason: str, problem: str):
+    super().__init__(problem)
+    self.reason, self.problem = reason, problem
+
+
+# ---------------------------------------------------------------------------------------------
+# PairSource
+# ---------------------------------------------------------------------------------------------
+
+class PairSource(Sequence):
+  """Validated contrastive rows in memory: `len(src)`, `src[i] -> PairRow`, `src.locate(i)`.
+
+  Attributes:
+    origins: the files read, in order.
+    kinds: the kind each file was read as ("fe" or "pairs"), aligned with `origins`.
+    skipped: reason -> number of rows skipped while opening (with `on_error="skip"`); reasons are
+      invalid_json, invalid_utf8, not_object, missing_field, not_string, empty_text, empty_pos,
+      bad_score, score_mismatch, wrong_columns.
+    no_in_batch_neg: the spec is named `*no_in_batch_neg` (FlagEmbedding's convention).
+  """
+
+  def __init__(self, rows: list[PairRow], files: np.ndarray, lines: np.ndarray, *,
+               origins: Sequence[str], kinds: Sequence[str],
+               skipped: Mapping[str, int] | None = None,
+               first_skipped: Mapping[str, str] | None = None, no_in_batch_neg: bool = False):
+    self.rows, self._files, self._lines = rows, files, lines
+    self.origins, self.kinds = tuple(origins), tuple(kinds)
+    self.skipped = dict(skipped or {})
+    self._first_skipped = dict(first_skipped or {})
+    self.no_in_batch_neg = no_in_batch_neg
+
+  def __len__(self) -> int:
+    return len(self.rows)
+
+  def __getitem__(self, i):
+    return self.rows[i]
+
+  def __iter__(self) -> Iterator[PairRow]:
+    return iter(self.rows)
+
+  def locate(self, i: int) -> str:
+    """Where row `i` comes from: `file:line`."""
+    i = int(i)
+    return f"{self.origins[int(self._files[i])]}:{int(self._lines[i])}"
+
+  def first_row_without(self, what: str) -> int | None:
+    """Index of the first row lacking `what`: "neg", "pos_scores" or "neg_scores" (None: none)."""
+    for i, r in enumerate(self.rows):
+      if not getattr(r, what):
+        return i
+    return None
+
+  def summary(self) -> str:
+    """One line: how many rows from where, and what was skipped."""
+    names = ", ".join(self.origins[:3]) + (f", +{len(self.origins) - 3} more"
+                                           if len(self.origins) > 3 else "")
+    kinds = "/".join(sorted(set(self.kinds)))
+    n = len(self.origins)
+    line = f"{len(self)} rows ({kinds}) from {n} file{'s' if n != 1 else ''} ({names})"
+    if self.skipped:
+      total = sum(self.skipped.values())
+      detail = ", ".join(f"{reason} {k} (first at {self._first_skipped.get(reason, '?')})"
+                         for reason, k in sorted(self.skipped.items()))
+      line += f"; skipped {total} bad row{'s' if total != 1 else ''}: {detail}"
+    return line
+
+  def __repr__(self) -> str:
+    return f"PairSource({self.summary()})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading files.
+# ---------------------------------------------------------------------------------------------
+
+def _json_type(value: Any) -> str:
+  if value is None:
+    return "null"
+  return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number",
+          float: "number"}.get(type(value), type(value).__name__)
+
+
+def _keys(row: dict) -> str:
+  keys = ", ".join(repr(k) for k in list(row)[:8]) + (", ..." if len(row) > 8 else "")
+  return f"the row has keys {keys}" if keys else "the row is an empty object"
+
+
+def _text(value: Any, what: str, check_surrogates: bool) -> str:
+  if not isinstance(value, str):
+    raise _BadRow("not_string", f"{what} is a JSON {_json_type(value)}, not a string")
+  if not value or value.isspace():
+    raise _BadRow("empty_text", f"{what} is empty or whitespace-only")
+  if check_surrogates and _SURROGATE.search(value):
+    raise _BadRow("invalid_utf8", f"{what} holds a lone surrogate (from a JSON \\u escape), which "
+                  "is not valid Unicode")
+  return value
+
+
+def _texts(row: dict, name: str, required: bool, check_surrogates: bool) -> tuple[str, ...]:
+  """A string or a list of strings at `row[name]` as a tuple (empty when absent and optional)."""
+  value = row.get(name)
+  if value is None:
+    if required:
+      raise _BadRow("missing_field", f"no field {name!r} ({_keys(row)}); each row needs "
+                    f"{{\"query\": \"...\", \"pos\": [\"...\"]}}")
+    return ()
+  if isinstance(value, str):
+    return (_text(value, f"field {name!r}", check_surrogates),)
+  if not isinstance(value, list):
+    raise _BadRow("not_string", f"field {name!r} is a JSON {_json_type(value)}, not a list of "
+                  "strings")
+  if required and not value:
+    raise _BadRow("empty_pos", f"field {name!r} is an empty list: a row needs at least one "
+                  "positive passage")
+  if not check_surrogates and all(type(v) is str and v and not v.isspace() for v in value):
+    return tuple(value)  # The common case, checked at once.
+  return tuple(_text(v, f"field {name!r}[{j}]", check_surrogates) for j, v in enumerate(value))
+
+
+def _scores(row: dict, name: str, texts: tuple[str, ...], of: str) -> tuple[float, ...] | None:
+  value = row.get(name)
+  if value is None:
+    return None
+  if not isinstance(value, list):
+    raise _BadRow("bad_score", f"field {name!r} is a JSON {_json_type(value)}, not a list of "
+                  "numbers")
+  for j, v in enumerate(value):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+      raise _BadRow("bad_score", f"field {name!r}[{j}] is {json.dumps(v)}, not a finite number")
+  if len(value) != len(texts):
+    raise _BadRow("score_mismatch", f"field {name!r} holds {len(value)} scores but {of!r} holds "
+                  f"{len(texts)} passages; give one score per passage")
+  return tuple(float(v) for v in value)
+
+
+def _optional_str(row: dict, name: str) -> str | None:
+  value = row.get(name)
+  if value is None or isinstance(value, str):
+    return value
+  raise _BadRow("not_string", f"field {name!r} is a JSON {_json_type(value)}, not a string")
+
+
+def _fe_row(row: Any, check_surrogates: bool) -> PairRow:
+  if not isinstance(row, dict):
+    raise _BadRow("not_object", f"a JSON {_json_type(row)} where an object like "
+                  "{\"query\": \"...\", \"pos\": [\"...\"], \"neg\": [\"...\"]} was expected")
+  if row.get("query") is None:
+    raise _BadRow("missing_field", f"no field 'query' ({_keys(row)})")
+  query = _text(row["query"], "field 'query'", check_surrogates)
+  pos = _texts(row, "pos", True, check_surrogates)
+  neg = _texts(row, "neg", False, check_surrogates)
+  return PairRow(query, pos, neg, _scores(row, "pos_scores", pos, "pos"),
+                 _scores(row, "neg_scores", neg, "neg"), _optional_str(row, "prompt"),
+                 _optional_str(row, "type"))
+
+
+def _pair_row(row: Any, pair_fields: Sequence[tuple[str, str]],
+              check_surrogates: bool) -> PairRow:
+  if not isinstance(row, dict):
+    a, b = pair_fields[0]
+    raise _BadRow("not_object", f"a JSON {_json_type(row)} where an object like "
+                  f"{{\"{a}\": \"...\", \"{b}\": \"...\"}} was expected")
+  for a, b in pair_fields:
+    if row.get(a) is not None and row.get(b) is not None:
+      query = _text(row[a], f"field {a!r}", check_surrogates)
+      return PairRow(query, _texts(row, b, True, check_surrogates), (), None, None,
+                     _optional_str(row, "prompt"), _optional_str(row, "type"))
+  pairs = ", ".join(f"{a}/{b}" for a, b in pair_fields)
+  raise _BadRow("missing_field", f"none of the field pairs {pairs} ({_keys(row)}); set "
+                "pair_fields to the keys holding the query and the passage")
+
+
+class _Reader:
+  """Reads and validates files of one spec, collecting skip counts."""
+
+  def __init__(self, kind: str, on_error: str, pair_fields: Sequence[tuple[str, str]]):
+    self.kind, self.on_error, self.pair_fields = kind, on_error, tuple(pair_fields)
+    self.skipped: collections.Counter[str] = collections.Counter()
+    self.first_skipped: dict[str, str] = {}
+    self.rows: list[PairRow] = []
+    self.files: list[int] = []
+    self.lines: list[int] = []
+
+  def _bad(self, path: str, lineno: int, bad: _BadRow) -> None:
+    if self.on_error == "raise":
+      raise DataError(f"{path}:{lineno}: {bad.problem}. Fix the row, or {_SKIP_HINT}.")
+    self.skipped[bad.reason] += 1
+    self.first_skipped.setdefault(bad.reason, f"{path}:{lineno}")
+
+  def _keep(self, row: PairRow, file_index: int, lineno: int) -> None:
+    self.rows.append(row)
+    self.files.append(file_index)
+    self.lines.append(lineno)
+
+  @staticmethod
+  def _lines(f) -> Iterator[tuple[int, bytes]]:
+    """(line number, raw line without the line break) for the non-blank lines."""
+    for lineno, raw in enumerate(f, 1):
+      if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+      raw = raw.rstrip(b"\r\n")
+      if raw and not raw.isspace():
+        yield lineno, raw
+
+  @staticmethod
+  def _decode(raw: bytes) -> str:
+    try:
+      return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+      raise _BadRow("invalid_utf8", f"byte 0x{raw[e.start]:02x} (byte {e.start} of the line) is "
+                    "not UTF-8; re-encode the file as UTF-8 (e.g. iconv -f LATIN1 -t UTF-8)"
+                    ) from None
+
+  def read(self, path: str, file_index: int) -> str:
+    """Reads one file; returns the kind it was read as."""
+    base = path[:-3] if path.endswith(".gz") else path
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+      with opener(path, "rb") as f:
+        if base.endswith(".tsv"):
+          if self.kind == "fe":
+            raise DataError(f"{path}: kind='fe' reads FlagEmbedding JSONL; a TSV file holds "
+                            "query<TAB>passage pairs: use kind='pairs' or 'auto'")
+          self._read_tsv(path, file_index, f)
+          return "pairs"
+        return self._read_jsonl(path, file_index, f)
+    except OSError as e:
+      raise DataError(f"cannot read {path}: {e}") from None
+
+  def _read_jsonl(self, path: str, file_index: int, f) -> str:
+    kind = None if self.kind == "auto" else self.kind
+    for lineno, raw in self._lines(f):
+      try:
+        line = self._decode(raw)
+        escapes = b"\\u" in raw
+        if lineno == 1 and line.lstrip().startswith("["):
+          raise DataError(f"{path}:1: the file looks like one JSON array; write one JSON object "
+                          "per line (JSONL)")
+        try:
+          row = json.loads(line)
+        except json.JSONDecodeError as e:
+          raise _BadRow("invalid_json", f"invalid JSON ({e.msg} at column {e.colno}); each line "
+                        "must be one object like {\"query\": \"...\", \"pos\": [\"...\"]}"
+                        ) from None
+        if kind is None and isinstance(row, dict):
+          kind = "fe" if "pos" in row else "pairs"
+        if kind == "pairs":
+          self._keep(_pair_row(row, self.pair_fields, escapes), file_index, lineno)
+        else:
+          self._keep(_fe_row(row, escapes), file_index, lineno)
+      except _BadRow as e:
+        self._bad(path, lineno, e)
+    return kind or "fe"
+
+  def _read_tsv(self, path: str, file_index: int, f) -> None:
+    columns: tuple[int, int] | None = None
+    width = 2
+    for lineno, raw in self._lines(f):
+      try:
+        cells = self._decode(raw).split("\t")
+        if columns is None:
+          columns = (0, 1)
+          names = [c.strip().lower() for c in cells]
+          header = next(((names.index(a), names.index(b)) for a, b in TSV_HEADERS
+                         if a in names and b in names), None)
+          if header is not None:
+            columns, width = header, len(cells)
+            continue
+        if len(cells) != width:
+          what = ("2 (query<TAB>passage)" if width == 2 and columns == (0, 1)
+                  else f"{width} (as the header)")
+          raise _BadRow("wrong_columns", f"the line has {len(cells)} tab-separated columns, "
+                        f"expected {what}")
+        query = _text(cells[columns[0]], f"column {columns[0] + 1} (query)", False)
+        passage = _text(cells[columns[1]], f"column {columns[1] + 1} (passage)", False)
+        self._keep(PairRow(query, (passage,), (), None, None, None, None), file_index, lineno)
+      except _BadRow as e:
+        self._bad(path, lineno, e)
+
+
+def _has_suffix(name: str) -> bool:
+  base = name[:-3] if name.endswith(".gz") else name
+  return base.endswith(FILE_SUFFIXES)
+
+
+def _folder_files(folder: str) -> list[str]:
+  found = []
+  for root, dirs, files in os.walk(folder):
+    dirs[:] = [d for d in dirs if not d.startswith(".")]
+    found.extend(os.path.join(root, f) for f in files if not f.startswith(".") and _has_suffix(f))
+  return sorted(found, key=lambda p: os.path.relpath(p, folder).split(os.sep))
+
+
+def _resolve_files(spec: str) -> list[str]:
+  path = os.path.expanduser(spec)
+  if os.path.isdir(path):
+    files = _folder_files(path)
+    if not files:
+      raise DataError(f"data spec {spec!r}: the folder holds no *.jsonl, *.json or *.tsv files "
+                      "(optionally .gz; hidden files are ignored)")
+    return files
+  if os.path.isfile(path):
+    if not _has_suffix(path):
+      raise DataError(f"data spec {spec!r}: cannot tell the format from the name; name the file "
+                      "*.jsonl (or *.json) for JSON rows or *.tsv for query<TAB>passage pairs "
+                      "(optionally .gz)")
+    return [path]
+  if _GLOB_CHARS.search(path):
+    files = []
+    for m in sorted(glob.glob(path, recursive=True)):
+      if os.path.isdir(m):
+        files.extend(_folder_files(m))
+      elif _has_suffix(m):
+        files.append(m)
+    if not files:
+      raise DataError(f"data spec {spec!r}: the pattern matches no *.jsonl, *.json or *.tsv files")
+    return files
+  raise DataError(f"data spec {spec!r}: no such file or folder (nor a glob pattern)")
+
+
+def _stem(spec: str) -> str:
+  name = os.path.basename(os.path.expanduser(spec).rstrip("/" + os.sep))
+  if name.endswith(".gz"):
+    name = name[:-3]
+  for suffix in FILE_SUFFIXES:
+    if name.endswith(suffix):
+      return name[:-len(suffix)]
+  return name
+
+
+def open_contrastive_data(spec: Spec | Sequence[Spec], *, kind: str = "auto",
+                          on_error: str = "raise",
+                          pair_fields: Sequence[tuple[str, str]] = DEFAULT_PAIR_FIELDS
+                          ) -> PairSource:
+  """Opens and validates contrastive data (one dataset) as a `PairSource`.
+
+  Args:
+    spec: a .jsonl / .json / .tsv file (optionally .gz), a folder (recursively, sorted), a glob
+      pattern (matches sorted), or a list of those, concatenated in order.
+    kind: "fe" (FlagEmbedding query/pos/neg JSONL), "pairs" (two-field JSONL or two-column TSV,
+      each pair a row with pos=[passage], neg=[]) or "auto" (decided per file; module docstring).
+    on_error: "raise" (a bad row raises `DataError` naming file:line) or "skip" (bad rows are
+      skipped and counted per reason in `src.skipped`).
+    pair_fields: the (query, passage) JSON key pairs of pair data, tried in order per row.
+
+  Returns:
+    A `PairSource` holding at least one row.
+
+  Raises:
+    DataError: a spec names nothing, a file holds a bad row (on_error="raise") or no row is left.
+    ValueError: a bad option.
+  """
+  if kind not in KINDS:
+    raise ValueError(f"kind={kind!r}; use one of {KINDS}")
+  if on_error not in ON_ERROR:
+    raise ValueError(f"on_error={on_error!r}; use 'raise' or 'skip'")
+  pair_fields = tuple(tuple(p) for p in pair_fields)
+  if not pair_fields or not all(len(p) == 2 and all(isinstance(n, str) and n for n in p)
+                                for p in pair_fields):
+    raise ValueError(f"pair_fields={pair_fields!r}; give (query_key, passage_key) pairs")
+  specs = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
+  specs = [s for s in (os.fspath(s).strip() for s in specs) if s]
+  if not specs:
+    raise DataError("no data spec given: name JSONL/TSV files, folders or globs")
+  reader = _Reader(kind, on_error, pair_fields)
+  origins, kinds = [], []
+  for s in specs:
+    for path in _resolve_files(s):
+      kinds.append(reader.read(path, len(origins)))
+      origins.append(path)
+  source = PairSource(reader.rows, np.asarray(reader.files, np.int32),
+                      np.asarray(reader.lines, np.int64), origins=origins, kinds=kinds,
+                      skipped=dict(reader.skipped), first_skipped=reader.first_skipped,
+                      no_in_batch_neg=all(_stem(s).endswith(NO_IN_BATCH_SUFFIX) for s in specs))
+  if not len(source):
+    raise DataError(f"data spec {', '.join(specs)}: no usable row in {len(origins)} file"
+                    f"{'s' if len(origins) != 1 else ''} ({source.summary()})")
+  return source
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches.
+# ---------------------------------------------------------------------------------------------
+
+class ContrastiveBatcher:
+  """Process-local contrastive batches for a step, from one or several datasets.
+
+  Mixing schedule. Let `Bg = batch_size * process_count` (the global batch) and `n_d` the rows of
+  dataset d. Each batch comes from ONE dataset (FlagEmbedding's "same dataset per batch"). An
+  epoch has `steps_per_epoch = sum_d floor(n_d / Bg)` steps: dataset d owns `floor(n_d / Bg)`
+  batch slots, whose order is a permutation seeded by (seed, epoch); the j-th slot of d takes rows
+  `[j*Bg, (j+1)*Bg)` of d's row permutation seeded by (seed, d, epoch). So datasets are drawn in
+  proportion to their sizes, no row repeats within a batch or an epoch, and the `n_d mod Bg`
+  rows left over each epoch differ from epoch to epoch (FlagEmbedding drops them the same way).
+  Process p takes rows `[p*batch_size, (p+1)*batch_size)` of the global selection, so all
+  processes read the same dataset at a step and disjoint rows. Everything is a pure function of
+  (seed, step, process_index): resume is exact.
+
+  Groups. Per query: one positive drawn at random from `pos`, then `group_size - 1` negatives
+  from `neg`, without replacement when there are enough, else each negative about equally often
+  (FlagEmbedding's `random.sample(idx * ceil(k / n), k)`). A row without `neg` gets negatives drawn
+  at random from the positives of the dataset's rows, never a text equal to one of its own
+  positives. The draws come from a generator seeded by (seed, step, process_index), consumed in
+  the process's row order. Passages are laid out `[pos, neg_1..neg_{G-1}]` per query.
+
+  Instructions. A query becomes `instruction_format.format(instruction, query)` where the
+  instruction is the row's `prompt` when it has one (and `use_row_prompts`), else
+  `query_instruction`; None means the bare query. Passages get `passage_instruction` the same way,
+  except rows of a type in `symmetric_types`, whose passages get the query's instruction
+  (FlagEmbedding). `INSTRUCTIONS` holds BGE's zh/en retrieval instructions.
+
+  Batch (numpy, the keys of `contrastive.loss`; static shapes whatever the data):
+    query_input_ids, query_attention_mask        int32 [B, query_max_length]
+    passage_input_ids, passage_attention_mask    int32 [B*G, passage_max_length]
+    teacher_scores                               float32 [B, G] (only with use_teacher_scores):
+                                                 the rows' pos_scores/neg_scores of the chosen
+                                                 passages, in the passage layout
+    in_batch_negatives                           int32 [] (scalar, same on every process): 1 when
+                                                 the loss may score each query against every
+                                                 passage of the global batch; 0 when it must score
+                                                 a query against its own group only: the dataset
+                                                 is in `no_in_batch_datasets`, is named
+                                                 `*no_in_batch_neg`, or a row of the step's
+                                                 global selection has a type in
+                                                 `no_in_batch_types`.
+  Texts are tokenised with special tokens, truncated and padded to the max lengths.
+  """
+
+  def __init__(self, datasets: Sequence[tuple[str, PairSource]], tokenizer: Any, *,
+               batch_size: int, group_size: int, query_max_length: int = 32,
+               passage_max_length: int = 128, query_instruction: str | None = None,
+               passage_instruction: str | None = None, instruction_format: str = "{}{}",
+               use_row_prompts: bool = True, seed: int = 0, process_index: int = 0,
+               process_count: int = 1, no_in_batch_datasets: Sequence[str] = (),
+               no_in_batch_types: Sequence[str] = NO_IN_BATCH_TYPES,
+               symmetric_types: Sequence[str] = SYMMETRIC_TYPES,
+               use_teacher_scores: bool = False):
+    """Checks the options against the data (every problem is reported before training starts).
+
+    Args:
+      datasets: (name, source) pairs; names must be unique.
+      tokenizer: a Hugging Face tokenizer with a pad token.
+      batch_size: queries per step on this process (B).
+      group_size: passages per query (G >= 1): one positive and G-1 negatives.
+      query_max_length, passage_max_length: token lengths (with special tokens) of the padded
+        queries and passages.
+      query_instruction, passage_instruction, instruction_format, use_row_prompts,
+        symmetric_types: see "Instructions" in the class docstring.
+      seed: seeds the schedule, the row order and the groups.
+      process_index, process_count: this process and the number of processes.
+      no_in_batch_datasets, no_in_batch_types: see `in_batch_negatives` in the class docstring.
+      use_teacher_scores: add `teacher_scores` (every row must carry the scores it needs).
+    """
+    if batch_size < 1 or group_size < 1:
+      raise ValueError(f"batch_size={batch_size}, group_size={group_size}: both must be >= 1")
+    if process_count < 1 or not 0 <= process_index < process_count:
+      raise ValueError(f"process_index={process_index}, process_count={process_count}: need "
+                       "0 <= process_index < process_count")
+    if query_max_length < 2 or passage_max_length < 2:
+      raise ValueError("query_max_length and passage_max_length must leave room for the special "
+                       f"tokens (got {query_max_length}, {passage_max_length})")
+    if seed < 0:
+      raise ValueError(f"seed={seed}; it must be >= 0")
+    try:
+      fields = [f for _, f, _, _ in string.Formatter().parse(instruction_format) if f is not None]
+      instruction_format.format("", "")
+    except (IndexError, KeyError, ValueError):
+      fields = []
+    if len(fields) != 2:
+      raise ValueError(f"instruction_format={instruction_format!r}; it needs two {{}} fields: "
+                       "instruction, then text (FlagEmbedding's default is '{}{}')")
+    if getattr(tokenizer, "pad_token_id", None) is None:
+      raise ValueError("the tokenizer has no pad token; static-shape batches need one")
+    datasets = [(str(name), src) for name, src in datasets]
+    if not datasets:
+      raise ValueError("no dataset given: pass a list of (name, PairSource)")
+    names = [name for name, _ in datasets]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+      raise ValueError(f"dataset names {twice} occur more than once; names must be unique")
+    unknown = sorted(set(no_in_batch_datasets) - set(names))
+    if unknown:
+      raise ValueError(f"no_in_batch_datasets names {unknown}, which are not datasets "
+                       f"(datasets: {names})")
+
+    self.names, self.sources = names, [src for _, src in datasets]
+    self.tokenizer = tokenizer
+    self.batch_size, self.group_size = batch_size, group_size
+    self.query_max_length, self.passage_max_length = query_max_length, passage_max_length
+    self.query_instruction, self.passage_instruction = query_instruction, passage_instruction
+    self.instruction_format, self.use_row_prompts = instruction_format, use_row_prompts
+    self.seed, self.process_index, self.process_count = seed, process_index, process_count
+    self.symmetric_types = frozenset(symmetric_types)
+    self.use_teacher_scores = use_teacher_scores
+    self.global_batch = batch_size * process_count
+
+    slots = []
+    for name, src in datasets:
+      if len(src) < self.global_batch:
+        raise ValueError(
+            f"dataset {name!r} has {len(src)} rows, fewer than the global batch "
+            f"{self.global_batch} (batch_size {batch_size} x {process_count} processes): a "
+            "batch is drawn from one dataset without repeating rows; use a smaller batch or "
+            "merge the dataset into another")
+      slots.append(len(src) // self.global_batch)
+    self.slots = slots
+    self.steps_per_epoch = int(sum(slots))
+    self._slot_dataset = np.repeat(np.arange(len(slots)), slots)
+    self._slot_chunk = np.concatenate([np.arange(s) for s in slots])
+    self.num_examples = self.steps_per_epoch * batch_size  # Rows this process reads per epoch.
+
+    no_types = frozenset(no_in_batch_types)
+    self._always_no_ibn = [name in set(no_in_batch_datasets) or src.no_in_batch_neg
+                           for name, src in datasets]
+    self._no_ibn_rows = [np.array([r.type in no_types for r in src], bool) for src in self.sources]
+    self._pools: list[list[str] | None] = []
+    for name, src in datasets:
+      self._pools.append(self._check_dataset(name, src))
+    self._cache: dict[tuple, np.ndarray] = {}
+
+  def _check_dataset(self, name: str, src: PairSource) -> list[str] | None:
+    """Refuses data the options cannot serve; returns the passage pool of neg-less rows."""
+    g = self.group_size
+    if self.use_teacher_scores:
+      i = src.first_row_without("pos_scores")
+      if i is not None:
+        raise ValueError(f"use_teacher_scores: dataset {name!r} has a row without 'pos_scores' "
+                         f"(first at {src.locate(i)}); distillation needs the teacher's score of "
+                         "every passage: add pos_scores/neg_scores or turn distillation off")
+      if g > 1:
+        i = next((i for i, r in enumerate(src) if not r.neg or r.neg_scores is None), None)
+        if i is not None:
+          lacks = "negatives" if not src[i].neg else "'neg_scores'"
+          raise ValueError(f"use_teacher_scores: dataset {name!r} has a row without {lacks} "
+                           f"(first at {src.locate(i)}); distillation needs the teacher's score "
+                           "of every passage of the group")
+    if g == 1 or all(r.neg for r in src):
+      return None
+    pool = [p for r in src for p in r.pos]
+    distinct = len(set(pool))
+    for i, r in enumerate(src):
+      if not r.neg and len(set(r.pos)) >= distinct:
+        raise ValueError(f"dataset {name!r}: the row at {src.locate(i)} has no negatives and no "
+                         "other row has a positive to draw them from; add 'neg' passages or more "
+                         "rows")
+    return pool
+
+  # -------------------------------------------------------------------------------------------
+  # Schedule.
+  # -------------------------------------------------------------------------------------------
+
+  def _cached(self, key: tuple, make) -> np.ndarray:
+    """A small cache of permutations (safe to share between threads: a miss recomputes)."""
+    value = self._cache.get(key)
+    if value is None:
+      value = make()
+      if len(self._cache) > 4 + 2 * len(self.sources):
+        self._cache = {}
+      self._cache[key] = value
+    return value
+
+  def select(self, step: int) -> tuple[int, np.ndarray]:
+    """(dataset index, global row indices [Bg]) of a step, the same on every process."""
+    if step < 0:
+      raise ValueError(f"step={step}; steps start at 0")
+    epoch, position = divmod(int(step), self.steps_per_epoch)
+    order = self._cached(("slots", epoch), lambda: np.random.default_rng(
+        [self.seed, _TAG_MIX, epoch]).permutation(self.steps_per_epoch))
+    slot = int(order[position])
+    d, chunk = int(self._slot_dataset[slot]), int(self._slot_chunk[slot])
+    rows = self._cached(("rows", d, epoch), lambda: np.random.default_rng(
+        [self.seed, _TAG_ROWS, d, epoch]).permutation(len(self.sources[d])))
+    return d, rows[chunk * self.global_batch:(chunk + 1) * self.global_batch]
+
+  def dataset_at(self, step: int) -> str:
+    """The name of the dataset a step's batch comes from."""
+    return self.names[self.select(step)[0]]
+
+  def epoch(self, step: int) -> float:
+    return step / self.steps_per_epoch
+
+  # -------------------------------------------------------------------------------------------
+  # Groups.
+  # -------------------------------------------------------------------------------------------
+
+  def _negatives(self, rng: np.random.Generator, row: PairRow, pool: list[str] | None) -> list[int]:
+    """Indices into `row.neg` (or into `pool` when the row has no negatives) for one group."""
+    k = self.group_size - 1
+    if row.neg:
+      n = len(row.neg)
+      if n >= k:
+        return [int(i) for i in rng.choice(n, size=k, replace=False)]
+      return [int(i) for i in rng.permutation(np.tile(np.arange(n), -(-k // n)))[:k]]
+    own = set(row.pos)
+    picks = [int(i) for i in rng.integers(len(pool), size=k)]
+    for _ in range(32):
+      seen: set[int] = set()
+      bad = []
+      for j, t in enumerate(picks):
+        if pool[t] in own or t in seen:
+          bad.append(j)
+        seen.add(t)
+      if not bad:
+        return picks
+      for j in bad:
+        picks[j] = int(rng.integers(len(pool)))
+    # A tiny pool: draw (with repetition) among the passages that are not the row's positives.
+    allowed = [t for t in range(len(pool)) if pool[t] not in own]
+    return [t if pool[t] not in own else allowed[int(rng.integers(len(allowed)))] for t in picks]
+
+  def _format(self, instruction: str | None, text: str) -> str:
+    return text if instruction is None else self.instruction_format.format(instruction, text)
+
+  def examples(self, step: int) -> tuple[int, np.ndarray, list[str], list[str], np.ndarray | None]:
+    """The step's texts before tokenisation.
+
+    Returns:
+      (dataset index, global row selection [Bg], queries [B], passages [B*G] in the group layout,
+      teacher scores [B, G] or None).
+    """
+    d, selection = self.select(step)
+    b = self.batch_size
+    rows = selection[self.process_index * b:(self.process_index + 1) * b]
+    src, pool = self.sources[d], self._pools[d]
+    rng = np.random.default_rng([self.seed, _TAG_GROUP, int(step), self.process_index])
+    queries, passages = [], []
+    scores = np.zeros((b, self.group_size), np.float32) if self.use_teacher_scores else None
+    for q, i in enumerate(rows):
+      row = src[int(i)]
+      p = int(rng.integers(len(row.pos)))
+      negs = self._negatives(rng, row, pool) if self.group_size > 1 else []
+      group = [row.pos[p]] + ([row.neg[j] for j in negs] if row.neg else [pool[j] for j in negs])
+      if scores is not None:
+        scores[q, 0] = row.pos_scores[p]
+        scores[q, 1:] = [row.neg_scores[j] for j in negs]
+      instruction = (row.prompt if self.use_row_prompts and row.prompt is not None
+                     else self.query_instruction)
+      queries.append(self._format(instruction, row.query))
+      passage_instruction = (instruction if row.type in self.symmetric_types
+                             else self.passage_instruction)
+      passages.extend(self._format(passage_instruction, t) for t in group)
+    return d, selection, queries, passages, scores
+
+  def _in_batch_negatives(self, d: int, selection: np.ndarray) -> int:
+    return 0 if self._always_no_ibn[d] or self._no_ibn_rows[d][selection].any() else 1
+
+  # -------------------------------------------------------------------------------------------
+  # Batcher protocol.
+  # -------------------------------------------------------------------------------------------
+
+  def _tokenize(self, texts: list[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    enc = self.tokenizer(texts, padding="max_length", truncation=True, max_length=max_length,
+                         padding_side="right", return_attention_mask=True,
+                         return_token_type_ids=False, return_tensors="np")
+    ids = np.asarray(enc["input_ids"]).astype(np.int32)
+    mask = np.asarray(enc["attention_mask"]).astype(np.int32)
+    if ids.shape != (len(texts), max_length):
+      raise ValueError(f"the tokenizer returned shape {ids.shape}, expected "
+                       f"{(len(texts), max_length)}; does it pad and truncate to max_length?")
+    return ids, mask
+
+  def __call__(self, step: int) -> dict[str, np.ndarray]:
+    d, selection, queries, passages, scores = self.examples(step)
+    q_ids, q_mask = self._tokenize(queries, self.query_max_length)
+    p_ids, p_mask = self._tokenize(passages, self.passage_max_length)
+    batch = {"query_input_ids": q_ids, "query_attention_mask": q_mask,
+             "passage_input_ids": p_ids, "passage_attention_mask": p_mask}
+    if scores is not None:
+      batch["teacher_scores"] = scores
+    batch["in_batch_negatives"] = np.asarray(self._in_batch_negatives(d, selection), np.int32)
+    return batch
+
+  def real_tokens(self, batch: Mapping[str, np.ndarray]) -> int:
+    """Non-pad tokens of the queries and passages of a batch."""
+    return int(np.sum(batch["query_attention_mask"]) + np.sum(batch["passage_attention_mask"]))
+
+  def describe(self) -> str:
+    """One line: the datasets, their rows and skips, the batch geometry."""
+    parts = []
+    for d, (name, src, s) in enumerate(zip(self.names, self.sources, self.slots)):
+      flags = []
+      if self._always_no_ibn[d]:
+        flags.append("no in-batch negatives")
+      skipped = sum(src.skipped.values())
+      if skipped:
+        flags.append(f"{skipped} bad rows skipped: " + ", ".join(
+            f"{reason} {n}" for reason, n in sorted(src.skipped.items())))
+      parts.append(f"{name} {len(src)} rows, {s} batches/epoch" +
+                   (f" ({'; '.join(flags)})" if flags else ""))
+    geometry = (f"global batch {self.global_batch} = {self.batch_size} x {self.process_count} "
+                f"processes, group {self.group_size}, lengths {self.query_max_length}/"
+                f"{self.passage_max_length}, {self.steps_per_epoch} steps/epoch")
+    return f"{len(self.names)} dataset{'s' if len(self.names) != 1 else ''}: " + \
+        "; ".join(parts) + f"; {geometry}"
