@@ -94,6 +94,8 @@ def test_pair_jsonl(tmp_path, fields):
   assert src.kinds == ("fe",) if a == "query" else ("pairs",)
   assert src[0] == PairRow("a query", ("its passage",), (), None, None, None, None)
   assert open_contrastive_data(str(p), kind="pairs")[1].pos == ("p2",)
+  if a == "query":
+    assert open_contrastive_data(str(p), kind="flag")[0].pos == ("its passage",)
 
 
 def test_tsv(tmp_path):

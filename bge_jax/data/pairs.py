@@ -8,7 +8,7 @@ Inputs (`open_contrastive_data(spec, kind=...)`; a spec is a file, a folder (eve
 and *.tsv below it, optionally .gz, recursively, sorted; hidden names ignored) or a glob (matches
 sorted), or a list of those, concatenated):
 
-  kind="fe"     FlagEmbedding fine-tuning JSONL, one object per line:
+  kind="fe"     (alias "flag") FlagEmbedding fine-tuning JSONL, one object per line:
                   {"query": str, "pos": [str, ...], "neg": [str, ...], "pos_scores": [float, ...],
                    "neg_scores": [float, ...], "prompt": str, "type": str}
                 `pos` must be non-empty; `neg` may be empty or missing (negatives are then drawn
@@ -61,7 +61,7 @@ INSTRUCTIONS = {
     "zh": "为这个句子生成表示以用于检索相关文章：",
     "en": "Represent this sentence for searching relevant passages: ",
 }
-KINDS = ("auto", "fe", "pairs")
+KINDS = ("auto", "fe", "flag", "pairs")  # "flag" is an alias of "fe" (FlagEmbedding).
 ON_ERROR = ("raise", "skip")
 FILE_SUFFIXES = (".jsonl", ".json", ".tsv")
 DEFAULT_PAIR_FIELDS: tuple[tuple[str, str], ...] = (
@@ -435,7 +435,7 @@ def open_contrastive_data(spec: Spec | Sequence[Spec], *, kind: str = "auto",
   Args:
     spec: a .jsonl / .json / .tsv file (optionally .gz), a folder (recursively, sorted), a glob
       pattern (matches sorted), or a list of those, concatenated in order.
-    kind: "fe" (FlagEmbedding query/pos/neg JSONL), "pairs" (two-field JSONL or two-column TSV,
+    kind: "fe" or "flag" (FlagEmbedding query/pos/neg JSONL), "pairs" (two-field JSONL or two-column TSV,
       each pair a row with pos=[passage], neg=[]) or "auto" (decided per file; module docstring).
     on_error: "raise" (a bad row raises `DataError` naming file:line) or "skip" (bad rows are
       skipped and counted per reason in `src.skipped`).
@@ -450,6 +450,7 @@ def open_contrastive_data(spec: Spec | Sequence[Spec], *, kind: str = "auto",
   """
   if kind not in KINDS:
     raise ValueError(f"kind={kind!r}; use one of {KINDS}")
+  kind = "fe" if kind == "flag" else kind
   if on_error not in ON_ERROR:
     raise ValueError(f"on_error={on_error!r}; use 'raise' or 'skip'")
   pair_fields = tuple(tuple(p) for p in pair_fields)
