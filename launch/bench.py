@@ -1,6 +1,7 @@
 """Side-by-side benchmarks against PyTorch, in one process, interleaved after warm-up.
 
   python launch/bench.py encode [--model PATH] [--n 512] [--batch-size 64] [--repeats 5]
+  python launch/bench.py gradcache [--preset tiny] [--batches 256,1024,4096] [--chunk 128] [--run]
 
 `encode`: bge-jax `Encoder.encode` vs sentence-transformers `encode` (PyTorch) on the same texts,
 batch size, max length and thread count; medians, the time ratio (JAX / PyTorch; < 1 = JAX is
@@ -99,6 +100,76 @@ def bench_encode(args) -> dict:
   }
 
 
+def bench_gradcache(args) -> dict:
+  """Stage-2 train-step memory vs global batch, with and without GradCache.
+
+  Per configuration the step is compiled ahead of time and XLA's memory analysis read (bytes
+  of temporaries + arguments per device: the peak the step needs). With --run the step also
+  executes (twice; the second is timed) and the device's peak_bytes_in_use is reported where
+  the backend tracks it (GPU/TPU).
+  """
+  import jax
+  import jax.numpy as jnp
+
+  from bge_jax import contrastive
+  from bge_jax.config import preset
+  from bge_jax.models import bert
+  from bge_jax.train import state as state_lib
+
+  config = preset(args.preset, dtype=args.dtype, remat_policy=args.remat)
+  params = jax.jit(lambda r: bert.init(config, r)[0])(jax.random.key(0))
+  tx, schedule = state_lib.make_optimizer({"lr": 1e-5, "warmup_steps": 1, "clip_norm": 1.0}, 100)
+  rows = []
+  for b in [int(x) for x in args.batches.split(",")]:
+    for chunk in (0, args.chunk):
+      loss_fn = lambda p, batch, rng, chunk=chunk: contrastive.loss(
+          p, config, batch, temperature=0.02, group_size=1, rng=rng, chunk_size=chunk)
+      step = jax.jit(state_lib.make_train_step(loss_fn, tx, schedule), donate_argnums=(0,))
+      key = jax.random.key(b)
+      batch = {
+          "query_input_ids": jax.random.randint(key, (b, args.q_len), 5, config.vocab_size),
+          "query_attention_mask": jnp.ones((b, args.q_len), jnp.int32),
+          "passage_input_ids": jax.random.randint(key, (b, args.p_len), 5, config.vocab_size),
+          "passage_attention_mask": jnp.ones((b, args.p_len), jnp.int32),
+      }
+      state = jax.jit(lambda p: state_lib.init_state(p, tx))(params)
+      t = time.perf_counter()
+      compiled = step.lower(state, batch, key).compile()
+      compile_s = time.perf_counter() - t
+      mem = compiled.memory_analysis()
+      need = (mem.temp_size_in_bytes + mem.argument_size_in_bytes) if mem is not None else None
+      row = {"batch": b, "gradcache_chunk": chunk, "compile_s": round(compile_s, 1),
+             "step_bytes": need, "temp_bytes": getattr(mem, "temp_size_in_bytes", None)}
+      if args.run:
+        state, metrics = compiled(state, batch, key)
+        jax.block_until_ready(metrics)
+        t = time.perf_counter()
+        state, metrics = compiled(state, batch, key)
+        jax.block_until_ready(metrics)
+        row["step_s"] = round(time.perf_counter() - t, 3)
+        row["loss"] = float(metrics["loss"])
+        stats = jax.devices()[0].memory_stats() or {}
+        row["device_peak_bytes"] = stats.get("peak_bytes_in_use")
+      print(json.dumps(row), flush=True)
+      rows.append(row)
+      del state, compiled
+  return {"benchmark": "gradcache", "preset": args.preset, "dtype": args.dtype,
+          "remat": args.remat, "q_len": args.q_len, "p_len": args.p_len, "rows": rows,
+          "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend()}
+
+
+def gradcache_table(r: dict) -> str:
+  gib = lambda x: "n/a" if x is None else f"{x / 2**30:.2f}"
+  lines = [f"stage-2 step, {r['preset']} ({r['dtype']}, remat {r['remat']}), query {r['q_len']} / "
+           f"passage {r['p_len']} tokens, on {r['device']} ({r['backend']})", "",
+           "| global batch | GradCache chunk | step memory GiB (XLA) | device peak GiB | step s |",
+           "|---|---|---|---|---|"]
+  for row in r["rows"]:
+    lines.append(f"| {row['batch']} | {row['gradcache_chunk'] or 'off'} | {gib(row['step_bytes'])} | "
+                 f"{gib(row.get('device_peak_bytes'))} | {row.get('step_s', 'n/a')} |")
+  return "\n".join(lines)
+
+
 def table(r: dict) -> str:
   return "\n".join([
       "| benchmark | texts | real tokens | batch | bge-jax s | PyTorch s | ratio (JAX/PT) | JAX tok/s | PT tok/s |",
@@ -122,11 +193,25 @@ def main(argv=None):
   e.add_argument("--repeats", type=int, default=5)
   e.add_argument("--threads", type=int, default=os.cpu_count())
   e.add_argument("--out", default=None, help="write the JSON result here")
+  g = sub.add_parser("gradcache", help="stage-2 step memory vs batch, with/without GradCache")
+  g.add_argument("--preset", default="tiny")
+  g.add_argument("--batches", default="256,512,1024,2048,4096")
+  g.add_argument("--chunk", type=int, default=128)
+  g.add_argument("--q-len", type=int, default=32)
+  g.add_argument("--p-len", type=int, default=128)
+  g.add_argument("--dtype", default="float32")
+  g.add_argument("--remat", default="none")
+  g.add_argument("--run", action="store_true", help="also execute the step (timed, device peak)")
+  g.add_argument("--out", default=None)
   args = parser.parse_args(argv)
-  args.model = args.model or default_model()
-  result = bench_encode(args)
-  print(table(result))
-  print(f"max |embedding diff| = {result['max_abs_diff']:.2e}; machine: {result['machine']}")
+  if args.cmd == "gradcache":
+    result = bench_gradcache(args)
+    print(gradcache_table(result))
+  else:
+    args.model = args.model or default_model()
+    result = bench_encode(args)
+    print(table(result))
+    print(f"max |embedding diff| = {result['max_abs_diff']:.2e}; machine: {result['machine']}")
   if args.out:
     with open(args.out, "w") as f:
       json.dump(result, f, indent=2)

@@ -230,7 +230,9 @@ def train(config: Any, workdir: str) -> dict[str, float]:
 
   step_fn = state_lib.make_train_step(loss_fn, tx, schedule, config.grad_accum_steps)
   probe = batcher(start_step)
-  batch_sh = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in probe.items()}
+  # Batch-major arrays split over (data, fsdp); 0-d flags (e.g. in_batch_negatives) replicated.
+  batch_sh = {k: sharding.batch_sharding(mesh, v.ndim) if v.ndim else repl
+              for k, v in probe.items()}
   jit_step = jax.jit(step_fn, in_shardings=(state_sh, batch_sh, repl),
                      out_shardings=(state_sh, repl), donate_argnums=(0,))
 
