@@ -1,0 +1,407 @@
+"""Hard-negative mining: exact top-k vs numpy brute force, sharding, sampling rules, the command."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from bge_jax import mine
+from bge_jax.encoder import Encoder
+from bge_jax.sharding import make_mesh
+from conftest import REPO, WORDS, make_hf_folder, make_tokenizer
+
+SCRIPT = REPO / "launch" / "mine.py"
+
+
+def brute_force(queries: np.ndarray, corpus: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+  """Full score matrix, stable argsort: equal scores rank the lower corpus index first."""
+  scores = queries.astype(np.float64) @ corpus.astype(np.float64).T
+  order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+  return np.take_along_axis(scores, order, axis=1), order
+
+
+def int_vectors(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
+  """Small-integer vectors: float32 dot products are exact and ties are frequent."""
+  return rng.integers(-2, 3, size=(n, dim)).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# exact_top_k
+
+
+@pytest.mark.parametrize("num_q,n,dim,k,block", [
+    (1, 1, 4, 1, 8),        # a single passage
+    (13, 100, 8, 7, 16),    # n not a multiple of the block
+    (37, 250, 6, 40, 16),   # k > block
+    (9, 64, 4, 64, 64),     # k = n = block
+    (300, 517, 12, 25, 128),  # several query batches, ragged last block
+])
+def test_exact_top_k_matches_brute_force_with_ties(num_q, n, dim, k, block):
+  rng = np.random.default_rng(num_q * 1000 + n)
+  q, c = int_vectors(rng, num_q, dim), int_vectors(rng, n, dim)
+  scores, idx = mine.exact_top_k(q, c, k, block_size=block, query_batch_size=64)
+  ref_scores, ref_idx = brute_force(q, c, k)
+  assert scores.shape == idx.shape == (num_q, k)
+  assert scores.dtype == np.float32 and idx.dtype == np.int64
+  np.testing.assert_array_equal(idx, ref_idx)  # same order, ties to the lower index
+  np.testing.assert_array_equal(scores, ref_scores)
+
+
+def test_exact_top_k_float_neighbour_sets():
+  rng = np.random.default_rng(0)
+  q = rng.standard_normal((50, 32)).astype(np.float32)
+  c = rng.standard_normal((1000, 32)).astype(np.float32)
+  for block, k in ((100, 150), (4096, 210)):
+    scores, idx = mine.exact_top_k(q, c, k, block_size=block)
+    ref_scores, ref_idx = brute_force(q, c, k)
+    np.testing.assert_allclose(scores, ref_scores, rtol=0, atol=1e-4)
+    for row, ref_row in zip(idx, ref_idx):
+      assert set(row.tolist()) == set(ref_row.tolist())
+    assert (np.diff(scores, axis=1) <= 0).all()
+
+
+def test_exact_top_k_sharded_equals_single_device():
+  import jax
+  assert jax.device_count() == 8
+  rng = np.random.default_rng(1)
+  meshes = (make_mesh(), "auto", make_mesh(data=2, fsdp=2, tensor=2))
+  cases = ((21, 333, 30, 16, int_vectors(rng, 21, 5), int_vectors(rng, 333, 5)),  # k > block
+           (40, 777, 12, 32, rng.standard_normal((40, 5)).astype(np.float32),
+            rng.standard_normal((777, 5)).astype(np.float32)))
+  for num_q, n, k, block, q, c in cases:
+    single = mine.exact_top_k(q, c, k, block_size=block, query_batch_size=32)
+    for m in meshes:
+      sharded = mine.exact_top_k(q, c, k, block_size=block, query_batch_size=32, mesh=m)
+      np.testing.assert_array_equal(sharded[1], single[1])
+      np.testing.assert_array_equal(sharded[0], single[0])
+    meshes = meshes[:1]
+  np.testing.assert_array_equal(single[1], brute_force(q, c, k)[1])
+
+
+def test_exact_top_k_refusals():
+  c = np.ones((5, 4), np.float32)
+  with pytest.raises(ValueError, match="between 1 and the corpus size 5"):
+    mine.exact_top_k(c, c, 6)
+  with pytest.raises(ValueError, match="same D"):
+    mine.exact_top_k(np.ones((2, 3), np.float32), c, 1)
+  with pytest.raises(ValueError, match="NaN"):
+    mine.exact_top_k(np.full((1, 4), np.nan, np.float32), c, 1)
+  scores, idx = mine.exact_top_k(np.zeros((0, 4), np.float32), c, 3)
+  assert scores.shape == idx.shape == (0, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# mine_hard_negatives
+
+
+def _sentence(rng: np.random.Generator, n_words: int) -> str:
+  return " ".join(WORDS[j] for j in rng.integers(0, len(WORDS), n_words)) + "."
+
+
+def make_rows(n_rows: int, seed: int = 0, n_neg: int = 3) -> list[dict]:
+  """Rows over a shared passage pool: passages repeat across rows, some queries are passages."""
+  rng = np.random.default_rng(seed)
+  pool = list(dict.fromkeys(_sentence(rng, int(rng.integers(3, 12))) for _ in range(4 * n_rows)))
+  rows = []
+  for i in range(n_rows):
+    pos = [pool[j] for j in rng.choice(len(pool), int(rng.integers(1, 3)), replace=False)]
+    neg = [pool[j] for j in rng.choice(len(pool), n_neg, replace=False) if pool[j] not in pos]
+    query = pool[int(rng.integers(len(pool)))] if i % 5 == 0 else _sentence(rng, 4)
+    rows.append({"query": query, "pos": pos, "neg": neg, "id": i})
+  return rows
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+  folder = make_hf_folder(tmp_path_factory.mktemp("mine"), "bert", seed=3)
+  make_tokenizer(folder)
+  return folder
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_model):
+  return Encoder.from_hf(str(tiny_model), pooling="cls")
+
+
+@pytest.fixture(scope="module")
+def rows():
+  return make_rows(40)
+
+
+def corpus_of(rows: list[dict]) -> list[str]:
+  out = []
+  for row in rows:
+    for t in row["pos"] + row.get("neg", []):
+      if t not in out:
+        out.append(t)
+  return out
+
+
+def ranked_texts(encoder, rows, corpus, instruction=None, max_length=32):
+  """Per row: corpus texts by brute-force rank and their scores, from fresh embeddings."""
+  p = encoder.encode(corpus, batch_size=64, max_length=max_length)
+  q = encoder.encode([r["query"] for r in rows], batch_size=64, max_length=max_length,
+                     instruction=instruction)
+  scores, order = brute_force(q, p, len(corpus))
+  return [[corpus[j] for j in o] for o in order], scores
+
+
+def test_negatives_come_from_the_rank_range(encoder, rows):
+  corpus = corpus_of(rows)
+  start, end, number = 3, 40, 8
+  instruction = "query: "
+  mined, stats = mine.mine_with_stats(rows, encoder, range_for_sampling=(start, end),
+                                      negative_number=number, query_instruction=instruction,
+                                      batch_size=64, max_length=32, mesh=None)
+  assert stats.corpus_size == len(corpus) and stats.rows == len(rows)
+  assert stats.topped_up == 0 and stats.short == 0
+  ranked, scores = ranked_texts(encoder, rows, corpus, instruction)
+  for row, out, texts, s in zip(rows, mined, ranked, scores):
+    assert {k: v for k, v in out.items() if k != "neg"} == {k: v for k, v in row.items()
+                                                             if k != "neg"}
+    assert len(out["neg"]) == number == len(set(out["neg"]))
+    assert not set(out["neg"]) & set(row["pos"]) and row["query"] not in out["neg"]
+    allowed = texts[start:end]
+    for t in out["neg"]:
+      if t not in allowed:  # only a float near-tie at a range edge may differ
+        r = texts.index(t)
+        assert min(abs(s[r] - s[start]), abs(s[r] - s[end - 1])) < 1e-5, (t, r)
+    # Sampled negatives keep their rank order.
+    ranks = [texts.index(t) for t in out["neg"]]
+    assert ranks == sorted(ranks)
+  assert rows[0]["neg"] != mined[0]["neg"]  # the input rows are not modified in place
+
+
+def test_all_candidates_then_top_up(encoder, rows):
+  """Range 0-5 holds < 12 candidates: all of them in rank order, then random top-ups."""
+  corpus = corpus_of(rows)
+  number = 12
+  mined, stats = mine.mine_with_stats(rows, encoder, range_for_sampling=(0, 5),
+                                      negative_number=number, batch_size=64, max_length=32,
+                                      mesh=None)
+  assert stats.topped_up == len(rows) and stats.short == 0
+  ranked, _ = ranked_texts(encoder, rows, corpus)
+  queries_in_corpus = 0
+  for row, out, texts in zip(rows, mined, ranked):
+    queries_in_corpus += row["query"] in corpus
+    expected = [t for t in texts[:5] if t not in row["pos"] and t != row["query"]]
+    assert out["neg"][:len(expected)] == expected
+    assert len(out["neg"]) == number == len(set(out["neg"]))
+    assert not set(out["neg"]) & set(row["pos"]) and row["query"] not in out["neg"]
+    assert set(out["neg"]) <= set(corpus)
+  assert queries_in_corpus >= 5  # the query-is-a-passage rule was exercised
+
+
+def test_deterministic_per_seed_and_device_count(encoder, rows):
+  kwargs = dict(range_for_sampling="2-30", negative_number=5, batch_size=64, max_length=32)
+  a = mine.mine_hard_negatives(rows, encoder, seed=7, **kwargs)
+  assert a == mine.mine_hard_negatives(rows, encoder, seed=7, **kwargs)
+  assert a == mine.mine_hard_negatives(rows, encoder, seed=7, mesh=None, block_size=16, **kwargs)
+  b = mine.mine_hard_negatives(rows, encoder, seed=8, **kwargs)
+  assert a != b
+  # Per-row generators: a row's negatives do not depend on the rows after it.
+  assert a[:10] == mine.mine_hard_negatives(rows[:10], encoder, seed=7,
+                                            candidate_pool=corpus_of(rows), **kwargs)
+
+
+def test_candidate_pool_file_small_corpus_and_fields(encoder, tmp_path):
+  pool = ["alpha beta gamma.", "delta model vector.", "search index query.", "alpha beta gamma.",
+          "river mountain city."]
+  path = tmp_path / "pool.jsonl"
+  path.write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(pool))
+                  + "\n")
+  rows = [{"query": "alpha", "pos": ["alpha beta gamma."], "neg": ["x"], "neg_scores": [0.5],
+           "pos_scores": [0.9], "prompt": "p", "type": "normal"},
+          {"query": "river mountain city.", "pos": ["not in the pool."]}]
+  mined, stats = mine.mine_with_stats(rows, encoder, candidate_pool=str(path),
+                                      range_for_sampling=(0, 10), negative_number=6,
+                                      batch_size=64, max_length=32, mesh=None)
+  assert stats.corpus_size == 4 and stats.short == 2
+  assert sorted(mined[0]["neg"]) == sorted(["delta model vector.", "search index query.",
+                                            "river mountain city."])
+  assert sorted(mined[1]["neg"]) == sorted(["alpha beta gamma.", "delta model vector.",
+                                            "search index query."])
+  assert "neg_scores" not in mined[0]  # stale teacher scores are dropped, the rest kept
+  assert {k: mined[0][k] for k in ("pos_scores", "prompt", "type")} == {
+      "pos_scores": [0.9], "prompt": "p", "type": "normal"}
+  same = mine.mine_hard_negatives(rows, encoder, candidate_pool=pool, range_for_sampling=(0, 10),
+                                  negative_number=6, batch_size=64, max_length=32, mesh=None)
+  assert same == mined
+
+
+def test_top_up_on_a_large_corpus():
+  """Past 4096 passages top-ups are drawn by rejection: distinct, never excluded, seeded."""
+  excluded = set(range(0, 9000, 3))
+  candidates = np.array([5, 8, 11])
+  for n_corpus, number in ((9000, 40), (300, 40), (3003, 2100)):
+    picked, extra = mine._sample_row(np.random.default_rng([1, 2]), candidates, excluded,
+                                     n_corpus, number)
+    eligible = n_corpus - len({j for j in excluded if j < n_corpus})
+    assert picked[:3] == [5, 8, 11] and extra == min(number, eligible) - 3
+    assert len(set(picked)) == len(picked) and not set(picked) & excluded
+    assert max(picked) < n_corpus
+    again, _ = mine._sample_row(np.random.default_rng([1, 2]), candidates, excluded, n_corpus,
+                                number)
+    assert again == picked
+
+
+def test_row_and_argument_refusals(encoder):
+  good = {"query": "q", "pos": ["p"]}
+  for row, match in ((["q"], "expected a JSON object"), ({"pos": ["p"]}, 'missing field "query"'),
+                     ({"query": "q"}, 'missing field "pos"'), ({"query": 1, "pos": ["p"]},
+                                                              'field "query" is a JSON number'),
+                     ({"query": "q", "pos": "p"}, r'wrap a single passage'),
+                     ({"query": "q", "pos": []}, '"pos" is empty'),
+                     ({"query": "q", "pos": ["p"], "neg": [None]}, r'"neg"\[0\] is a JSON null')):
+    with pytest.raises(mine.MiningInputError, match=r"rows\[1\]: .*" + match):
+      mine.mine_hard_negatives([good, row], encoder)
+  for bad in ("10", "a-b", "5-5", "7-3", (-1, 4)):
+    with pytest.raises(ValueError, match="range"):
+      mine.mine_hard_negatives([good], encoder, range_for_sampling=bad)
+  with pytest.raises(ValueError, match="negative_number"):
+    mine.mine_hard_negatives([good], encoder, negative_number=0)
+  assert mine.mine_hard_negatives([], encoder) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# launch/mine.py
+
+
+def _load_cli():
+  spec = importlib.util.spec_from_file_location("launch_mine", SCRIPT)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def write_jsonl(path, rows) -> str:
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  return str(path)
+
+
+def read_jsonl(path) -> list[dict]:
+  return [json.loads(line) for line in open(path, encoding="utf-8")]
+
+
+def assert_nothing_written(folder, out) -> None:
+  assert not out.exists()
+  assert not [p.name for p in folder.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_cli_subprocess(tiny_model, encoder, rows, tmp_path):
+  train = write_jsonl(tmp_path / "train.jsonl", rows)
+  out = tmp_path / "out.jsonl"
+  cmd = [sys.executable, str(SCRIPT), "--model", str(tiny_model), "--input", train, "--output",
+         str(out), "--range", "2-30", "--negatives", "5", "--max-length", "32", "--batch-size",
+         "64", "--seed", "3", "--query-instruction", "q: "]
+  # One device in the child (8 in this process): the negatives must not depend on it.
+  env = dict(os.environ, XLA_FLAGS="--xla_cpu_multi_thread_eigen=false")
+  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300, env=env)
+  assert proc.returncode == 0, proc.stderr
+  got = read_jsonl(out)
+  expected = mine.mine_hard_negatives(rows, encoder, range_for_sampling=(2, 30),
+                                      negative_number=5, query_instruction="q: ", seed=3,
+                                      batch_size=64, max_length=32)
+  assert got == expected
+  summary = proc.stdout.strip().splitlines()[-1]
+  assert summary.startswith(f"mined {len(rows)} rows")
+  assert f"corpus {len(corpus_of(rows))} passages" in summary
+  assert f"0 of {len(rows)} rows topped up" in summary
+  assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+  umask = os.umask(0)
+  os.umask(umask)
+  assert out.stat().st_mode & 0o777 == 0o666 & ~umask
+
+  # A refusal as a subprocess: exit 2, one error line naming file:line, the old output kept.
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text(json.dumps(rows[0]) + "\n\n" + '{"query": "q", "pos": ["p"]\n')
+  cmd[cmd.index(train)] = str(bad)
+  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300, env=env)
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+  assert proc.stderr.startswith(f"error: {bad}:3: invalid JSON")
+  assert read_jsonl(out) == expected
+
+
+def test_cli_refusals(tiny_model, tmp_path, capsys):
+  cli = _load_cli()
+  good = {"query": "alpha beta", "pos": ["gamma delta."], "neg": ["model vector."]}
+  folder = tmp_path / "work"
+  folder.mkdir()
+  out = folder / "out.jsonl"
+
+  def refused(lines, *extra, needle, pool=None):
+    train = folder / "train.jsonl"
+    train.write_text("".join(line + "\n" for line in lines))
+    argv = ["--model", str(tiny_model), "--input", str(train), "--output", str(out),
+            "--max-length", "32", *extra]
+    code = cli.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("error: ") and len(err.splitlines()) == 1 and needle in err, err
+    assert_nothing_written(folder, out)
+
+  ok = json.dumps(good)
+  refused([ok, "{oops"], needle=f"{folder / 'train.jsonl'}:2: invalid JSON")
+  refused([ok, ok, json.dumps({"pos": ["x"]})], needle='train.jsonl:3: missing field "query"')
+  refused([json.dumps({"query": "q"})], needle='train.jsonl:1: missing field "pos"')
+  refused([json.dumps({"query": "q", "pos": "x"})], needle='train.jsonl:1: field "pos" is a JSON '
+          "string")
+  refused([ok, "[1, 2]"], needle="train.jsonl:2: expected a JSON object")
+  refused([], needle="no rows")
+  refused([ok], "--range", "20", needle="--range")
+  refused([ok], "--negatives", "0", needle="--negatives=0")
+  refused([ok], "--candidate-pool", str(folder / "missing.jsonl"), needle="missing.jsonl: no such")
+  (folder / "pool.jsonl").write_text('{"text": "a"}\n{"txt": "b"}\n')
+  refused([ok], "--candidate-pool", str(folder / "pool.jsonl"),
+          needle='pool.jsonl:2: expected an object {"text": ...}, got no field "text"')
+  train = folder / "train.jsonl"
+  assert cli.main(["--model", str(folder / "nope"), "--input", str(train), "--output",
+                   str(out)]) == 2
+  assert "--model" in capsys.readouterr().err
+  assert_nothing_written(folder, out)
+  assert cli.main(["--model", str(tiny_model), "--input", str(train), "--output",
+                   str(folder / "no" / "out.jsonl")]) == 2
+  assert "does not exist" in capsys.readouterr().err
+
+  # In process, the happy path with a pool too small for the request: a summary with the count.
+  train.write_text(ok + "\n")
+  (folder / "pool.jsonl").write_text('{"text": "alpha."}\n{"text": "beta."}\n')
+  assert cli.main(["--model", str(tiny_model), "--input", str(train), "--output", str(out),
+                   "--candidate-pool", str(folder / "pool.jsonl"), "--range", "0-10"]) == 0
+  summary = capsys.readouterr().out.strip().splitlines()[-1]
+  assert "corpus 2 passages" in summary and "0 of 1 rows topped up" in summary
+  assert summary.endswith("1 left short (the corpus is too small)")
+  assert sorted(read_jsonl(out)[0]["neg"]) == ["alpha.", "beta."]
+
+
+@pytest.mark.slow
+def test_mine_toy_finetune_data_with_minilm(minilm_path, shared_data, tmp_path):
+  path = shared_data / "en" / "toy_finetune_data.jsonl"
+  if not path.is_file():
+    pytest.skip(f"{path} is absent")
+  rows = mine.read_rows(str(path))
+  encoder = Encoder.from_hf(minilm_path, pooling="mean")
+  mined, stats = mine.mine_with_stats(rows, encoder, range_for_sampling=(2, 200),
+                                      negative_number=15, batch_size=64)
+  corpus = corpus_of(rows)
+  assert stats.corpus_size == len(corpus) and stats.short == 0
+  ranked, _ = ranked_texts(encoder, rows, corpus, max_length=512)
+  for row, out, texts in zip(rows, mined, ranked):
+    assert len(out["neg"]) == 15 == len(set(out["neg"]))
+    assert not set(out["neg"]) & set(row["pos"]) and row["query"] not in out["neg"]
+    assert set(out["neg"]) <= set(texts[2:])
+  # The top neighbour of a query is rarely a random passage: MiniLM ranks each row's own
+  # positive in the top 3 for most rows of this toy set.
+  top3 = sum(any(p in texts[:3] for p in row["pos"]) for row, texts in zip(rows, ranked))
+  assert top3 >= len(rows) // 2
+
+  out = tmp_path / "mined.jsonl"
+  cli = _load_cli()
+  assert cli.main(["--model", minilm_path, "--pooling", "mean", "--input", str(path), "--output",
+                   str(out), "--range", "2-200", "--negatives", "15", "--batch-size", "64"]) == 0
+  assert read_jsonl(out) == mined
