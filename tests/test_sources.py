@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import pathlib
 
 import numpy as np
@@ -130,7 +131,11 @@ BAD_ROWS = [
     (b'{"body": "x", "id": 3}', "missing_field", "no field 'text' (the row has keys 'body', 'id')"),
     (b'{"text": 17}', "not_string", "is a JSON number, not a string"),
     (b'{"text": null}', "not_string", "is a JSON null"),
-    (b'{"text": ["a", "b"]}', "not_string", "is a JSON array"),
+    (b'{"text": {"a": "b"}}', "not_string", "is a JSON object, not a string or a list of strings"),
+    (b'{"text": [["a"]]}', "not_string", "field 'text'[0] is a JSON array, not a string"),
+    (b'{"text": [null]}', "not_string", "field 'text'[0] is a JSON null"),
+    (b'{"text": []}', "empty_text", "field 'text' is an empty list"),
+    (b'{"text": [" "]}', "empty_text", "field 'text'[0] is empty or whitespace-only"),
     (b'{"text": ""}', "empty_text", "empty or whitespace-only"),
     (b'{"text": " \\t\\n "}', "empty_text", "empty or whitespace-only"),
     (b'{"text": "caf\xe9"}', "invalid_utf8", "byte 0xe9"),
@@ -217,6 +222,156 @@ def test_zero_texts_after_skipping(tmp_path):
   (tmp_path / "blank.txt").write_text("\n\n", encoding="utf-8")
   with pytest.raises(DataError, match="no usable text"):
     open_text_source(tmp_path / "blank.txt")
+
+
+# ---------------------------------------------------------------------------------------------
+# Several fields, lists of strings (FlagEmbedding fine-tuning rows), dedupe
+# ---------------------------------------------------------------------------------------------
+
+FINETUNE_ROWS = [
+    {"query": "q1", "pos": ["p1"], "neg": ["n1", "n2"]},
+    {"query": "q2", "pos": ["p2"]},  # No negatives: fine.
+    {"query": "q3", "pos": "p3 as a string", "neg": []},
+]
+
+
+def write_finetune(path: pathlib.Path, rows=FINETUNE_ROWS) -> pathlib.Path:
+  # Rows on lines 1, 3, 4 (a blank line 2).
+  lines = [json.dumps(rows[0]), ""] + [json.dumps(r) for r in rows[1:]]
+  path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+  return path
+
+
+def test_several_fields_row_then_field_then_list_order(tmp_path):
+  p = write_finetune(tmp_path / "ft.jsonl")
+  src = open_text_source(p, field="pos,neg")
+  assert list(src) == ["p1", "n1", "n2", "p2", "p3 as a string"]
+  assert [src.locate(i) for i in range(len(src))] == [f"{p}:{n}" for n in (1, 1, 1, 3, 4)]
+  assert src.skipped == {}
+  assert list(open_text_source(p, field="query,pos,neg")) == [
+      "q1", "p1", "n1", "n2", "q2", "p2", "q3", "p3 as a string"]
+  assert list(open_text_source(p, field="neg,pos")) == ["n1", "n2", "p1", "p2", "p3 as a string"]
+  assert list(open_text_source(p, field=" pos , neg ")) == list(src)
+  assert list(open_text_source(p, field=["pos", "neg"])) == list(src)
+  # A single list-valued field.
+  assert list(open_text_source(p, field="pos")) == ["p1", "p2", "p3 as a string"]
+  # Shards stride over texts, not rows.
+  assert list(src.shard(0, 2)) == ["p1", "n2", "p3 as a string"]
+  assert src.shard(1, 2).locate(0) == f"{p}:1" and src.shard(1, 2).locate(1) == f"{p}:3"
+  assert src.__getitems__([4, 1, 2]) == ["p3 as a string", "n1", "n2"]
+  # The same rows as one JSON array: line numbers are where items start.
+  a = tmp_path / "ft.json"
+  a.write_text("[\n" + ",\n".join(json.dumps(r) for r in FINETUNE_ROWS) + "\n]\n", encoding="utf-8")
+  arr = open_text_source(a, field="pos,neg")
+  assert list(arr) == list(src)
+  assert [arr.locate(i) for i in range(len(arr))] == [f"{a}:{n}" for n in (2, 2, 2, 3, 4)]
+
+
+def test_several_fields_missing_all(tmp_path):
+  p = write_finetune(tmp_path / "ft.jsonl", FINETUNE_ROWS[:2] + [{"query": "q", "id": 3}])
+  with pytest.raises(DataError) as info:
+    open_text_source(p, field="pos,neg")
+  assert str(info.value).startswith(
+      f"{p}:4: none of the fields 'pos' or 'neg' (the row has keys 'query', 'id')")
+  assert "on_error='skip'" in str(info.value)
+  src = open_text_source(p, field="pos,neg", on_error="skip")
+  assert list(src) == ["p1", "n1", "n2", "p2"] and src.skipped == {"missing_field": 1}
+  assert f"missing_field 1 (first at {p}:4)" in src.summary()
+  p.write_text('"p1"\n', encoding="utf-8")
+  with pytest.raises(DataError, match=r"ft\.jsonl:1: a JSON string where an object like "
+                     r'\{"pos": "\.\.\."\} was expected'):
+    open_text_source(p, field="pos,neg")
+
+
+LIST_ROW = (b'{"pos": ["ok", 7, "", "fine", "caf\xe9"], "neg": null, "x": 1}\n'
+            b'{"pos": [], "neg": []}\n'
+            b'{"query": "q", "neg": ["ab", "long enough"]}\n')
+
+
+def test_bad_texts_in_lists_name_file_line_and_field(tmp_path):
+  p = tmp_path / "ft.jsonl"
+  p.write_bytes(LIST_ROW)
+  with pytest.raises(DataError, match=r"ft\.jsonl:1: field 'pos'\[1\] is a JSON number, not a "
+                     r"string\. Fix the row"):
+    open_text_source(p, field="pos,neg")
+  cases = [  # (file content, message) for each other problem, alone.
+      (b'{"pos": ["ok", ""]}', r":1: field 'pos'\[1\] is empty or whitespace-only"),
+      (b'{"pos": ["caf\xe9"]}', r":1: field 'pos'\[0\] holds byte 0xe9"),
+      (b'{"pos": ["x \\ud800"]}', r":1: field 'pos'\[0\] holds a lone surrogate"),
+      (b'{"pos": ["ok"], "neg": null}', r":1: field 'neg' is a JSON null, not a string or a list"),
+      (b'{"pos": [], "neg": []}', r":1: fields 'pos' and 'neg' are empty lists: the row holds no"),
+      (b'{"neg": []}', r":1: field 'neg' is an empty list"),
+  ]
+  for content, message in cases:
+    p.write_bytes(content + b"\n")
+    with pytest.raises(DataError, match=message):
+      open_text_source(p, field="pos,neg")
+  p.write_bytes(b'{"q": "q", "neg": ["ab", "long enough"]}\n')
+  with pytest.raises(DataError, match=r":1: field 'neg'\[0\] has 2 characters, fewer than"):
+    open_text_source(p, field="pos,neg", min_chars=3)
+  # Skipping drops a bad text alone; the row's good texts stay.
+  p.write_bytes(LIST_ROW)
+  src = open_text_source(p, field="pos,neg", on_error="skip", min_chars=3)
+  assert list(src) == ["fine", "long enough"]
+  assert [src.locate(i) for i in range(2)] == [f"{p}:1", f"{p}:3"]
+  assert src.skipped == {"not_string": 2, "empty_text": 2, "too_short": 2, "invalid_utf8": 1}
+  assert f"not_string 2 (first at {p}:1)" in src.summary()
+  assert f"too_short 2 (first at {p}:1)" in src.summary()  # "ok" is too short as well.
+
+
+def test_field_option_is_checked(tmp_path):
+  p = write_finetune(tmp_path / "ft.jsonl")
+  for bad in ("", "pos,,neg", "pos,", " , "):
+    with pytest.raises(ValueError, match="empty name"):
+      open_text_source(p, field=bad)
+  with pytest.raises(ValueError, match="'pos' more than once"):
+    open_text_source(p, field="pos,neg,pos")
+  with pytest.raises(ValueError, match="field name"):
+    open_text_source(p, field=["pos", 3])
+
+
+def test_field_in_no_row_warns(tmp_path, caplog):
+  p = write_finetune(tmp_path / "ft.jsonl")
+  with caplog.at_level(logging.WARNING, logger="bge_jax.data.sources"):
+    src = open_text_source(p, field="pos,negs")
+  assert list(src) == ["p1", "p2", "p3 as a string"]
+  assert "holds field 'negs'" in caplog.text
+  caplog.clear()
+  with caplog.at_level(logging.WARNING, logger="bge_jax.data.sources"):
+    open_text_source(p, field="pos,neg")
+  assert caplog.text == ""
+
+
+def test_dedupe(tmp_path, caplog):
+  rows = [
+      {"query": "q1", "pos": ["shared"], "neg": ["a", "b", "a"]},
+      {"query": "q2", "pos": ["b"], "neg": ["shared", "c"]},
+  ]
+  p = write_finetune(tmp_path / "ft.jsonl", rows)  # Lines 1 and 3.
+  t = tmp_path / "more.txt"
+  t.write_text("c\nd\nshared\n", encoding="utf-8")
+  src = open_text_source([p, t], field="pos,neg")
+  assert list(src) == ["shared", "a", "b", "a", "b", "shared", "c", "c", "d", "shared"]
+  assert src.skipped == {}
+  with caplog.at_level(logging.INFO, logger="bge_jax.data.sources"):
+    dd = open_text_source([p, t], field="pos,neg", dedupe=True)
+  assert list(dd) == ["shared", "a", "b", "c", "d"]  # First occurrences, in order, across files.
+  assert [dd.locate(i) for i in range(len(dd))] == [f"{p}:1"] * 3 + [f"{p}:3", f"{t}:2"]
+  assert dd.skipped == {"duplicate": 5}
+  line = dd.summary()
+  assert line.startswith("5 texts from 2 files")
+  assert f"dropped 5 duplicate texts (first at {p}:1)" in line and "bad row" not in line
+  assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # Not an error.
+  # Bad texts are counted as bad, not as duplicates; dedupe compares exact strings.
+  p.write_text('{"pos": ["x", "", "x ", "x"]}\n{"pos": [""]}\n', encoding="utf-8")
+  src = open_text_source(p, field="pos", dedupe=True, on_error="skip")
+  assert list(src) == ["x", "x "]
+  assert src.skipped == {"empty_text": 2, "duplicate": 1}
+  assert "skipped 2 bad rows: empty_text 2" in src.summary()
+  assert src.shard(1, 2).skipped == src.skipped
+  # Off by default; refused for TFDS specs (checked before opening anything).
+  with pytest.raises(DataError, match="dedupe=True cannot apply to 'tfds:c4'"):
+    open_text_source([p, "tfds:c4"], field="pos", dedupe=True, on_error="skip")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,6 +511,119 @@ def test_tfds_errors(tfds_dir):
     src[0]
 
 
+FINETUNE_RECORDS = [  # (query, pos, neg) per record; record keys are the list positions.
+    ("q0", ["p0a"], ["n0a", "n0b"]),
+    ("q1", ["p1a", "p1b"], []),  # No negatives: fine.
+    ("q2", [], ["n2a"]),
+    ("q3", ["p3a"], ["n3a", "", "n3c"]),  # An empty negative: refused when read.
+    ("q4", ["p4a"], ["n4a"]),
+]
+
+
+@pytest.fixture(scope="module")
+def tfds_finetune_dir(tmp_path_factory) -> pathlib.Path:
+  tfds = pytest.importorskip("tensorflow_datasets")
+  pytest.importorskip("array_record")
+
+  class BgeJaxToyFinetune(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """FlagEmbedding-style rows: a text query, variable-length sequences of passages."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      passages = tfds.features.Sequence(tfds.features.Text())
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+          {"query": tfds.features.Text(), "pos": passages, "neg": passages}))
+
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      return {"train": self._generate_examples(FINETUNE_RECORDS),
+              "bad": self._generate_examples([("q", ["p"], []), ("r", [], [])])}
+
+    def _generate_examples(self, records):
+      for i, (q, pos, neg) in enumerate(records):
+        yield i, {"query": q, "pos": pos, "neg": neg}
+
+  data_dir = tmp_path_factory.mktemp("tfds_finetune")
+  BgeJaxToyFinetune(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
+  return data_dir
+
+
+def _read_all(src):
+  """(texts, errors) reading every text of a lazily validated source."""
+  texts, errors = [], []
+  for i in range(len(src)):
+    try:
+      texts.append(src[i])
+    except DataError as e:
+      errors.append((i, str(e)))
+  return texts, errors
+
+
+def test_tfds_several_fields_and_sequences(tfds_finetune_dir, caplog):
+  spec = f"tfds:bge_jax_toy_finetune:train@{tfds_finetune_dir}"
+  label = spec
+  # Record order is TFDS's; check each record's texts against the record they name.
+  by_query = {q: (q, pos, neg) for q, pos, neg in FINETUNE_RECORDS}
+  for field, pick in [("pos,neg", lambda q, pos, neg: pos + neg),
+                      ("neg,pos", lambda q, pos, neg: neg + pos),
+                      ("query,pos,neg", lambda q, pos, neg: [q] + pos + neg)]:
+    src = open_text_source(spec, field=field)
+    expected_total = sum(len(pick(*r)) for r in FINETUNE_RECORDS)
+    assert len(src) == expected_total, field
+    queries = open_text_source(spec, field="query")  # Scalar: one text per record, lazy.
+    assert len(queries) == len(FINETUNE_RECORDS)
+    per_record: dict[str, list] = {}
+    for i in range(len(src)):
+      loc = src.locate(i)
+      assert loc.startswith(f"{label}[") and loc.endswith("]")
+      try:
+        text = src[i]
+      except DataError as e:
+        assert "feature 'neg'[1] is empty or whitespace-only" in str(e), str(e)
+        assert str(e).startswith(f"{label} record {loc[len(label) + 1:-1]}:")
+        text = ""
+      per_record.setdefault(loc, []).append(text)
+    for loc, texts in per_record.items():
+      record = int(loc[len(label) + 1:-1])
+      q = queries[record]
+      assert texts == pick(*by_query[q]), (field, loc)
+  # Batched reads and shards agree with single reads.
+  src = open_text_source(spec, field="pos,neg")
+  texts, errors = _read_all(src)
+  assert len(errors) == 1 and len(texts) == len(src) - 1
+  good = [i for i in range(len(src)) if i != errors[0][0]]
+  assert src.__getitems__(good[::-1]) == [src[i] for i in good[::-1]]
+  shards = [src.shard(k, 3) for k in range(3)]
+  assert sum(len(s) for s in shards) == len(src)
+  assert [s.locate(0) for s in shards] == [src.locate(k) for k in range(3)]
+  # A named feature the dataset lacks is ignored with a warning while another exists.
+  with caplog.at_level(logging.WARNING, logger="bge_jax.data.sources"):
+    src = open_text_source(spec, field="query,negs")
+  assert len(src) == len(FINETUNE_RECORDS) and "no feature 'negs'" in caplog.text
+  with pytest.raises(DataError, match=r"no feature 'negs' or 'poss' \(the dataset has "
+                     r"\['neg', 'pos', 'query'\]\)"):
+    open_text_source(spec, field="negs,poss")
+
+
+def test_tfds_record_without_text_is_refused_when_opening(tfds_finetune_dir):
+  spec = f"tfds:bge_jax_toy_finetune:bad@{tfds_finetune_dir}"
+  with pytest.raises(DataError, match=r"record \d: features 'pos' and 'neg' hold no text \(empty "
+                     r"sequences\).*cannot be skipped"):
+    open_text_source(spec, field="pos,neg", on_error="skip")
+  assert sorted(open_text_source(spec, field="query,pos,neg")) == ["p", "q", "r"]
+
+
+def test_tfds_two_scalar_features(tfds_dir):
+  # Two features per record (fixed), lazy: text 2k is record k's "text", 2k+1 its "id".
+  src = open_text_source(f"tfds:bge_jax_toy_corpus:test@{tfds_dir}", field="text,id")
+  assert len(src) == 4
+  assert sorted([src[0], src[2]]) == ["held out a", "held out b"]
+  assert src.locate(0) == src.locate(1) != src.locate(2) == src.locate(3)
+  with pytest.raises(DataError, match=r"record \d: feature 'id' is a int"):
+    src[3]
+
+
 # ---------------------------------------------------------------------------------------------
 # Real data
 # ---------------------------------------------------------------------------------------------
@@ -371,3 +639,21 @@ def test_toy_pretrain_data(shared_data):
   assert len(src) == len(rows) == 10
   assert all(t.startswith("RetroMAE") for t in src)
   assert src.skipped == {}
+
+
+@pytest.mark.parametrize("name", ["en/nq.jsonl", "zh/bge_finetune_data.jsonl"])
+def test_finetune_data_as_pretraining_corpus(shared_data, name):
+  path = shared_data / name
+  if not path.is_file():
+    pytest.skip(f"{path} is absent")
+  rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
+          if line.strip()]
+  passages = [t for r in rows for f in ("pos", "neg") for t in r.get(f, [])]
+  src = open_text_source(str(path), field="pos,neg")
+  assert len(src) == len(passages) > len(rows)
+  assert list(src) == passages and src.skipped == {}
+  assert src.locate(len(src) - 1) == f"{path}:{len(rows)}"
+  dd = open_text_source(str(path), field="pos,neg", dedupe=True)
+  assert len(dd) == len(set(passages)) and list(dd) == list(dict.fromkeys(passages))
+  assert dd.skipped.get("duplicate", 0) == len(passages) - len(dd)
+  assert len(open_text_source(str(path), field="query,pos,neg")) == len(passages) + len(rows)

@@ -4,7 +4,8 @@ The trainer derives the examples of a step from a permutation seeded by (seed, e
 source must answer `len(src)` and `src[i] -> str` for any `i`, in any order. `open_text_source`
 builds such a `TextSource` from one or several specs:
 
-  path/to/file.jsonl        one JSON object per line; the text is `row[field]` (default "text")
+  path/to/file.jsonl        one JSON object per line; the texts are `row[field]` (default "text";
+                            see below for several fields and lists of strings)
   path/to/file.json         JSONL too, or one JSON array of objects when it starts with `[`
   path/to/file.txt          one text per non-blank line
   (any of the above may end in `.gz`)
@@ -17,21 +18,36 @@ builds such a `TextSource` from one or several specs:
                             and may be a slice ("train[:10%]"); records are dicts holding `field`
                             (bytes are decoded as UTF-8)
 
+`field` may name several fields, comma-separated ("pos,neg", "query,pos,neg"), and a field's value
+may be a string or a list of strings: every string is one text, in row order, then field order,
+then list order. This reads FlagEmbedding fine-tuning files ({"query": str, "pos": [str, ...],
+"neg": [str, ...]}) as a pre-training corpus. A row needs at least one of the named fields (a row
+without negatives is fine); `locate(i)` names the row a text comes from. With `dedupe=True` a text
+seen before (anywhere in the source, compared exactly) is dropped and counted as "duplicate" in
+`src.skipped`, which is not an error: mined passages repeat a lot across rows.
+
 Files are validated up front, in one streaming pass, and their texts are kept in memory as a
 list of str (plus one int64 line number per text, for error messages). That is fine up to a few
 GB of text per process; corpora beyond memory belong in a TFDS array_record dataset, which is
 read record by record. Every process reads (and validates) every file so that all processes
 agree on the global indexing, then `shard` keeps only the process's part and the rest is freed.
 
-Bad rows (invalid JSON, a row that is not an object, a missing or non-string field, an empty,
-whitespace-only or too short text, bytes that are not UTF-8) raise a `DataError` naming
-`file:line`, the problem and the fix, or with `on_error="skip"` are skipped and counted per
-reason in `src.skipped`. Blank lines are not rows and are ignored silently in both modes.
+Bad rows (invalid JSON, a row that is not an object, a row with none of the fields) and bad
+texts (a value that is neither a string nor a list of strings, a list item that is not a string,
+an empty list, an empty, whitespace-only or too short text, bytes that are not UTF-8) raise a
+`DataError` naming `file:line`, the field, the problem and the fix, or with `on_error="skip"` are
+skipped and counted per reason in `src.skipped`; a bad text is skipped alone, the row's other
+texts are kept. Blank lines are not rows and are ignored silently in both modes.
 
 TFDS records cannot be skipped without scanning the whole dataset, which would defeat lazy
 reading, so they are validated when read: a bad record raises a `DataError` naming the dataset
 and the record index whatever `on_error` says (clean the dataset when building it). Whether the
-field exists is checked up front from the dataset's features.
+fields exist is checked up front from the dataset's features (a named feature the dataset lacks is
+ignored with a warning, as long as one exists). Text features (shape ()) and fixed-length
+sequences of text give a fixed number of texts per record and stay fully lazy; a variable-length
+sequence (`tfds.features.Sequence(tfds.features.Text())`) needs one pass over the records when
+opening to count their texts (one int64 per record is kept), which also refuses a record with no
+text. `dedupe` does not apply to TFDS datasets (it would need all texts in memory).
 """
 
 from __future__ import annotations
@@ -55,6 +71,7 @@ Spec = Union[str, os.PathLike]
 
 FILE_SUFFIXES = (".jsonl", ".json", ".txt")
 ON_ERROR = ("raise", "skip")
+DUPLICATE = "duplicate"  # The `skipped` reason for texts dropped by dedupe=True (not an error).
 TFDS_PREFIX = "tfds:"
 
 _SKIP_HINT = "set data.on_error='skip' to count and skip bad rows"
@@ -81,14 +98,18 @@ class _BadRow(Exception):
 # Validation of one text value (shared by files and TFDS records).
 # ---------------------------------------------------------------------------------------------
 
-def _check_text(text: str, min_chars: int, what: str, may_be_invalid: bool = True) -> str:
-  """Returns `text` if usable, else raises `_BadRow`. `what` names the value in messages.
+def _check_text(text: str, min_chars: int, what: str, may_be_invalid: bool = True,
+                item: int | None = None) -> str:
+  """Returns `text` if usable, else raises `_BadRow`.
 
-  `may_be_invalid=False` skips the (relatively costly) scan for surrogates when the caller knows
-  there can be none (the raw line decoded strictly and holds no JSON \\u escape).
+  `what` names the value in messages ("field 'pos'"), `item` its index in a list (appended as
+  `[item]`; formatted only on failure). `may_be_invalid=False` skips the (relatively costly) scan
+  for surrogates when the caller knows there can be none (the raw line decoded strictly and holds
+  no JSON \\u escape).
   """
   m = _SURROGATE.search(text) if may_be_invalid else None
   if m is not None:
+    what = _item_name(what, item)
     code = ord(m.group())
     if 0xDC80 <= code <= 0xDCFF:  # A raw byte kept by errors="surrogateescape".
       problem = (f"{what} holds byte 0x{code - 0xDC00:02x} (character {m.start()}), which is not "
@@ -98,28 +119,38 @@ def _check_text(text: str, min_chars: int, what: str, may_be_invalid: bool = Tru
                  "is not valid Unicode")
     raise _BadRow("invalid_utf8", problem)
   if not text or text.isspace():
-    raise _BadRow("empty_text", f"{what} is empty or whitespace-only")
+    raise _BadRow("empty_text", f"{_item_name(what, item)} is empty or whitespace-only")
   if min_chars > 1:
     n = len(text.strip())
     if n < min_chars:
-      raise _BadRow("too_short", f"{what} has {n} characters, fewer than min_chars={min_chars}")
+      raise _BadRow("too_short", f"{_item_name(what, item)} has {n} characters, fewer than "
+                    f"min_chars={min_chars}")
   return text
 
 
-def _field_of(row: Any, field: str, min_chars: int, may_be_invalid: bool = True) -> str:
-  """The text `row[field]` of a decoded JSON row, validated."""
-  if not isinstance(row, dict):
-    raise _BadRow("not_object", f"a JSON {_json_type(row)} where an object like "
-                  f"{{\"{field}\": \"...\"}} was expected")
-  if field not in row:
-    keys = ", ".join(repr(k) for k in list(row)[:8]) + (", ..." if len(row) > 8 else "")
-    has = f"the row has keys {keys}" if keys else "the row is an empty object"
-    raise _BadRow("missing_field", f"no field {field!r} ({has}); set data.field to the key "
-                  "holding the text")
-  value = row[field]
-  if not isinstance(value, str):
-    raise _BadRow("not_string", f"field {field!r} is a JSON {_json_type(value)}, not a string")
-  return _check_text(value, min_chars, f"field {field!r}", may_be_invalid)
+def _item_name(what: str, item: int | None) -> str:
+  return what if item is None else f"{what}[{item}]"
+
+
+def _parse_fields(field: str | Sequence[str]) -> tuple[str, ...]:
+  """`"pos,neg"` (or `["pos", "neg"]`) -> `("pos", "neg")`; raises ValueError on a bad list."""
+  names = field.split(",") if isinstance(field, str) else list(field)
+  if not all(isinstance(n, str) for n in names):
+    raise ValueError(f"field={field!r}; give a field name or comma-separated names")
+  fields = tuple(n.strip() for n in names)
+  if not fields or not all(fields):
+    raise ValueError(f"field={field!r} holds an empty name; give a field name or comma-separated "
+                     "names such as 'pos,neg'")
+  twice = sorted({n for n in fields if fields.count(n) > 1})
+  if twice:
+    raise ValueError(f"field={field!r} names {', '.join(map(repr, twice))} more than once")
+  return fields
+
+
+def _names(fields: Sequence[str], conj: str = "or") -> str:
+  """'a' / 'a' or 'b' / 'a', 'b' or 'c' (for messages)."""
+  quoted = [repr(f) for f in fields]
+  return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} {conj} {quoted[-1]}"
 
 
 def _json_type(value: Any) -> str:
@@ -157,54 +188,110 @@ class _MemoryPart:
 
 
 class _TfdsPart:
-  """A TFDS array_record data source, read and validated record by record."""
+  """A TFDS array_record data source, read and validated record by record.
 
-  def __init__(self, label: str, ds: Any, field: str, min_chars: int, indices: range):
-    self.label, self.ds, self.field = label, ds, field
-    self.min_chars, self.indices = min_chars, indices
+  Text `t` of the full dataset (global text id, in record order, then field order, then list
+  order) is in record `t // per_record` when every record holds `per_record` texts (`starts` is
+  None), else in the record `r` with `starts[r] <= t < starts[r + 1]`. `text_ids` are the global
+  text ids of this part (a strided range once sharded).
+  """
+
+  def __init__(self, label: str, ds: Any, fields: tuple[str, ...], min_chars: int,
+               text_ids: range, per_record: int = 1, starts: np.ndarray | None = None):
+    self.label, self.ds, self.fields, self.min_chars = label, ds, fields, min_chars
+    self.text_ids, self.per_record, self.starts = text_ids, per_record, starts
 
   def __len__(self) -> int:
-    return len(self.indices)
+    return len(self.text_ids)
 
-  def _text(self, record: Any, k: int) -> str:
+  def _record_of(self, i: int) -> tuple[int, int]:
+    """(record index, text offset within the record) of local text `i`."""
+    t = self.text_ids[i]
+    if self.starts is None:
+      return divmod(t, self.per_record)
+    r = int(np.searchsorted(self.starts, t, side="right")) - 1
+    return r, t - int(self.starts[r])
+
+  def _text(self, record: Any, k: int, offset: int) -> str:
     try:
       if not isinstance(record, dict):
         raise _BadRow("not_object", f"record is a {type(record).__name__}, not a dict of features")
-      if self.field not in record:
-        raise _BadRow("missing_field", f"no feature {self.field!r} (the record has "
-                      f"{sorted(record)}); set data.field to the feature holding the text")
-      value = record[self.field]
+      name, item, value = _record_unit(record, self.fields, offset)
+      what = f"feature {name!r}"
       if isinstance(value, np.ndarray) and value.ndim == 0:
         value = value.item()
       if isinstance(value, (bytes, np.bytes_)):
         try:
           value = bytes(value).decode("utf-8")
         except UnicodeDecodeError as e:
-          raise _BadRow("invalid_utf8", f"feature {self.field!r} holds byte "
+          raise _BadRow("invalid_utf8", f"{_item_name(what, item)} holds byte "
                         f"0x{value[e.start]:02x} (byte {e.start}), which is not UTF-8") from None
       if not isinstance(value, str):
-        raise _BadRow("not_string", f"feature {self.field!r} is a {type(value).__name__}, not "
+        raise _BadRow("not_string", f"{_item_name(what, item)} is a {type(value).__name__}, not "
                       "text")
-      return _check_text(value, self.min_chars, f"feature {self.field!r}")
+      return _check_text(value, self.min_chars, what, item=item)
     except _BadRow as e:
       raise DataError(f"{self.label} record {k}: {e.problem}. {_TFDS_HINT}.") from None
 
   def get(self, i: int) -> str:
-    k = self.indices[i]
-    return self._text(self.ds[k], k)
+    k, offset = self._record_of(i)
+    return self._text(self.ds[k], k, offset)
 
   def get_many(self, idx: Sequence[int]) -> list[str]:
-    keys = [self.indices[i] for i in idx]
+    where = [self._record_of(i) for i in idx]
+    keys = list(dict.fromkeys(k for k, _ in where))  # Each record read once.
     getitems = getattr(self.ds, "__getitems__", None)
     records = getitems(keys) if getitems is not None else [self.ds[k] for k in keys]
-    return [self._text(rec, k) for rec, k in zip(records, keys)]
+    by_key = dict(zip(keys, records))
+    return [self._text(by_key[k], k, offset) for k, offset in where]
 
   def locate(self, i: int) -> str:
-    return f"{self.label}[{self.indices[i]}]"
+    return f"{self.label}[{self._record_of(i)[0]}]"
 
   def take(self, r: range) -> _TfdsPart:
-    indices = self.indices[r.start:r.stop:r.step]
-    return _TfdsPart(self.label, self.ds, self.field, self.min_chars, indices)
+    text_ids = self.text_ids[r.start:r.stop:r.step]
+    return _TfdsPart(self.label, self.ds, self.fields, self.min_chars, text_ids, self.per_record,
+                     self.starts)
+
+
+def _is_list(value: Any) -> bool:
+  return isinstance(value, (list, tuple)) or (isinstance(value, np.ndarray) and value.ndim == 1)
+
+
+def _record_unit(record: dict, fields: Sequence[str], offset: int) -> tuple[str, int | None, Any]:
+  """(field, list index or None, value) of the `offset`-th text of a TFDS record."""
+  present = False
+  for name in fields:
+    if name not in record:
+      continue
+    present = True
+    value = record[name]
+    if _is_list(value):
+      if offset < len(value):
+        return name, offset, value[offset]
+      offset -= len(value)
+    elif offset == 0:
+      return name, None, value
+    else:
+      offset -= 1
+  if not present:
+    raise _BadRow("missing_field", f"no feature {_names(fields)} (the record has "
+                  f"{sorted(record)}); set data.field to the feature holding the text")
+  raise _BadRow("changed", "holds fewer texts than when the source was opened (was the dataset "
+                "rewritten meanwhile?)")
+
+
+def _record_count(record: Any, fields: Sequence[str]) -> int | None:
+  """How many texts a TFDS record holds (None: none of the fields)."""
+  if not isinstance(record, dict):
+    return 1  # Refused when read.
+  n, present = 0, False
+  for name in fields:
+    if name in record:
+      present = True
+      value = record[name]
+      n += len(value) if _is_list(value) else 1
+  return n if present else None
 
 
 _Part = Union[_MemoryPart, _TfdsPart]
@@ -220,9 +307,10 @@ class TextSource(Sequence):
   Attributes:
     origins: where the texts come from, in order: file paths and `tfds:NAME:SPLIT[@DIR]` labels
       (all of them, also on a shard).
-    skipped: reason -> number of rows skipped while opening (with `on_error="skip"`); reasons are
-      invalid_json, not_object, missing_field, not_string, empty_text, too_short, invalid_utf8.
-      Counts are over the whole source, also on a shard.
+    skipped: reason -> number of rows (or texts of a row) skipped while opening (with
+      `on_error="skip"`); reasons are invalid_json, not_object, missing_field, not_string,
+      empty_text, too_short, invalid_utf8, and "duplicate" for texts dropped by `dedupe=True`
+      (not an error). Counts are over the whole source, also on a shard.
     shard_index, shard_count: which strided part of the full source this is (0, 1 when unsharded).
     full_length: the number of texts before sharding.
   """
@@ -331,11 +419,16 @@ class TextSource(Sequence):
     else:
       head = f"{len(self)} texts"
     line = f"{head} from {' and '.join(where) or 'nowhere'}"
-    if self.skipped:
-      total = sum(self.skipped.values())
+    bad = {reason: n for reason, n in self.skipped.items() if reason != DUPLICATE}
+    if bad:
+      total = sum(bad.values())
       detail = ", ".join(f"{reason} {n} (first at {self._first_skipped.get(reason, '?')})"
-                         for reason, n in sorted(self.skipped.items()))
+                         for reason, n in sorted(bad.items()))
       line += f"; skipped {total} bad row{'s' if total != 1 else ''}: {detail}"
+    dups = self.skipped.get(DUPLICATE, 0)
+    if dups:
+      line += (f"; dropped {dups} duplicate text{'s' if dups != 1 else ''} (first at "
+               f"{self._first_skipped.get(DUPLICATE, '?')})")
     return line
 
   def __repr__(self) -> str:
@@ -347,18 +440,102 @@ class TextSource(Sequence):
 # ---------------------------------------------------------------------------------------------
 
 class _Reader:
-  """Reads and validates files, collecting skip counts."""
+  """Reads and validates files, collecting skip counts (and, with dedupe, the texts seen)."""
 
-  def __init__(self, field: str, on_error: str, min_chars: int):
-    self.field, self.on_error, self.min_chars = field, on_error, min_chars
+  def __init__(self, fields: tuple[str, ...], on_error: str, min_chars: int,
+               dedupe: bool = False):
+    self.fields, self.on_error, self.min_chars = fields, on_error, min_chars
+    self.what = {name: f"field {name!r}" for name in fields}
+    self.seen: set[str] | None = set() if dedupe else None
     self.skipped: collections.Counter[str] = collections.Counter()
     self.first_skipped: dict[str, str] = {}
+    self.rows = 0  # JSON rows read (objects), for the warning about fields that never occur.
+    self.field_rows: collections.Counter[str] = collections.Counter()
 
-  def _bad(self, where: str, bad: _BadRow) -> None:
+  def _bad(self, path: str, lineno: int, bad: _BadRow) -> None:
     if self.on_error == "raise":
-      raise DataError(f"{where}: {bad.problem}. Fix the row, or {_SKIP_HINT}.")
-    self.skipped[bad.reason] += 1
-    self.first_skipped.setdefault(bad.reason, where)
+      raise DataError(f"{path}:{lineno}: {bad.problem}. Fix the row, or {_SKIP_HINT}.")
+    self._count(bad.reason, path, lineno)
+
+  def _count(self, reason: str, path: str, lineno: int) -> None:
+    self.skipped[reason] += 1
+    if reason not in self.first_skipped:
+      self.first_skipped[reason] = f"{path}:{lineno}"
+
+  def _keep(self, text: str, path: str, lineno: int, texts: list[str], lines: list[int]) -> None:
+    seen = self.seen
+    if seen is not None:
+      if text in seen:
+        return self._count(DUPLICATE, path, lineno)
+      seen.add(text)
+    texts.append(text)
+    lines.append(lineno)
+
+  def _add_row(self, row: Any, path: str, lineno: int, suspect: bool, texts: list[str],
+               lines: list[int]) -> None:
+    """Appends the valid texts of a decoded JSON row (reporting bad rows and texts)."""
+    if not isinstance(row, dict):
+      return self._bad(path, lineno, _BadRow(
+          "not_object", f"a JSON {_json_type(row)} where an object like "
+          f"{{\"{self.fields[0]}\": \"...\"}} was expected"))
+    self.rows += 1
+    present = units = 0
+    for name in self.fields:
+      if name not in row:
+        continue
+      present += 1
+      value = row[name]
+      if isinstance(value, str):
+        units += 1
+        try:
+          text = _check_text(value, self.min_chars, self.what[name], suspect)
+        except _BadRow as e:
+          self._bad(path, lineno, e)
+        else:
+          self._keep(text, path, lineno, texts, lines)
+      elif isinstance(value, list):
+        units += len(value)
+        for j, item in enumerate(value):
+          if not isinstance(item, str):
+            self._bad(path, lineno, _BadRow("not_string", f"field {name!r}[{j}] is a JSON "
+                                            f"{_json_type(item)}, not a string"))
+            continue
+          try:
+            text = _check_text(item, self.min_chars, self.what[name], suspect, item=j)
+          except _BadRow as e:
+            self._bad(path, lineno, e)
+          else:
+            self._keep(text, path, lineno, texts, lines)
+      else:
+        units += 1
+        self._bad(path, lineno, _BadRow("not_string", f"field {name!r} is a JSON "
+                                        f"{_json_type(value)}, not a string or a list of strings"))
+    if len(self.fields) > 1:
+      self.field_rows.update(name for name in self.fields if name in row)
+    if not present:
+      keys = ", ".join(repr(k) for k in list(row)[:8]) + (", ..." if len(row) > 8 else "")
+      has = f"the row has keys {keys}" if keys else "the row is an empty object"
+      if len(self.fields) == 1:
+        problem = (f"no field {self.fields[0]!r} ({has}); set data.field to the key holding the "
+                   "text")
+      else:
+        problem = (f"none of the fields {_names(self.fields)} ({has}); set data.field to the keys "
+                   "holding the texts")
+      self._bad(path, lineno, _BadRow("missing_field", problem))
+    elif not units:
+      empty = [name for name in self.fields if name in row]
+      self._bad(path, lineno, _BadRow("empty_text", (
+          f"field {empty[0]!r} is an empty list" if len(empty) == 1 else
+          f"fields {_names(empty, 'and')} are empty lists") + ": the row holds no text"))
+
+  def warn_unused_fields(self) -> None:
+    """Logs the named fields that no JSON row holds (a typo in data.field?)."""
+    if len(self.fields) > 1 and self.rows:
+      unused = [name for name in self.fields if not self.field_rows[name]]
+      if unused:
+        log.warning("data: no row of the JSON files holds field%s %s (of data.field=%r); check "
+                    "the names", "s" if len(unused) > 1 else "", _names(unused, "nor"),
+                    ",".join(self.fields))
 
   def read(self, path: str) -> _MemoryPart:
     base = path[:-3] if path.endswith(".gz") else path
@@ -396,26 +573,25 @@ class _Reader:
     texts, lines = [], []
     for lineno, line, suspect in self._lines(f):
       try:
-        texts.append(_check_text(line, self.min_chars, "line", suspect))
-        lines.append(lineno)
+        text = _check_text(line, self.min_chars, "line", suspect)
       except _BadRow as e:
-        self._bad(f"{path}:{lineno}", e)
+        self._bad(path, lineno, e)
+      else:
+        self._keep(text, path, lineno, texts, lines)
     return _MemoryPart(path, texts, np.asarray(lines, np.int64))
 
   def _read_jsonl(self, path: str, f) -> _MemoryPart:
     texts, lines = [], []
-    loads = json.loads
+    loads, add_row = json.loads, self._add_row
     for lineno, line, suspect in self._lines(f):
       try:
-        try:
-          row = loads(line)
-        except json.JSONDecodeError as e:
-          raise _BadRow("invalid_json", f"invalid JSON ({e.msg} at column {e.colno}); each line "
-                        f"must be one object like {{\"{self.field}\": \"...\"}}") from None
-        texts.append(_field_of(row, self.field, self.min_chars, suspect))
-        lines.append(lineno)
-      except _BadRow as e:
-        self._bad(f"{path}:{lineno}", e)
+        row = loads(line)
+      except json.JSONDecodeError as e:
+        self._bad(path, lineno, _BadRow(
+            "invalid_json", f"invalid JSON ({e.msg} at column {e.colno}); each line must be one "
+            f"object like {{\"{self.fields[0]}\": \"...\"}}"))
+        continue
+      add_row(row, path, lineno, suspect, texts, lines)
     return _MemoryPart(path, texts, np.asarray(lines, np.int64))
 
   def _read_json_array(self, path: str, data: bytes) -> _MemoryPart:
@@ -450,12 +626,7 @@ class _Reader:
           row, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
           raise fail(e.pos, e.msg) from None
-        lineno = line_at(pos)
-        try:
-          texts.append(_field_of(row, self.field, self.min_chars))
-          lines.append(lineno)
-        except _BadRow as e:
-          self._bad(f"{path}:{lineno}", e)
+        self._add_row(row, path, line_at(pos), True, texts, lines)
         pos = ws.match(text, end).end()
         if text.startswith(",", pos):
           pos += 1
@@ -535,7 +706,20 @@ def parse_tfds_spec(spec: str) -> tuple[str, str, str | None]:
   return name, split, (os.path.expanduser(data_dir.strip()) if data_dir.strip() else None)
 
 
-def _open_tfds(spec: str, field: str, min_chars: int) -> _TfdsPart:
+def _texts_per_value(feature: Any) -> int | None:
+  """Texts per record a TFDS feature holds: 1 for shape (), n for shape (n,), None if it varies."""
+  try:
+    shape = tuple(feature.shape)
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if not shape:
+    return 1
+  if len(shape) == 1 and isinstance(shape[0], (int, np.integer)) and shape[0] >= 0:
+    return int(shape[0])
+  return None
+
+
+def _open_tfds(spec: str, fields: tuple[str, ...], min_chars: int) -> _TfdsPart:
   name, split, data_dir = parse_tfds_spec(spec)
   label = f"{TFDS_PREFIX}{name}:{split}" + (f"@{data_dir}" if data_dir else "")
   try:
@@ -558,53 +742,106 @@ def _open_tfds(spec: str, field: str, min_chars: int) -> _TfdsPart:
     keys = list(features.keys()) if features is not None else None
   except Exception:  # pylint: disable=broad-except
     keys = None
-  if keys is not None and field not in keys:
-    raise DataError(f"{label}: no feature {field!r} (the dataset has {sorted(keys)}); set "
-                    "data.field to the feature holding the text")
-  return _TfdsPart(label, ds, field, min_chars, range(len(ds)))
+  per_record: int | None = None
+  if keys is not None:
+    present = tuple(f for f in fields if f in keys)
+    if not present:
+      raise DataError(f"{label}: no feature {_names(fields)} (the dataset has {sorted(keys)}); "
+                      "set data.field to the feature holding the text")
+    if len(present) < len(fields):
+      log.warning("%s: the dataset has no feature %s (of data.field=%r); reading %s", label,
+                  _names([f for f in fields if f not in keys], "nor"), ",".join(fields),
+                  _names(present, "and"))
+    fields = present
+    counts = [_texts_per_value(features[f]) for f in fields]
+    if all(c is not None for c in counts):
+      per_record = sum(counts)  # type: ignore[arg-type]
+  if per_record is not None:
+    if per_record == 0:
+      raise DataError(f"{label}: features {_names(fields, 'and')} are empty sequences (length 0); "
+                      "set data.field to the features holding the texts")
+    return _TfdsPart(label, ds, fields, min_chars, range(len(ds) * per_record), per_record)
+  return _TfdsPart(label, ds, fields, min_chars, *_count_tfds_texts(label, ds, fields))
+
+
+def _count_tfds_texts(label: str, ds: Any, fields: tuple[str, ...],
+                      chunk: int = 1024) -> tuple[range, int, np.ndarray]:
+  """One pass over a dataset whose records hold a varying number of texts: (ids, 1, starts)."""
+  n = len(ds)
+  log.info("%s: counting the texts of %d records (variable-length %s)", label, n, _names(fields))
+  counts = np.zeros(n, np.int64)
+  getitems = getattr(ds, "__getitems__", None)
+  for lo in range(0, n, chunk):
+    keys = list(range(lo, min(n, lo + chunk)))
+    records = getitems(keys) if getitems is not None else [ds[k] for k in keys]
+    for k, record in zip(keys, records):
+      c = _record_count(record, fields)
+      if not c:
+        problem = (f"no feature {_names(fields)} (the record has {sorted(record)})" if c is None
+                   else f"features {_names(fields, 'and')} hold no text (empty sequences)")
+        raise DataError(f"{label} record {k}: {problem}. {_TFDS_HINT}.")
+      counts[k] = c
+  starts = np.zeros(n + 1, np.int64)
+  np.cumsum(counts, out=starts[1:])
+  return range(int(starts[-1])), 1, starts
 
 
 # ---------------------------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------------------------
 
-def open_text_source(spec: Spec | Sequence[Spec], *, field: str = "text", on_error: str = "raise",
-                     min_chars: int = 1) -> TextSource:
+def open_text_source(spec: Spec | Sequence[Spec], *, field: str | Sequence[str] = "text",
+                     on_error: str = "raise", min_chars: int = 1,
+                     dedupe: bool = False) -> TextSource:
   """Opens and validates one or several text specs as a single `TextSource`.
 
   Args:
     spec: a spec or a list of specs, concatenated in order (see the module docstring): a .jsonl /
       .json / .txt file (optionally .gz), a folder, a glob pattern, or
       `tfds:NAME[/CONFIG][:VERSION][:SPLIT][@DATA_DIR]`.
-    field: the JSON key / TFDS feature holding the text (unused for .txt).
+    field: the JSON key / TFDS feature holding the text, or several, comma-separated ("pos,neg")
+      or as a list; each value may be a string or a list of strings, every string is one text
+      (row order, then field order, then list order). A row needs at least one of the fields.
+      Unused for .txt.
     on_error: "raise" (a bad row raises `DataError` naming file:line) or "skip" (bad rows are
       skipped and counted in `src.skipped`). TFDS records always raise, when read.
     min_chars: texts with fewer non-surrounding-whitespace characters are bad rows ("too_short").
       Empty or whitespace-only texts are always bad ("empty_text").
+    dedupe: keep only the first of identical texts (over all files of the source, after
+      validation); the drops are counted in `src.skipped["duplicate"]`. Not for TFDS specs.
 
   Returns:
     A `TextSource` holding at least one text.
 
   Raises:
-    DataError: a spec names nothing, a file holds a bad row (on_error="raise"), or no text is left.
+    DataError: a spec names nothing, a file holds a bad row (on_error="raise"), no text is left,
+      or dedupe is asked of a TFDS spec.
+    ValueError: a bad option (on_error, min_chars, field).
   """
   if on_error not in ON_ERROR:
     raise ValueError(f"on_error={on_error!r}; use 'raise' or 'skip'")
   if min_chars < 1:
     raise ValueError(f"min_chars={min_chars}; it must be at least 1")
+  fields = _parse_fields(field)
   specs = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
   specs = [os.fspath(s).strip() for s in specs]
   specs = [s for s in specs if s]
   if not specs:
     raise DataError("no data spec given: name JSONL/txt files, folders, globs or "
                     "tfds:NAME[:SPLIT] datasets")
-  reader = _Reader(field, on_error, min_chars)
+  if dedupe:
+    tfds_specs = [s for s in specs if s.startswith(TFDS_PREFIX)]
+    if tfds_specs:
+      raise DataError(f"dedupe=True cannot apply to {tfds_specs[0]!r}: TFDS records are read "
+                      "lazily, deduplicating them would need every text in memory; deduplicate "
+                      "the dataset when building it, or set dedupe=False")
+  reader = _Reader(fields, on_error, min_chars, dedupe)
   parts: list[_Part] = []
   origins: list[str] = []
   seen: set[str] = set()
   for s in specs:
     if s.startswith(TFDS_PREFIX):
-      part = _open_tfds(s, field, min_chars)
+      part = _open_tfds(s, fields, min_chars)
       parts.append(part)
       origins.append(part.label)
       continue
@@ -615,12 +852,15 @@ def open_text_source(spec: Spec | Sequence[Spec], *, field: str = "text", on_err
       seen.add(real)
       parts.append(reader.read(path))
       origins.append(path)
+  reader.warn_unused_fields()
   source = TextSource([p for p in parts if len(p)], origins=origins, skipped=dict(reader.skipped),
                       first_skipped=reader.first_skipped)
   if len(source) == 0:
     raise DataError(f"data spec {', '.join(specs)}: no usable text in {len(origins)} "
                     f"source{'s' if len(origins) != 1 else ''}"
                     + (f" ({source.summary()})" if source.skipped else ""))
-  if source.skipped:
+  if any(reason != DUPLICATE for reason in source.skipped):
     log.warning("data: %s", source.summary())
+  elif source.skipped:
+    log.info("data: %s", source.summary())
   return source
