@@ -165,7 +165,7 @@ class RetroMAEStage:
     if not specs:
       raise ValueError("config.data.train is empty: give JSONL/txt files, folders, globs or "
                        "tfds:NAME[:SPLIT] specs, comma-separated.")
-    source = open_text_source(specs, field=d.field, on_error=d.on_error)
+    source = open_text_source(specs, field=d.field, on_error=d.on_error, dedupe=d.dedupe)
     source = source.shard(process_index, process_count)
     collator = RetroMAECollator(
         tokenizer, max_length=d.max_length, encoder_mlm_probability=d.encoder_mlm_probability,

@@ -22,7 +22,8 @@ def get_config(arg: str = "bge-small-en"):
 
   c.data = ConfigDict()
   c.data.train = ""  # comma-separated JSONL/txt files, folders, globs, tfds:NAME[:SPLIT]
-  c.data.field = "text"
+  c.data.field = "text"  # or several, comma-separated: "pos,neg" reads FlagEmbedding rows' passages
+  c.data.dedupe = False  # keep each identical text once
   c.data.on_error = "raise"  # raise | skip (bad rows are counted and reported)
   c.data.max_length = 512
   c.data.mode = "truncate"  # truncate (FlagEmbedding) | pack (original RetroMAE)

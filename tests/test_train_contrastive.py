@@ -1,0 +1,111 @@
+"""The trainer on stages 2 and 3: loss falls, GradCache changes memory not results, exports load."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from conftest import WORDS, make_tokenizer
+from test_train import load_config, losses
+
+
+def make_rows(path, n, seed=0, negatives=3):
+  """FlagEmbedding rows: the positive repeats the query's words, negatives use other words."""
+  rng = random.Random(seed)
+  with open(path, "w") as f:
+    for _ in range(n):
+      words = rng.sample(WORDS, 4)
+      others = [w for w in WORDS if w not in words]
+      row = {"query": " ".join(words[:3]),
+             "pos": [" ".join(words + rng.sample(others, 3))],
+             "neg": [" ".join(rng.sample(others, 7)) for _ in range(negatives)]}
+      f.write(json.dumps(row) + "\n")
+  return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+  root = tmp_path_factory.mktemp("pairs")
+  return make_rows(root / "train.jsonl", 256), make_tokenizer(root / "tok")
+
+
+def tiny(stage, rows, tok, steps, **kw):
+  c = load_config(stage, "tiny")
+  c.tokenizer = str(tok)
+  c.data.train = str(rows)
+  c.data.query_max_length = 8
+  c.data.passage_max_length = 16
+  c.model.max_position_embeddings = 32
+  c.batch_size = 16
+  c.num_train_steps = steps
+  c.optimizer.warmup_steps = 2
+  c.log_every_steps = 1
+  for k, v in kw.items():
+    node = c
+    *parents, leaf = k.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = v
+  return c
+
+
+def test_stage2_loss_falls_and_exports_sentence_transformers(data, tmp_path):
+  from sentence_transformers import SentenceTransformer
+
+  from bge_jax import Encoder
+  from bge_jax.train.loop import train
+
+  rows, tok = data
+  workdir = tmp_path / "s2"
+  # tau 0.05 and no dropout: a from-scratch tiny model at tau 0.02 first collapses to chance.
+  train(tiny("contrastive", rows, tok, 40, dropout=False,
+             **{"optimizer.lr": 1e-3, "loss.temperature": 0.05}), str(workdir))
+  curve = losses(workdir)
+  first, last = np.mean([curve[s] for s in range(1, 4)]), np.mean([curve[s] for s in range(38, 41)])
+  assert first > 2.5 and last < 0.5 * first, (first, last)  # chance is ln(16) = 2.77
+  export = workdir / "export" / "hf"
+  st = SentenceTransformer(str(export), device="cpu")
+  pooling = json.loads((export / "1_Pooling" / "config.json").read_text())
+  assert pooling["pooling_mode_cls_token"] and not pooling["pooling_mode_mean_tokens"]
+  assert [type(m).__name__ for m in st] == ["Transformer", "Pooling", "Normalize"]
+  texts = ["alpha beta gamma", "river mountain city ocean"]
+  ours = Encoder.from_hf(str(export), pooling="cls").encode(texts)
+  np.testing.assert_allclose(st.encode(texts), ours, atol=1e-5)
+
+
+def test_stage3_hard_negatives_with_gradcache_matches_plain(data, tmp_path):
+  """Group size 4, instruction on queries; GradCache chunk 4 gives the same losses (no dropout)."""
+  from bge_jax.train.loop import train
+
+  rows, tok = data
+  common = {"data.group_size": 4, "dropout": False, "export": False}
+  train(tiny("finetune", rows, tok, 3, **common), str(tmp_path / "plain"))
+  train(tiny("finetune", rows, tok, 3, **common, **{"loss.gradcache_chunk": 4}),
+        str(tmp_path / "cached"))
+  a, b = losses(tmp_path / "plain"), losses(tmp_path / "cached")
+  np.testing.assert_allclose([b[s] for s in (1, 2, 3)], [a[s] for s in (1, 2, 3)], rtol=1e-5)
+  info = json.loads((tmp_path / "cached" / "run_info.json").read_text())
+  assert info["stage"] == "finetune"
+
+
+def test_stage2_from_stage1_export(data, tmp_path):
+  """Stage 2 initialised from a BertForMaskedLM folder keeps the encoder, drops the MLM head."""
+  from bge_jax import convert
+  from bge_jax.train.loop import train
+  from conftest import make_hf_folder
+
+  rows, tok = data
+  src = make_hf_folder(tmp_path, "bert_mlm", seed=5)
+  c = tiny("contrastive", rows, tok, 1, **{"optimizer.lr": 0.0, "model.init_from": str(src)})
+  c.model.max_position_embeddings = None
+  train(c, str(tmp_path / "run"))
+  src_config, src_params = convert.load_hf(str(src))
+  out_config, out_params = convert.load_hf(str(tmp_path / "run" / "export" / "hf"))
+  assert out_config.hf_family == "sentence_transformers" and not out_config.add_mlm_head
+  for key in src_params["embeddings"]:
+    for leaf in src_params["embeddings"][key]:
+      np.testing.assert_array_equal(out_params["embeddings"][key][leaf],
+                                    src_params["embeddings"][key][leaf])
+  np.testing.assert_array_equal(out_params["layers_0"]["query"]["kernel"],
+                                src_params["layers_0"]["query"]["kernel"])
