@@ -1,0 +1,344 @@
+"""BEIR-style dense retrieval evaluation: read a BEIR folder, exact top-k search in JAX, metrics.
+
+A BEIR folder holds `queries.jsonl` (`{"_id" or "id", "text"}`), `corpus.jsonl` (`{"_id" or "id",
+"title"?, "text"}`) and relevance judgements: `qrels/<split>.tsv` (BEIR's layout), `qrels.tsv`, or
+the same as `.jsonl`. A TSV has `query-id<TAB>corpus-id<TAB>score` rows after a header line (TREC's
+`qid 0 docid score` rows are read too); a JSONL has `{"query-id", "corpus-id", "score"}` rows.
+
+Metrics (`retrieval_metrics`, definitions as in BEIR / pytrec_eval), averaged over the queries with
+at least one judgement of score > 0:
+
+* nDCG@k: graded gains (the qrels score), discount 1/log2(rank + 1), normalised by the ideal DCG
+  of the query's judgements sorted by score (judged documents missing from the corpus included).
+* Recall@k: |relevant in top k| / |relevant| (relevant: score > 0).
+* MRR@k: 1 / rank of the first relevant document within the top k, else 0.
+
+Search (`topk_inner_product`) is exact: the corpus streams through the device in blocks of
+`corpus_block_size` rows; each block's scores for a block of queries go through `jax.lax.top_k`
+and merge with the running top k, so memory is bounded by the block sizes, not the corpus.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bge_jax.eval.data import EvalDataError, iter_jsonl, require_file, where
+
+log = logging.getLogger(__name__)
+
+Qrels = Mapping[str, Mapping[str, float]]
+
+NDCG_AT = (10,)
+RECALL_AT = (1, 10, 100)
+MRR_AT = (10,)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a BEIR folder
+# ---------------------------------------------------------------------------------------------
+
+def _row_id(row: dict[str, Any], path: str | os.PathLike, line: int) -> str:
+  value = row.get("_id", row.get("id"))
+  if value is None or isinstance(value, (dict, list, bool)):
+    raise EvalDataError(f"{where(path, line)}: no \"_id\" (or \"id\") string")
+  return str(value)
+
+
+def _row_text(row: dict[str, Any], key: str, path: str | os.PathLike, line: int,
+              required: bool = True) -> str:
+  value = row.get(key)
+  if value is None and not required:
+    return ""
+  if not isinstance(value, str):
+    what = "missing" if value is None else f"a {type(value).__name__}, not a string"
+    raise EvalDataError(f"{where(path, line)}: \"{key}\" is {what}")
+  return value
+
+
+def read_queries(path: str | os.PathLike) -> dict[str, str]:
+  """`queries.jsonl` -> {query id: text}; duplicate ids and rows without text raise."""
+  out: dict[str, str] = {}
+  for line, row in iter_jsonl(path):
+    qid = _row_id(row, path, line)
+    if qid in out:
+      raise EvalDataError(f"{where(path, line)}: duplicate query id {qid!r}")
+    out[qid] = _row_text(row, "text", path, line)
+  return out
+
+
+def read_corpus(path: str | os.PathLike) -> dict[str, dict[str, str]]:
+  """`corpus.jsonl` -> {doc id: {"title", "text"}} (title "" when absent)."""
+  out: dict[str, dict[str, str]] = {}
+  for line, row in iter_jsonl(path):
+    did = _row_id(row, path, line)
+    if did in out:
+      raise EvalDataError(f"{where(path, line)}: duplicate corpus id {did!r}")
+    out[did] = {"title": _row_text(row, "title", path, line, required=False),
+                "text": _row_text(row, "text", path, line)}
+  return out
+
+
+def _qrel_score(value: Any, path: str | os.PathLike, line: int) -> float:
+  try:
+    score = float(value)
+  except (TypeError, ValueError):
+    raise EvalDataError(f"{where(path, line)}: relevance score {value!r} is not a number") from None
+  if not math.isfinite(score):
+    raise EvalDataError(f"{where(path, line)}: relevance score {value!r} is not finite")
+  return score
+
+
+def read_qrels(path: str | os.PathLike) -> dict[str, dict[str, float]]:
+  """Relevance judgements -> {query id: {doc id: score}}; `.jsonl`/`.json` by name, else TSV."""
+  require_file(path)
+  out: dict[str, dict[str, float]] = {}
+
+  def add(qid: str, did: str, score: float, line: int) -> None:
+    judged = out.setdefault(qid, {})
+    if did in judged:
+      raise EvalDataError(f"{where(path, line)}: ({qid!r}, {did!r}) is judged twice")
+    judged[did] = score
+
+  if os.fspath(path).endswith((".jsonl", ".json")):
+    for line, row in iter_jsonl(path):
+      qid = row.get("query-id", row.get("query_id", row.get("qid")))
+      did = row.get("corpus-id", row.get("corpus_id", row.get("doc-id", row.get("docid"))))
+      if qid is None or did is None:
+        raise EvalDataError(f"{where(path, line)}: a qrels row needs \"query-id\" and "
+                            "\"corpus-id\" (and \"score\")")
+      add(str(qid), str(did), _qrel_score(row.get("score", 1), path, line), line)
+    return out
+
+  with open(path, encoding="utf-8") as f:
+    for line, text in enumerate(f, 1):
+      text = text.rstrip("\r\n")
+      if not text.strip():
+        continue
+      fields = text.split("\t") if "\t" in text else text.split()
+      if len(fields) == 4:  # TREC: qid iteration docid relevance
+        fields = [fields[0], fields[2], fields[3]]
+      if len(fields) != 3:
+        raise EvalDataError(f"{where(path, line)}: {len(fields)} fields; expected "
+                            "query-id<TAB>corpus-id<TAB>score")
+      if line == 1:
+        try:
+          float(fields[2])
+        except ValueError:
+          continue  # the header line
+      add(fields[0], fields[1], _qrel_score(fields[2], path, line), line)
+  return out
+
+
+def find_qrels(folder: str | os.PathLike, split: str = "test") -> str:
+  """The qrels file of a BEIR folder: qrels/<split>.tsv|.jsonl, else qrels.tsv|.jsonl."""
+  tried = [os.path.join(folder, "qrels", f"{split}.tsv"),
+           os.path.join(folder, "qrels", f"{split}.jsonl"),
+           os.path.join(folder, "qrels.tsv"), os.path.join(folder, "qrels.jsonl")]
+  for path in tried:
+    if os.path.isfile(path):
+      return path
+  raise EvalDataError(f"{where(folder)}: no qrels file (tried {', '.join(tried)})")
+
+
+def load_beir(folder: str | os.PathLike, split: str = "test"
+              ) -> tuple[dict[str, str], dict[str, dict[str, str]], dict[str, dict[str, float]]]:
+  """(queries, corpus, qrels) of a BEIR folder; see the module docstring for the layout."""
+  if not os.path.isdir(folder):
+    raise EvalDataError(f"{where(folder)}: no such folder")
+  qrels_path = find_qrels(folder, split)
+  queries = read_queries(os.path.join(folder, "queries.jsonl"))
+  corpus = read_corpus(os.path.join(folder, "corpus.jsonl"))
+  qrels = read_qrels(qrels_path)
+  missing = [q for q in qrels if q not in queries]
+  if missing:
+    raise EvalDataError(f"{where(qrels_path)}: {len(missing)} query ids are not in queries.jsonl "
+                        f"(first: {missing[0]!r})")
+  return queries, corpus, qrels
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------------------------
+
+def retrieval_metrics(ranked_ids: Mapping[str, Sequence[str]], qrels: Qrels, *,
+                      ndcg_at: Sequence[int] = NDCG_AT, recall_at: Sequence[int] = RECALL_AT,
+                      mrr_at: Sequence[int] = MRR_AT) -> dict[str, float]:
+  """nDCG@k, Recall@k and MRR@k of rankings against graded judgements (module docstring).
+
+  Args:
+    ranked_ids: {query id: doc ids, best first}. A judged query with no ranking scores 0.
+    qrels: {query id: {doc id: score}}; score > 0 is relevant and is the nDCG gain.
+    ndcg_at, recall_at, mrr_at: cut-offs.
+
+  Returns:
+    {"ndcg@10": ..., "recall@1": ..., "recall@10": ..., "recall@100": ..., "mrr@10": ...,
+    "num_queries": number of queries averaged over}, each metric the mean over queries with at
+    least one relevant judgement (0.0 everywhere when there is none).
+  """
+  names = ([f"ndcg@{k}" for k in ndcg_at] + [f"recall@{k}" for k in recall_at]
+           + [f"mrr@{k}" for k in mrr_at])
+  sums = dict.fromkeys(names, 0.0)
+  depth = max((*ndcg_at, *recall_at, *mrr_at), default=0)
+  discount = 1.0 / np.log2(np.arange(2, depth + 2, dtype=np.float64))
+  n = 0
+  for qid, judged in qrels.items():
+    relevant = {d: float(s) for d, s in judged.items() if s > 0}
+    if not relevant:
+      continue
+    n += 1
+    ranking = list(ranked_ids.get(qid, ()))[:depth]
+    gains = np.array([relevant.get(d, 0.0) for d in ranking] + [0.0] * (depth - len(ranking)))
+    hits = gains > 0
+    ideal = np.zeros(depth)
+    best = np.sort(np.fromiter(relevant.values(), np.float64))[::-1][:depth]
+    ideal[:len(best)] = best
+    for k in ndcg_at:
+      dcg, idcg = (gains[:k] * discount[:k]).sum(), (ideal[:k] * discount[:k]).sum()
+      sums[f"ndcg@{k}"] += float(dcg / idcg)
+    for k in recall_at:
+      sums[f"recall@{k}"] += float(hits[:k].sum()) / len(relevant)
+    first = np.flatnonzero(hits)
+    for k in mrr_at:
+      sums[f"mrr@{k}"] += 1.0 / float(first[0] + 1) if len(first) and first[0] < k else 0.0
+  out = {name: (total / n if n else 0.0) for name, total in sums.items()}
+  out["num_queries"] = n
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact blocked top-k
+# ---------------------------------------------------------------------------------------------
+
+@functools.partial(jax.jit, static_argnames=("k",), donate_argnums=(0, 1))
+def _merge_block(best_scores: jax.Array, best_ids: jax.Array, queries: jax.Array,
+                 block: jax.Array, offset: jax.Array, n_valid: jax.Array, *, k: int):
+  """Folds one corpus block into the running top k of every query block.
+
+  best_scores/best_ids [nQ, Qb, k], queries [nQ, Qb, D], block [B, D]; block row j is corpus row
+  offset + j, valid when offset + j < n_valid.
+  """
+  columns = offset + jnp.arange(block.shape[0], dtype=jnp.int32)
+  valid = columns < n_valid
+  block_k = min(k, block.shape[0])
+
+  def one(args):
+    scores, ids, q = args
+    s = jnp.matmul(q, block.T, precision=jax.lax.Precision.HIGHEST)
+    s = jnp.where(valid[None, :], s, -jnp.inf)
+    top_s, top_j = jax.lax.top_k(s, block_k)
+    # Running results first: on equal scores the earlier (lower) corpus row wins.
+    merged_s = jnp.concatenate([scores, top_s], axis=1)
+    merged_i = jnp.concatenate([ids, top_j.astype(jnp.int32) + offset], axis=1)
+    new_s, pos = jax.lax.top_k(merged_s, k)
+    return new_s, jnp.take_along_axis(merged_i, pos, axis=1)
+
+  return jax.lax.map(one, (best_scores, best_ids, queries))
+
+
+def topk_inner_product(queries: np.ndarray, corpus: np.ndarray, k: int, *,
+                       corpus_block_size: int = 16384,
+                       query_block_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+  """Exact top-k by inner product: (scores [Q, k] float32, corpus row ids [Q, k] int64).
+
+  The corpus stays on the host and goes to the device one block of `corpus_block_size` rows at
+  a time (every block padded to the same shape: one compilation); the score matrix in flight is
+  [query_block_size, corpus_block_size]. `k` is capped at the corpus size.
+  """
+  queries = np.asarray(queries, np.float32)
+  corpus = np.asarray(corpus, np.float32)
+  if queries.ndim != 2 or corpus.ndim != 2 or queries.shape[1] != corpus.shape[1]:
+    raise ValueError(f"queries {queries.shape} and corpus {corpus.shape} must be [Q, D], [N, D]")
+  if corpus_block_size < 1 or query_block_size < 1:
+    raise ValueError("block sizes must be >= 1")
+  n_q, n_c = len(queries), len(corpus)
+  k = min(k, n_c)
+  if k < 1 or n_q == 0:
+    return np.zeros((n_q, max(k, 0)), np.float32), np.zeros((n_q, max(k, 0)), np.int64)
+  qb = min(query_block_size, n_q)
+  n_qb = -(-n_q // qb)
+  padded_q = np.zeros((n_qb * qb, queries.shape[1]), np.float32)
+  padded_q[:n_q] = queries
+  q = jnp.asarray(padded_q.reshape(n_qb, qb, -1))
+  cb = min(corpus_block_size, n_c)
+  best_s = jnp.full((n_qb, qb, k), -jnp.inf, jnp.float32)
+  best_i = jnp.full((n_qb, qb, k), -1, jnp.int32)
+  for offset in range(0, n_c, cb):
+    block = corpus[offset:offset + cb]
+    if len(block) < cb:
+      block = np.concatenate([block, np.zeros((cb - len(block), corpus.shape[1]), np.float32)])
+    best_s, best_i = _merge_block(best_s, best_i, q, jnp.asarray(block), jnp.int32(offset),
+                                  jnp.int32(n_c), k=k)
+  scores = np.asarray(best_s).reshape(-1, k)[:n_q]
+  ids = np.asarray(best_i).reshape(-1, k)[:n_q].astype(np.int64)
+  return scores, ids
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end
+# ---------------------------------------------------------------------------------------------
+
+def _doc_text(doc: Any) -> str:
+  if isinstance(doc, str):
+    return doc
+  return (doc.get("title", "") + " " + doc["text"]).strip()
+
+
+def evaluate_retrieval(encoder: Any, queries: Mapping[str, str], corpus: Mapping[str, Any],
+                       qrels: Qrels, *, query_instruction: str | None = None, top_k: int = 100,
+                       batch_size: int = 256, max_length: int = 512,
+                       query_max_length: int | None = None, corpus_block_size: int = 16384,
+                       query_block_size: int = 1024,
+                       return_rankings: bool = False) -> dict[str, Any]:
+  """Encodes, searches exactly and scores: nDCG@10, Recall@1/10/100, MRR@10 (module docstring).
+
+  Args:
+    encoder: anything with `encode(texts, batch_size=, max_length=, instruction=) -> [N, D]`
+      (`bge_jax.Encoder`); scores are inner products, so use normalised embeddings for cosine.
+    queries: {query id: text}. Only queries with a relevant judgement are encoded.
+    corpus: {doc id: text, or {"title"?, "text"}} (title and text joined by a space, as BEIR).
+    qrels: {query id: {doc id: score}}.
+    query_instruction: prepended to each query (BGE: "Represent this sentence for searching
+      relevant passages: "); passages get none.
+    top_k: documents retrieved per query (>= 10); Recall@k is reported for k <= top_k, or for
+      every k when the whole corpus fits in top_k.
+    batch_size, max_length: encoding; `query_max_length` defaults to `max_length`.
+    corpus_block_size, query_block_size: `topk_inner_product` blocks.
+    return_rankings: also return {"rankings": {query id: [(doc id, score), ...]}}.
+
+  Returns:
+    The metrics of `retrieval_metrics` plus "num_docs".
+  """
+  if top_k < 10:
+    raise ValueError(f"top_k={top_k}; nDCG@10 and MRR@10 need top_k >= 10")
+  qids = [q for q, judged in qrels.items() if any(s > 0 for s in judged.values())]
+  missing = [q for q in qids if q not in queries]
+  if missing:
+    raise ValueError(f"{len(missing)} judged query ids have no query text (first: {missing[0]!r})")
+  if not corpus:
+    raise ValueError("the corpus is empty")
+  doc_ids = list(corpus)
+  unknown = sum(d not in corpus for q in qids for d in qrels[q])
+  if unknown:
+    log.warning("%d judged (query, doc) pairs name documents absent from the corpus; they count "
+                "as relevant and can never be retrieved.", unknown)
+  q_emb = encoder.encode([queries[q] for q in qids], batch_size=batch_size,
+                         max_length=query_max_length or max_length, instruction=query_instruction)
+  d_emb = encoder.encode([_doc_text(corpus[d]) for d in doc_ids], batch_size=batch_size,
+                         max_length=max_length)
+  scores, rows = topk_inner_product(q_emb, d_emb, top_k, corpus_block_size=corpus_block_size,
+                                    query_block_size=query_block_size)
+  ranked = {q: [doc_ids[j] for j in row] for q, row in zip(qids, rows)}
+  recall_at = tuple(k for k in RECALL_AT if k <= top_k or top_k >= len(doc_ids))
+  out: dict[str, Any] = retrieval_metrics(ranked, {q: qrels[q] for q in qids}, recall_at=recall_at)
+  out["num_docs"] = len(doc_ids)
+  if return_rankings:
+    out["rankings"] = {q: list(zip(ranked[q], map(float, s))) for q, s in zip(qids, scores)}
+  return out

@@ -1,0 +1,93 @@
+"""Evaluate a bge-jax model with mteb, offline, on a local STS task (example).
+
+  pip install "bge-jax[eval]"        # mteb >= 2.26, an optional extra
+  python launch/mteb_eval.py --model PATH [--data FILE] [--split dev] [--pooling cls|mean]
+      [--limit N] [--check]
+
+--model is any path `Encoder.from_hf` takes: an exported folder, a Hugging Face or
+sentence-transformers folder, or a bge-jax checkpoint of a run still training. --data defaults
+to the English STS Benchmark TSV in ../shared/data (dev split); the Chinese
+`s1<TAB>s2<TAB>score` files work too (pass --split "" and --lang cmn-Hans).
+
+How it works (the pieces to reuse for other tasks):
+
+1. `MTEBEncoder(encoder, query_instruction=...)` wraps the JAX `Encoder` as an mteb encoder
+   (`mteb.models.abs_encoder.AbsEncoder` with a `ModelMeta.create_empty(...)` meta). Retrieval
+   queries get the instruction; documents and symmetric tasks get none (BGE's convention).
+2. `local_sts_task(path, split)` returns a task whose class subclasses mteb's `AbsTaskSTS` and
+   overrides only `load_data`, reading the local file: no hub download. For a retrieval task,
+   subclass `mteb.abstasks.AbsTaskRetrieval` the same way.
+3. `mteb.evaluate(model, [task], cache=None)` runs it (cache=None: no result files written) and
+   the main score (`cosine_spearman`) is printed. --check also computes bge-jax's own
+   `sts_spearman` on the same pairs; the two agree to float rounding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "en" / "stsbenchmark.train-dev.tsv"
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--model", required=True, help="model folder or checkpoint")
+  parser.add_argument("--data", default=str(DEFAULT_DATA), help="STS file (read_sts formats)")
+  parser.add_argument("--split", default="dev", help="split column value; '' for every row")
+  parser.add_argument("--lang", default="eng-Latn", help="mteb language code of the data")
+  parser.add_argument("--pooling", choices=("cls", "mean"), default="cls")
+  parser.add_argument("--limit", type=int, help="only the first N pairs")
+  parser.add_argument("--batch-size", type=int, default=256)
+  parser.add_argument("--max-length", type=int, default=512)
+  parser.add_argument("--query-instruction", help="for retrieval-type tasks (unused by STS)")
+  parser.add_argument("--check", action="store_true",
+                      help="also compute bge_jax.eval.sts_spearman on the same pairs")
+  args = parser.parse_args(argv)
+
+  from bge_jax import Encoder
+  from bge_jax.convert import ConversionError
+  from bge_jax.eval import EvalDataError, read_sts, sts_spearman
+  from bge_jax.eval import mteb_adapter
+
+  if mteb_adapter.mteb is None:
+    print("error: mteb is not installed; pip install 'bge-jax[eval]' (mteb>=2.26)",
+          file=sys.stderr)
+    return 2
+  import mteb
+
+  split = args.split or None
+  try:
+    s1, s2, scores = read_sts(args.data, split)  # validates the file before the model loads
+    encoder = Encoder.from_hf(args.model, pooling=args.pooling)
+  except (EvalDataError, ConversionError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  n = len(s1) if args.limit is None else min(args.limit, len(s1))
+
+  model = mteb_adapter.MTEBEncoder(encoder, query_instruction=args.query_instruction,
+                                   name=f"bge-jax/{pathlib.Path(args.model).name or 'model'}",
+                                   batch_size=args.batch_size, max_length=args.max_length)
+  task = mteb_adapter.local_sts_task(args.data, split, limit=args.limit, lang=args.lang)
+  result = mteb.evaluate(model, [task], cache=None, show_progress_bar=False)
+  score = mteb_adapter.main_score(result)
+  print(f"{task.metadata.name} ({split or 'all rows'}, {n} pairs) "
+        f"{task.metadata.main_score}: {score:.6f}")
+  if args.check:
+    ours = sts_spearman(encoder, s1[:n], s2[:n], scores[:n], batch_size=args.batch_size,
+                        max_length=args.max_length)
+    print(f"bge_jax.eval.sts_spearman: {ours:.6f} (|difference| {abs(ours - score):.2g})")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
