@@ -58,6 +58,17 @@ def base_config() -> ConfigDict:
 
   c.log_every_steps = 10
   c.export = True
+
+  # Evaluation during training (logged as eval/*): before the first step, every `every_steps`
+  # (0 = only at the end) and at the end. Comma-separated files / folders; empty = none.
+  c.eval = ConfigDict()
+  c.eval.every_steps = 0
+  c.eval.sts = ""  # STS-B TSV (split column) or s1<TAB>s2<TAB>score files
+  c.eval.sts_split = "dev"
+  c.eval.retrieval = ""  # BEIR folders: queries.jsonl, corpus.jsonl, qrels/test.tsv
+  c.eval.query_instruction = ""
+  c.eval.max_length = 128
+  c.eval.batch_size = 128
   return c
 
 

@@ -1,7 +1,7 @@
 """Side-by-side benchmarks against PyTorch, in one process, interleaved after warm-up.
 
   python launch/bench.py encode [--model PATH] [--n 512] [--batch-size 64] [--repeats 5]
-  python launch/bench.py gradcache [--preset tiny] [--batches 256,1024,4096] [--chunk 128] [--run]
+  python launch/bench.py gradcache [--preset tiny] [--batches 256,1024,4096] [--chunks 0,128] [--run]
 
 `encode`: bge-jax `Encoder.encode` vs sentence-transformers `encode` (PyTorch) on the same texts,
 batch size, max length and thread count; medians, the time ratio (JAX / PyTorch; < 1 = JAX is
@@ -121,7 +121,7 @@ def bench_gradcache(args) -> dict:
   tx, schedule = state_lib.make_optimizer({"lr": 1e-5, "warmup_steps": 1, "clip_norm": 1.0}, 100)
   rows = []
   for b in [int(x) for x in args.batches.split(",")]:
-    for chunk in (0, args.chunk):
+    for chunk in [int(x) for x in args.chunks.split(",")]:
       loss_fn = lambda p, batch, rng, chunk=chunk: contrastive.loss(
           p, config, batch, temperature=0.02, group_size=1, rng=rng, chunk_size=chunk)
       step = jax.jit(state_lib.make_train_step(loss_fn, tx, schedule), donate_argnums=(0,))
@@ -140,7 +140,11 @@ def bench_gradcache(args) -> dict:
       need = (mem.temp_size_in_bytes + mem.argument_size_in_bytes) if mem is not None else None
       row = {"batch": b, "gradcache_chunk": chunk, "compile_s": round(compile_s, 1),
              "step_bytes": need, "temp_bytes": getattr(mem, "temp_size_in_bytes", None)}
-      if args.run:
+      limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+      row["fits"] = None if (limit is None or need is None) else bool(need <= limit)
+      if args.run and row["fits"] is False:
+        row["skipped"] = f"needs {need / 2**30:.1f} GiB > device limit {limit / 2**30:.1f} GiB"
+      elif args.run:
         state, metrics = compiled(state, batch, key)
         jax.block_until_ready(metrics)
         t = time.perf_counter()
@@ -162,11 +166,12 @@ def gradcache_table(r: dict) -> str:
   gib = lambda x: "n/a" if x is None else f"{x / 2**30:.2f}"
   lines = [f"stage-2 step, {r['preset']} ({r['dtype']}, remat {r['remat']}), query {r['q_len']} / "
            f"passage {r['p_len']} tokens, on {r['device']} ({r['backend']})", "",
-           "| global batch | GradCache chunk | step memory GiB (XLA) | device peak GiB | step s |",
-           "|---|---|---|---|---|"]
+           "| global batch | GradCache chunk | step memory GiB (XLA) | fits | device peak GiB | step s |",
+           "|---|---|---|---|---|---|"]
   for row in r["rows"]:
+    fits = {True: "yes", False: "no", None: "n/a"}[row.get("fits")]
     lines.append(f"| {row['batch']} | {row['gradcache_chunk'] or 'off'} | {gib(row['step_bytes'])} | "
-                 f"{gib(row.get('device_peak_bytes'))} | {row.get('step_s', 'n/a')} |")
+                 f"{fits} | {gib(row.get('device_peak_bytes'))} | {row.get('step_s', 'n/a')} |")
   return "\n".join(lines)
 
 
@@ -196,7 +201,7 @@ def main(argv=None):
   g = sub.add_parser("gradcache", help="stage-2 step memory vs batch, with/without GradCache")
   g.add_argument("--preset", default="tiny")
   g.add_argument("--batches", default="256,512,1024,2048,4096")
-  g.add_argument("--chunk", type=int, default=128)
+  g.add_argument("--chunks", default="0,128", help="GradCache chunk sizes to compare (0 = off)")
   g.add_argument("--q-len", type=int, default=32)
   g.add_argument("--p-len", type=int, default=128)
   g.add_argument("--dtype", default="float32")
@@ -207,6 +212,12 @@ def main(argv=None):
   if args.cmd == "gradcache":
     result = bench_gradcache(args)
     print(gradcache_table(result))
+    if args.out:
+      with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+      with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
+        f.write(gradcache_table(result) + "\n")
+    return
   else:
     args.model = args.model or default_model()
     result = bench_encode(args)

@@ -58,9 +58,17 @@ def test_stage2_loss_falls_and_exports_sentence_transformers(data, tmp_path):
 
   rows, tok = data
   workdir = tmp_path / "s2"
+  sts = tmp_path / "sts.tsv"
+  sts.write_text("alpha beta gamma\talpha beta gamma delta\t5\nriver city\tpaper music\t0\n"
+                 "ocean light\tocean light stone\t4\nmarket garden\tsearch index\t1\n")
   # tau 0.05 and no dropout: a from-scratch tiny model at tau 0.02 first collapses to chance.
   train(tiny("contrastive", rows, tok, 40, dropout=False,
-             **{"optimizer.lr": 1e-3, "loss.temperature": 0.05}), str(workdir))
+             **{"optimizer.lr": 1e-3, "loss.temperature": 0.05, "eval.sts": str(sts),
+                "eval.every_steps": 20}), str(workdir))
+  evals = {r["step"]: r["eval/sts/sts"] for r in
+           (json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines())
+           if "eval/sts/sts" in r}
+  assert sorted(evals) == [0, 20, 40] and all(-1 <= v <= 1 for v in evals.values())
   curve = losses(workdir)
   first, last = np.mean([curve[s] for s in range(1, 4)]), np.mean([curve[s] for s in range(38, 41)])
   assert first > 2.5 and last < 0.5 * first, (first, last)  # chance is ln(16) = 2.77

@@ -20,14 +20,11 @@ and merge with the running top k, so memory is bounded by the block sizes, not t
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
 from typing import Any, Mapping, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from bge_jax.eval.data import EvalDataError, iter_jsonl, require_file, where
@@ -217,68 +214,27 @@ def retrieval_metrics(ranked_ids: Mapping[str, Sequence[str]], qrels: Qrels, *,
 # Exact blocked top-k
 # ---------------------------------------------------------------------------------------------
 
-@functools.partial(jax.jit, static_argnames=("k",), donate_argnums=(0, 1))
-def _merge_block(best_scores: jax.Array, best_ids: jax.Array, queries: jax.Array,
-                 block: jax.Array, offset: jax.Array, n_valid: jax.Array, *, k: int):
-  """Folds one corpus block into the running top k of every query block.
-
-  best_scores/best_ids [nQ, Qb, k], queries [nQ, Qb, D], block [B, D]; block row j is corpus row
-  offset + j, valid when offset + j < n_valid.
-  """
-  columns = offset + jnp.arange(block.shape[0], dtype=jnp.int32)
-  valid = columns < n_valid
-  block_k = min(k, block.shape[0])
-
-  def one(args):
-    scores, ids, q = args
-    s = jnp.matmul(q, block.T, precision=jax.lax.Precision.HIGHEST)
-    s = jnp.where(valid[None, :], s, -jnp.inf)
-    top_s, top_j = jax.lax.top_k(s, block_k)
-    # Running results first: on equal scores the earlier (lower) corpus row wins.
-    merged_s = jnp.concatenate([scores, top_s], axis=1)
-    merged_i = jnp.concatenate([ids, top_j.astype(jnp.int32) + offset], axis=1)
-    new_s, pos = jax.lax.top_k(merged_s, k)
-    return new_s, jnp.take_along_axis(merged_i, pos, axis=1)
-
-  return jax.lax.map(one, (best_scores, best_ids, queries))
-
-
 def topk_inner_product(queries: np.ndarray, corpus: np.ndarray, k: int, *,
                        corpus_block_size: int = 16384,
                        query_block_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
   """Exact top-k by inner product: (scores [Q, k] float32, corpus row ids [Q, k] int64).
 
-  The corpus stays on the host and goes to the device one block of `corpus_block_size` rows at
-  a time (every block padded to the same shape: one compilation); the score matrix in flight is
-  [query_block_size, corpus_block_size]. `k` is capped at the corpus size.
+  `bge_jax.mine.exact_top_k` (blocked, sharded over devices when there are several, lower
+  index first on ties) with `k` capped at the corpus size and empty query sets allowed.
   """
+  from bge_jax.mine import exact_top_k
+
   queries = np.asarray(queries, np.float32)
   corpus = np.asarray(corpus, np.float32)
   if queries.ndim != 2 or corpus.ndim != 2 or queries.shape[1] != corpus.shape[1]:
     raise ValueError(f"queries {queries.shape} and corpus {corpus.shape} must be [Q, D], [N, D]")
   if corpus_block_size < 1 or query_block_size < 1:
     raise ValueError("block sizes must be >= 1")
-  n_q, n_c = len(queries), len(corpus)
-  k = min(k, n_c)
-  if k < 1 or n_q == 0:
-    return np.zeros((n_q, max(k, 0)), np.float32), np.zeros((n_q, max(k, 0)), np.int64)
-  qb = min(query_block_size, n_q)
-  n_qb = -(-n_q // qb)
-  padded_q = np.zeros((n_qb * qb, queries.shape[1]), np.float32)
-  padded_q[:n_q] = queries
-  q = jnp.asarray(padded_q.reshape(n_qb, qb, -1))
-  cb = min(corpus_block_size, n_c)
-  best_s = jnp.full((n_qb, qb, k), -jnp.inf, jnp.float32)
-  best_i = jnp.full((n_qb, qb, k), -1, jnp.int32)
-  for offset in range(0, n_c, cb):
-    block = corpus[offset:offset + cb]
-    if len(block) < cb:
-      block = np.concatenate([block, np.zeros((cb - len(block), corpus.shape[1]), np.float32)])
-    best_s, best_i = _merge_block(best_s, best_i, q, jnp.asarray(block), jnp.int32(offset),
-                                  jnp.int32(n_c), k=k)
-  scores = np.asarray(best_s).reshape(-1, k)[:n_q]
-  ids = np.asarray(best_i).reshape(-1, k)[:n_q].astype(np.int64)
-  return scores, ids
+  k = min(k, len(corpus))
+  if k < 1 or len(queries) == 0:
+    return np.zeros((len(queries), max(k, 0)), np.float32), np.zeros((len(queries), max(k, 0)), np.int64)
+  return exact_top_k(queries, corpus, k, block_size=corpus_block_size,
+                     query_batch_size=query_block_size)
 
 
 # ---------------------------------------------------------------------------------------------

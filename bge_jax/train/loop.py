@@ -16,7 +16,6 @@ import time
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.experimental import multihost_utils
@@ -26,6 +25,7 @@ from bge_jax import convert, sharding
 from bge_jax.config import BertConfig, preset
 from bge_jax.models import bert
 from bge_jax.train import state as state_lib
+from bge_jax.train.evaluate import make_evaluator
 from bge_jax.train.metrics import MetricWriter
 from bge_jax.train.stages import get_stage
 
@@ -187,6 +187,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
 
   # --- Model ----------------------------------------------------------------------------------
   tokenizer = load_tokenizer(config)
+  evaluator = make_evaluator(config, tokenizer)
   base_config, loaded, origin = model_config_and_weights(config, tokenizer)
   model_config = stage.model_config(base_config, config)
 
@@ -252,6 +253,19 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   prefetch = Prefetcher(batcher, start_step, config.data.prefetch)
   progress = _progress(is_main, start_step, total_steps)
   last: dict[str, float] = {}
+
+  def run_eval(step: int) -> None:
+    if evaluator is None:
+      return
+    results = evaluator(_gather(state.params), model_config)
+    writer.write(step, results)
+    last.update(results)
+    if is_main:
+      print(f"[bge-jax] step {step} eval: " + ", ".join(f"{k}={v:.4f}" for k, v in results.items()),
+            flush=True)
+
+  if start_step == 0:
+    run_eval(0)
   window_tokens, window_start = 0, time.perf_counter()
   try:
     for step in range(start_step, total_steps):
@@ -279,6 +293,9 @@ def train(config: Any, workdir: str) -> dict[str, float]:
             progress.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}")
         if should_save:
           manager.save(done, args=ocp.args.StandardSave(state))
+      every = config.eval.every_steps if "eval" in config else 0
+      if (every and done % every == 0) or done == total_steps:
+        run_eval(done)
       if progress is not None:
         progress.update(1)
     manager.wait_until_finished()
