@@ -21,6 +21,8 @@ PATTERNS = {
     "single_token_row": (1, LENGTH, 5, 1),
 }
 TOL = 1e-5
+# Dropout keys: "rbg" bits compile ~4x faster on CPU than the default threefry.
+RNG_IMPL = "rbg"
 
 
 def _batch(vocab_size: int, lengths, seed: int):
@@ -122,13 +124,14 @@ def test_pooled_normalized_embeddings_match_reference(cases, seed, pooling):
 
 def test_attention_with_dropout_path_matches_hf(cases):
   """The explicit-softmax attention (used when attention dropout is on) is exact with ~0 rate."""
-  case = cases[7]
+  case = cases[5]
   config = case.config.replace(attention_dropout=1e-9, hidden_dropout=0.0)
   ids, mask, types = _batch(config.vocab_size, PATTERNS["single_token_row"], 300)
   with torch.no_grad():
     ref = case.torch_model(**_torch_inputs(ids, mask, types)).last_hidden_state.numpy()
-  hidden = bert.BertModel(config).apply({"params": case.params}, ids, mask, types,
-                                        deterministic=False, rngs={"dropout": jax.random.key(0)})
+  hidden = jax.jit(lambda p: bert.BertModel(config).apply(
+      {"params": p}, ids, mask, types, deterministic=False,
+      rngs={"dropout": jax.random.key(0, impl=RNG_IMPL)}))(case.params)
   assert _max_abs_on_real(hidden, ref, mask) <= TOL
 
 
@@ -205,7 +208,7 @@ def test_minilm_bfloat16_compute_stays_close(minilm):
 @pytest.fixture(scope="module")
 def remat_case(cases):
   """(case, inputs, f64 params, remat-free hidden state and gradients) for the remat tests."""
-  case = cases[4]  # 2 layers
+  case = cases[1]  # 1 layer: each layer is rematerialised on its own, one shows the policy
   ids, mask, types = _batch(case.config.vocab_size, PATTERNS["ragged"], 400)
   with jax.enable_x64(True):
     params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), case.params)
@@ -228,7 +231,7 @@ def _hidden_and_grads(config, params, ids, mask, types, weights):
   return jax.device_get(h), jax.device_get(g)
 
 
-@pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch"])
+@pytest.mark.parametrize("policy", ["full", "dots"])
 def test_remat_policies_same_outputs_and_gradients(remat_case, policy):
   """Remat recomputes the same function: outputs and gradients agree with remat "none".
 
@@ -236,6 +239,12 @@ def test_remat_policies_same_outputs_and_gradients(remat_case, policy):
   (XLA fuses the recomputation differently, which moves float32 gradients by ~1e-6 relative).
   """
   case, (ids, mask, types, weights), params, (h_ref, g_ref) = remat_case
+  # The policy is really applied: the layer is a rematerialised (checkpoint) call.
+  remat_model = bert.BertModel(case.config.replace(remat_policy=policy))
+  jaxpr = str(jax.make_jaxpr(jax.grad(
+      lambda p: remat_model.apply({"params": p}, ids, mask, types).sum()))(case.params))
+  assert "remat" in jaxpr and "policy=" in jaxpr
+  assert ("nothing_saveable" in jaxpr) == (policy == "full")
   with jax.enable_x64(True):
     h, g = _hidden_and_grads(case.config.replace(remat_policy=policy), params, ids, mask, types,
                              weights)
@@ -246,11 +255,6 @@ def test_remat_policies_same_outputs_and_gradients(remat_case, policy):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-6, err_msg=jax.tree_util.keystr(path))
   # The gradient reaches every layer (not a vacuous all-zero comparison).
   assert np.abs(g_ref["layers_0"]["query"]["kernel"]).max() > 1e-3
-  # float32 forward with remat on: the same hidden state as without.
-  h32 = bert.BertModel(case.config.replace(remat_policy=policy)).apply(
-      {"params": case.params}, ids, mask, types)
-  h32_ref = bert.BertModel(case.config).apply({"params": case.params}, ids, mask, types)
-  np.testing.assert_allclose(np.asarray(h32), np.asarray(h32_ref), rtol=0, atol=1e-6)
 
 
 def test_dropout_changes_outputs_and_is_deterministic_per_rng(cases):
@@ -260,10 +264,12 @@ def test_dropout_changes_outputs_and_is_deterministic_per_rng(cases):
   model = bert.BertModel(config)
   p = {"params": case.params}
   clean = np.asarray(model.apply(p, ids, mask, types))
+  # Arrays go in as arguments (a closure would bake the params into the program as constants).
+  noisy_fn = jax.jit(lambda variables, key: model.apply(
+      variables, ids, mask, types, deterministic=False, rngs={"dropout": key}))
 
   def noisy(seed):
-    return np.asarray(model.apply(p, ids, mask, types, deterministic=False,
-                                  rngs={"dropout": jax.random.key(seed)}))
+    return np.asarray(noisy_fn(p, jax.random.key(seed, impl=RNG_IMPL)))
 
   a, a_again, b = noisy(0), noisy(0), noisy(1)
   real = mask.astype(bool)
@@ -273,9 +279,11 @@ def test_dropout_changes_outputs_and_is_deterministic_per_rng(cases):
   # deterministic=True ignores any rng.
   np.testing.assert_array_equal(
       clean, np.asarray(model.apply(p, ids, mask, types, rngs={"dropout": jax.random.key(0)})))
-  # embed_sentences: rng switches dropout on.
+  # embed_sentences: an rng switches dropout on.
+  embed = jax.jit(lambda params, key: bert.embed_sentences(params, config, ids, mask, types,
+                                                           rng=key))
   e0 = bert.embed_sentences(case.params, config, ids, mask, types)
-  e1 = bert.embed_sentences(case.params, config, ids, mask, types, rng=jax.random.key(3))
-  e2 = bert.embed_sentences(case.params, config, ids, mask, types, rng=jax.random.key(3))
+  key = jax.random.key(3, impl=RNG_IMPL)
+  e1, e2 = embed(case.params, key), embed(case.params, key)
   assert np.abs(np.asarray(e0) - np.asarray(e1)).max() > 1e-3
   np.testing.assert_array_equal(np.asarray(e1), np.asarray(e2))

@@ -179,6 +179,10 @@ class BertMLMHead(nn.Module):
   def __call__(self, hidden: Array, embeddings: BertEmbeddings) -> Array:
     c = self.config
     x = _dense(c, c.hidden_size, ("embed", "mlp"), "transform")(hidden)
+    # Pin the activation layout: left free, XLA's SPMD partitioner (jax 0.10.2, Shardy and GSPMD)
+    # miscompiles the backward of x.kernel.embeddings^T on meshes with data, fsdp and tensor > 1
+    # (MLM gradients off by O(1) relative; tests/test_sharding.py checks them).
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     x = _layer_norm(c, "transform_norm")(jax.nn.gelu(x, approximate=False))
     bias = self.param("bias", LP(nn.initializers.zeros_init(), ("vocab",)), (c.vocab_size,),
                       c.param_dtype)
