@@ -41,7 +41,6 @@ FlagEmbedding's file-name convention is kept: a dataset whose file stem or folde
 from __future__ import annotations
 
 import collections
-import glob
 import gzip
 import json
 import math
@@ -53,6 +52,7 @@ from typing import Any, Iterator, Mapping, NamedTuple, Union
 
 import numpy as np
 
+from bge_jax.data import files as files_lib
 from bge_jax.data.sources import DataError
 
 Spec = Union[str, os.PathLike]
@@ -77,7 +77,6 @@ NO_IN_BATCH_SUFFIX = "no_in_batch_neg"
 
 _SKIP_HINT = "set on_error='skip' to count and skip bad rows"
 _SURROGATE = re.compile("[\ud800-\udfff]")
-_GLOB_CHARS = re.compile(r"[*?\[]")
 # Stream tags of the seeded generators (so the schedule, row order and groups are independent).
 _TAG_MIX, _TAG_ROWS, _TAG_GROUP = 0x6D6978, 0x726F77, 0x677270
 
@@ -376,44 +375,10 @@ class _Reader:
         self._bad(path, lineno, e)
 
 
-def _has_suffix(name: str) -> bool:
-  base = name[:-3] if name.endswith(".gz") else name
-  return base.endswith(FILE_SUFFIXES)
-
-
-def _folder_files(folder: str) -> list[str]:
-  found = []
-  for root, dirs, files in os.walk(folder):
-    dirs[:] = [d for d in dirs if not d.startswith(".")]
-    found.extend(os.path.join(root, f) for f in files if not f.startswith(".") and _has_suffix(f))
-  return sorted(found, key=lambda p: os.path.relpath(p, folder).split(os.sep))
-
-
 def _resolve_files(spec: str) -> list[str]:
-  path = os.path.expanduser(spec)
-  if os.path.isdir(path):
-    files = _folder_files(path)
-    if not files:
-      raise DataError(f"data spec {spec!r}: the folder holds no *.jsonl, *.json or *.tsv files "
-                      "(optionally .gz; hidden files are ignored)")
-    return files
-  if os.path.isfile(path):
-    if not _has_suffix(path):
-      raise DataError(f"data spec {spec!r}: cannot tell the format from the name; name the file "
-                      "*.jsonl (or *.json) for JSON rows or *.tsv for query<TAB>passage pairs "
-                      "(optionally .gz)")
-    return [path]
-  if _GLOB_CHARS.search(path):
-    files = []
-    for m in sorted(glob.glob(path, recursive=True)):
-      if os.path.isdir(m):
-        files.extend(_folder_files(m))
-      elif _has_suffix(m):
-        files.append(m)
-    if not files:
-      raise DataError(f"data spec {spec!r}: the pattern matches no *.jsonl, *.json or *.tsv files")
-    return files
-  raise DataError(f"data spec {spec!r}: no such file or folder (nor a glob pattern)")
+  return files_lib.resolve_files(
+      spec, FILE_SUFFIXES, DataError,
+      name_hint="*.jsonl (or *.json) for JSON rows or *.tsv for query<TAB>passage pairs")
 
 
 def _stem(spec: str) -> str:

@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import bisect
 import collections
-import glob
 import gzip
 import json
 import logging
@@ -64,6 +63,8 @@ from collections.abc import Sequence
 from typing import Any, Iterator, Union
 
 import numpy as np
+
+from bge_jax.data import files as files_lib
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,6 @@ _TFDS_HINT = ("TFDS records are checked when read and cannot be skipped (on_erro
               "clean the dataset when building it")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _VERSION = re.compile(r"^\d+\.\d+\.\d+$")
-_GLOB_CHARS = re.compile(r"[*?\[]")
 
 
 class DataError(ValueError):
@@ -640,47 +640,12 @@ class _Reader:
     return _MemoryPart(path, texts, np.asarray(lines, np.int64))
 
 
-def _has_data_suffix(name: str) -> bool:
-  base = name[:-3] if name.endswith(".gz") else name
-  return base.endswith(FILE_SUFFIXES)
-
-
-def _folder_files(folder: str) -> list[str]:
-  found = []
-  for root, dirs, files in os.walk(folder):
-    dirs[:] = [d for d in dirs if not d.startswith(".")]
-    found.extend(os.path.join(root, f) for f in files
-                 if not f.startswith(".") and _has_data_suffix(f))
-  return sorted(found, key=lambda p: os.path.relpath(p, folder).split(os.sep))
-
-
 def _resolve_files(spec: str) -> list[str]:
   """The data files a (non-TFDS) spec names, in order; raises DataError when there are none."""
-  path = os.path.expanduser(spec)
-  if os.path.isdir(path):
-    files = _folder_files(path)
-    if not files:
-      raise DataError(f"data spec {spec!r}: the folder holds no *.jsonl, *.json or *.txt files "
-                      "(optionally .gz; hidden files are ignored)")
-    return files
-  if os.path.isfile(path):
-    if not _has_data_suffix(path):
-      raise DataError(f"data spec {spec!r}: cannot tell the format from the name; name the file "
-                      "*.jsonl (or *.json) for JSON rows or *.txt for one text per line "
-                      "(optionally .gz)")
-    return [path]
-  if _GLOB_CHARS.search(path):
-    files = []
-    for m in sorted(glob.glob(path, recursive=True)):
-      if os.path.isdir(m):
-        files.extend(_folder_files(m))
-      elif _has_data_suffix(m):
-        files.append(m)
-    if not files:
-      raise DataError(f"data spec {spec!r}: the pattern matches no *.jsonl, *.json or *.txt files")
-    return files
-  raise DataError(f"data spec {spec!r}: no such file or folder (nor a glob pattern, nor "
-                  "tfds:NAME[/CONFIG][:SPLIT][@DATA_DIR])")
+  return files_lib.resolve_files(
+      spec, FILE_SUFFIXES, DataError,
+      name_hint="*.jsonl (or *.json) for JSON rows or *.txt for one text per line",
+      other_specs="tfds:NAME[/CONFIG][:SPLIT][@DATA_DIR]")
 
 
 # ---------------------------------------------------------------------------------------------
