@@ -38,6 +38,11 @@ def tiny_retromae(corpus, tokenizer, steps, **kw):
   c.optimizer.warmup_steps = 2
   c.log_every_steps = 1
   c.checkpoint.every_steps = 1000
+  return override(c, **kw)
+
+
+def override(c, **kw):
+  """Sets dotted keys ("optimizer.lr") on a ConfigDict, as --config.optimizer.lr would."""
   for k, v in kw.items():
     node = c
     *parents, leaf = k.split(".")

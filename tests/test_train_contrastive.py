@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import WORDS, make_tokenizer
-from test_train import load_config, losses
+from test_train import load_config, losses, override
 
 
 def make_rows(path, n, seed=0, negatives=3):
@@ -41,13 +41,7 @@ def tiny(stage, rows, tok, steps, **kw):
   c.num_train_steps = steps
   c.optimizer.warmup_steps = 2
   c.log_every_steps = 1
-  for k, v in kw.items():
-    node = c
-    *parents, leaf = k.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
-  return c
+  return override(c, **kw)
 
 
 def test_stage2_loss_falls_and_exports_sentence_transformers(data, tmp_path):
