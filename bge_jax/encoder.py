@@ -47,6 +47,13 @@ def _load_tokenizer(folder: str):
         "with tokenizer_config.json) there, or pass tokenizer= to the Encoder.") from e
 
 
+@functools.lru_cache(maxsize=16)
+def _jitted_embed(config: BertConfig):
+  """One jitted embedding function per config, shared by Encoders (e.g. evaluation during
+  training builds a new Encoder each time; its shapes stay compiled)."""
+  return jax.jit(functools.partial(bert.embed_sentences, config=config))
+
+
 class Encoder:
   """Sentence embeddings from a BERT: `Encoder.from_hf(path).encode(texts)` -> [N, D] numpy.
 
@@ -63,7 +70,7 @@ class Encoder:
     self.config = config.replace(pooling=pooling, normalize=normalize)
     self.params = params
     self.tokenizer = tokenizer
-    self._embed = jax.jit(functools.partial(bert.embed_sentences, config=self.config))
+    self._embed = _jitted_embed(self.config)
 
   @classmethod
   def from_hf(cls, path: str, pooling: str = "cls", normalize: bool = True, *,
