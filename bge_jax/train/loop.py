@@ -250,7 +250,8 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   # --- Loop -----------------------------------------------------------------------------------
   writer = MetricWriter(workdir, enabled=is_main)
   rng = jax.random.key(config.seed + 1)
-  prefetch = Prefetcher(batcher, start_step, config.data.prefetch)
+  # The compile probe is the first step's batch; the thread prepares the ones after it.
+  prefetch = Prefetcher(batcher, start_step + 1, config.data.prefetch)
   progress = _progress(is_main, start_step, total_steps)
   last: dict[str, float] = {}
 
@@ -269,7 +270,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   window_tokens, window_start = 0, time.perf_counter()
   try:
     for step in range(start_step, total_steps):
-      _, local = prefetch.next()
+      local = probe if step == start_step else prefetch.next()[1]
       window_tokens += batcher.real_tokens(local) * jax.process_count()
       with sharding.activate(mesh):
         state, metrics = compiled_step(state, global_batch(local), rng)
