@@ -128,8 +128,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
   j2h = sub.add_parser(
       "jax-to-hf", help="bge-jax checkpoint -> Hugging Face / sentence-transformers folder",
       description=_fill("Read a bge-jax checkpoint and write a folder that transformers "
-                        "(AutoModel / AutoModelForMaskedLM) and sentence-transformers load "
-                        "without weight warnings. The tokenizer comes from the checkpoint's "
+                        "(AutoModel; AutoModelForMaskedLM when it holds an MLM head, which "
+                        "AutoModel then reports as unused) and sentence-transformers load. "
+                        "The tokenizer comes from the checkpoint's "
                         "tokenizer/ folder; the sentence-transformers pooling from the "
                         "checkpoint config unless --pooling is given."),
       epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
