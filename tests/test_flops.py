@@ -1,0 +1,160 @@
+"""bge_jax.flops against XLA's own counts of the same programs.
+
+Two references, both computed by XLA from the traced step, not from our formulas:
+
+* exact: the matmul FLOPs of the lowered StableHLO (2 x output size x contracted size of every
+  `dot_general`), summed over the program JAX builds for the forward, the full gradient, and the
+  gradient under remat (whose recompute is our `StepFlops.recompute`). They must be equal.
+* XLA's cost analysis of the compiled program (`compile().cost_analysis()["flops"]`), which also
+  counts element-wise work (LayerNorm, GELU, softmax, loss): our model FLOPs must lie in
+  [1.0, 1.25] x below it on these tiny shapes (the element-wise share shrinks as hidden grows).
+"""
+
+import math
+import re
+import types
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from bge_jax import contrastive, flops, retromae
+from bge_jax.config import preset
+from bge_jax.models import bert
+
+B, L, Q_LEN, G = 4, 32, 8, 2
+COST_TOL = 1.25  # XLA count / analytic, upper bound (element-wise ops on tiny shapes)
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
+
+_DOT = re.compile(r"stablehlo\.dot_general .*contracting_dims = \[([\d, ]*)\] x .*"
+                  r": \(tensor<([\dx]+)x\w+>, tensor<[^>]*>\) -> tensor<([\dx]+)x\w+>")
+
+
+def hlo_dot_flops(lowered) -> int:
+  """2 * |output| * |contracted dims| summed over the dot_generals of a lowered program.
+
+  Refuses programs with dots outside `main` (called functions or loop bodies may run several
+  times, which the text does not say).
+  """
+  total, in_private = 0, False
+  for line in lowered.as_text().splitlines():
+    if "func.func private" in line:
+      in_private = True
+    if "dot_general" not in line:
+      continue
+    assert not in_private, "a dot_general outside main: the count would miss its multiplicity"
+    m = _DOT.search(line)
+    assert m, f"unparsed dot_general: {line.strip()[:200]}"
+    lhs = [int(x) for x in m.group(2).split("x")]
+    out = [int(x) for x in m.group(3).split("x")]
+    contracted = [lhs[int(d)] for d in m.group(1).split(",") if d.strip()]
+    total += 2 * math.prod(out) * math.prod(contracted)
+  return total
+
+
+def _i32(*shape):
+  return jax.ShapeDtypeStruct(shape, jnp.int32)
+
+
+def _config(remat="none", **kw):
+  return preset("tiny", hidden_dropout=0.0, attention_dropout=0.0, remat_policy=remat, **kw)
+
+
+def _encode_program(c):
+  params = bert.abstract_init(c)[0]
+  fn = lambda p, i, m: bert.embed_sentences(p, c, i, m)  # noqa: E731
+  return jax.jit(fn).lower(params, _i32(B, L), _i32(B, L))
+
+
+def _retromae_program(c):
+  c = c.replace(add_mlm_head=True, add_decoder=True)
+  params = bert.abstract_init(c)[0]
+  batch = {k: _i32(B, L) for k in retromae.BATCH_KEYS}
+  batch["decoder_attention_mask"] = _i32(B, L, L)
+  grad = jax.grad(lambda p, b: retromae.loss(p, c, b)["loss"])
+  return jax.jit(grad).lower(params, batch), flops.retromae_step_flops(c, B, L)
+
+
+def _contrastive_program(c):
+  params = bert.abstract_init(c)[0]
+  batch = {"query_input_ids": _i32(B, Q_LEN), "query_attention_mask": _i32(B, Q_LEN),
+           "passage_input_ids": _i32(B * G, L), "passage_attention_mask": _i32(B * G, L)}
+  grad = jax.grad(lambda p, b: contrastive.loss(p, c, b, temperature=0.02, group_size=G)["loss"])
+  return jax.jit(grad).lower(params, batch), flops.contrastive_step_flops(c, B, Q_LEN, L, G)
+
+
+def test_encode_forward_equals_hlo_matmuls():
+  c = _config()
+  assert hlo_dot_flops(_encode_program(c)) == flops.encode_flops(c, B, L)
+
+
+@pytest.mark.parametrize("remat", ["none", "full", "dots_no_batch"])
+@pytest.mark.parametrize("stage", ["retromae", "contrastive"])
+def test_train_step_equals_hlo_matmuls(stage, remat):
+  """The gradient program's matmuls = 3 x forward (model) + the remat policy's recompute."""
+  lowered, expected = {"retromae": _retromae_program,
+                       "contrastive": _contrastive_program}[stage](_config(remat))
+  assert (expected.recompute == 0) == (remat == "none")
+  assert hlo_dot_flops(lowered) == expected.hardware
+
+
+def test_hlo_counter_sees_every_matmul():
+  """The exact check could pass vacuously if the counter missed dots: the MLM head's vocab
+  projection alone (a third of stage 1 at these shapes) must show up."""
+  c = _config()
+  lowered, expected = _retromae_program(c)
+  vocab_part = 3 * 2 * (2 * B * L * c.hidden_size * c.vocab_size)
+  assert vocab_part > expected.model / 4
+  assert hlo_dot_flops(lowered) - vocab_part < expected.model
+
+
+@pytest.mark.parametrize("program", ["encode", "retromae", "contrastive"])
+def test_within_xla_cost_analysis(program):
+  c = _config()
+  if program == "encode":
+    lowered, analytic = _encode_program(c), flops.encode_flops(c, B, L)
+  else:
+    lowered, expected = (_retromae_program if program == "retromae" else _contrastive_program)(c)
+    analytic = expected.model
+  xla = lowered.compile(compiler_options=FAST_COMPILE).cost_analysis()["flops"]
+  ratio = xla / analytic
+  print(f"{program}: XLA {xla:.4g} FLOPs, analytic {analytic:.4g}, ratio {ratio:.3f}")
+  assert 1.0 <= ratio <= COST_TOL, (program, xla, analytic)
+
+
+def test_gradcache_recompute_is_one_forward():
+  c = _config()
+  plain = flops.contrastive_step_flops(c, 64, 16, 32, group_size=2)
+  cached = flops.contrastive_step_flops(c, 64, 16, 32, group_size=2, gradcache_chunk=16)
+  assert cached.model == plain.model and plain.recompute == 0
+  assert cached.recompute == flops.encoder_flops(c, 64, 16) + flops.encoder_flops(c, 128, 32)
+  # A chunk as large as the batch is no GradCache (contrastive.embed runs it unchunked).
+  assert flops.contrastive_step_flops(c, 64, 16, 32, 2, gradcache_chunk=64).recompute == \
+      flops.encoder_flops(c, 128, 32)
+
+
+def test_train_step_flops_reads_run_config_and_batch():
+  c = _config()
+  run = types.SimpleNamespace(stage="finetune", loss=types.SimpleNamespace(gradcache_chunk=0))
+  batch = {"query_input_ids": jnp.zeros((B, Q_LEN)), "passage_input_ids": jnp.zeros((B * G, L))}
+  got = flops.train_step_flops(run, c, batch, process_count=2)
+  assert got == flops.contrastive_step_flops(c, 2 * B, Q_LEN, L, G)
+  run.stage = "retromae"
+  got = flops.train_step_flops(run, c, {"encoder_input_ids": jnp.zeros((B, L))})
+  assert got == flops.retromae_step_flops(c, B, L)
+  run.stage = "distill"
+  with pytest.raises(ValueError, match="config.stage='distill'"):
+    flops.train_step_flops(run, c, batch)
+
+
+def test_peak_flops_and_mfu():
+  dev = lambda kind: types.SimpleNamespace(device_kind=kind)  # noqa: E731
+  assert flops.peak_flops(dev("NVIDIA H100 80GB HBM3")) == 989e12
+  assert flops.peak_flops(dev("NVIDIA H100 PCIe")) == 756e12
+  assert flops.peak_flops(dev("NVIDIA H200")) == 989e12
+  assert flops.peak_flops(dev("NVIDIA A100-SXM4-80GB")) == 312e12
+  assert flops.peak_flops(dev("cpu")) is None
+  assert flops.mfu(989e12 * 0.5, 1.0, 989e12) == pytest.approx(0.5)
+  assert flops.mfu(8e12, 2.0, 1e12, num_devices=8) == pytest.approx(0.5)
+  with pytest.raises(ValueError, match="step_seconds"):
+    flops.mfu(1.0, 0.0, 1e12)
