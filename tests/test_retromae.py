@@ -1,8 +1,8 @@
 """Parity of the RetroMAE (stage 1) loss with an independent PyTorch implementation of SPEC.
 
-The reference is FlagEmbedding's RetroMAEForPretraining rebuilt here from transformers'
-BertForMaskedLM (`lm`) and a two-stream decoder layer written from SPEC's math (`c_head`, with
-HF BertLayer parameter names). Both sides read the same random FlagEmbedding-style state dict
+The reference (bge_jax/testing/torch_reference.py) is FlagEmbedding's RetroMAEForPretraining
+rebuilt from transformers' BertForMaskedLM (`lm`) and a two-stream decoder layer written from
+SPEC's math (`c_head`, with HF BertLayer parameter names). Both sides read the same random FlagEmbedding-style state dict
 (conftest.make_hf_folder(..., "retromae", seed)); losses and every parameter's gradient are
 compared in float32 with dropout off (torch .eval(), JAX rng=None).
 """
@@ -15,10 +15,9 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from torch import nn
-from torch.nn import functional as F
 
 from bge_jax import convert, retromae
+from bge_jax.testing.torch_reference import TorchRetroMAE
 from conftest import make_hf_folder
 
 # Seeds of conftest.tiny_hf_config that share one shape (vocab 211, hidden 32, 2 layers, 4 heads,
@@ -33,82 +32,6 @@ MASK_ID = 4
 ENCODER_RATIO, DECODER_RATIO = 0.3, 0.5
 LOSS_TOL, GRAD_TOL = 1e-5, 1e-3
 LOSS_KEYS = ("loss", "encoder_loss", "decoder_loss")
-
-
-# ---------------------------------------------------------------------------------------------
-# The PyTorch reference.
-# ---------------------------------------------------------------------------------------------
-
-class TwoStreamLayer(nn.Module):
-  """SPEC's enhanced decoder layer: queries from `query`, keys/values from `kv`, post-LN.
-
-  Submodule names reproduce HF BertLayer's state-dict keys (attention.self.{query,key,value},
-  attention.output.{dense,LayerNorm}, intermediate.dense, output.{dense,LayerNorm}).
-  """
-
-  def __init__(self, cfg: transformers.BertConfig):
-    super().__init__()
-    e, f, eps = cfg.hidden_size, cfg.intermediate_size, cfg.layer_norm_eps
-    self.num_heads = cfg.num_attention_heads
-    self.attention = nn.ModuleDict({
-        "self": nn.ModuleDict({n: nn.Linear(e, e) for n in ("query", "key", "value")}),
-        "output": nn.ModuleDict({"dense": nn.Linear(e, e), "LayerNorm": nn.LayerNorm(e, eps=eps)}),
-    })
-    self.intermediate = nn.ModuleDict({"dense": nn.Linear(e, f)})
-    self.output = nn.ModuleDict({"dense": nn.Linear(f, e), "LayerNorm": nn.LayerNorm(e, eps=eps)})
-    self.attention_dropout = nn.Dropout(cfg.attention_probs_dropout_prob)
-    self.hidden_dropout = nn.Dropout(cfg.hidden_dropout_prob)
-
-  def forward(self, query: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """query, kv [B, L, E]; mask [B, L, L] with 1 = row i may see column j."""
-    b, l, e = query.shape
-    h = self.num_heads
-    d = e // h
-
-    def heads(x):  # [B, L, E] -> [B, H, L, D]
-      return x.view(b, -1, h, d).transpose(1, 2)
-
-    attn = self.attention["self"]
-    q, k, v = heads(attn["query"](query)), heads(attn["key"](kv)), heads(attn["value"](kv))
-    scores = q @ k.transpose(-1, -2) / math.sqrt(d)
-    additive = (1.0 - mask[:, None].to(scores.dtype)) * torch.finfo(scores.dtype).min
-    probs = self.attention_dropout(torch.softmax(scores + additive, dim=-1))
-    ctx = (probs @ v).transpose(1, 2).reshape(b, l, e)
-    out = self.attention["output"]
-    x = out["LayerNorm"](self.hidden_dropout(out["dense"](ctx)) + query)
-    y = self.output["dense"](F.gelu(self.intermediate["dense"](x)))
-    return self.output["LayerNorm"](self.hidden_dropout(y) + x)
-
-
-class TorchRetroMAE(nn.Module):
-  """FlagEmbedding's RetroMAEForPretraining forward, with SPEC's two query streams."""
-
-  def __init__(self, cfg: transformers.BertConfig, query_stream: str):
-    super().__init__()
-    self.lm = transformers.BertForMaskedLM(cfg)
-    self.decoder_embeddings = self.lm.bert.embeddings  # an alias, as in FlagEmbedding
-    self.c_head = TwoStreamLayer(cfg)
-    self.query_stream = query_stream
-
-  def forward(self, encoder_input_ids, encoder_attention_mask, encoder_labels,
-              decoder_input_ids, decoder_attention_mask, decoder_labels):
-    lm_out = self.lm(input_ids=encoder_input_ids, attention_mask=encoder_attention_mask,
-                     labels=encoder_labels, output_hidden_states=True, return_dict=True)
-    cls = lm_out.hidden_states[-1][:, :1]  # [B, 1, E]
-    embedded = self.decoder_embeddings(input_ids=decoder_input_ids)
-    kv = torch.cat([cls, embedded[:, 1:]], dim=1)
-    b, l, e = kv.shape
-    if self.query_stream == "fe":  # LayerNorm(cls + pos_i + type_0), then dropout
-      query = self.decoder_embeddings(inputs_embeds=cls.expand(b, l, e))
-    else:  # "rm": cls + pos_i, no LayerNorm
-      positions = self.lm.bert.embeddings.position_embeddings(torch.arange(l))
-      query = cls + positions[None]
-    decoded = self.c_head(query, kv, decoder_attention_mask)
-    scores = self.lm.cls(decoded)
-    decoder_loss = F.cross_entropy(scores.reshape(-1, scores.shape[-1]),
-                                   decoder_labels.reshape(-1), ignore_index=-100)
-    return {"loss": decoder_loss + lm_out.loss, "encoder_loss": lm_out.loss,
-            "decoder_loss": decoder_loss}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,7 +110,7 @@ def assert_spec_invariants(batch) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Cases: both implementations on the same random file.
+# The PyTorch reference on a random file; both implementations on it.
 # ---------------------------------------------------------------------------------------------
 
 def torch_reference(path, query_stream: str) -> TorchRetroMAE:
