@@ -82,6 +82,47 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
+def opt_state_sharding(tx: Any, abstract_opt_state: Any, param_sharding: Any, mesh: Mesh) -> Any:
+  """Optimizer-state shardings: leaves shaped like the params (Adam's mu and nu) take their
+  parameter's sharding, so the optimizer state is split exactly like the weights (ZeRO-3);
+  the rest (step counts) is replicated."""
+  import optax
+
+  repl = replicated(mesh)
+  return optax.tree_map_params(tx, lambda _, s: s, abstract_opt_state, param_sharding,
+                               transform_non_params=lambda _: repl)
+
+
+def train_state_sharding(abstract_state: Any, param_sharding: Any, tx: Any, mesh: Mesh) -> Any:
+  """Shardings of a whole train state (a flax.struct dataclass with `params` and `opt_state`):
+  params by the rules, the optimizer state like its params, every other field (step, counters)
+  replicated. Written over the state's own fields, so a new scalar field needs no change here."""
+  replicated_tree = jax.tree.map(lambda _: replicated(mesh), abstract_state)
+  return replicated_tree.replace(
+      params=param_sharding,
+      opt_state=opt_state_sharding(tx, abstract_state.opt_state, param_sharding, mesh))
+
+
+def spec_table(abstract_params: Any, logical_specs: Any,
+               rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> dict[str, dict[str, Any]]:
+  """`{path: {"shape", "logical", "mesh"}}` for every parameter: its shape, its logical axis
+  names and the mesh PartitionSpec the rules give it (mesh-size independent). The golden table
+  tests/golden/*.json is this function's output; a change of rules or model layout shows up as
+  a diff there."""
+  shapes = {jax.tree_util.keystr(p): tuple(int(d) for d in x.shape)
+            for p, x in jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
+  is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
+  table = {}
+  for path, logical in jax.tree_util.tree_flatten_with_path(logical_specs, is_leaf=is_spec)[0]:
+    key = jax.tree_util.keystr(path)
+    mesh_spec = nn.logical_to_mesh_axes(tuple(logical), rules)
+    table[key] = {"shape": list(shapes[key]), "logical": list(logical), "mesh": str(mesh_spec)}
+  missing = sorted(set(shapes) - set(table))
+  if missing:
+    raise ValueError(f"parameters without a logical PartitionSpec: {missing}")
+  return table
+
+
 def describe(shardings: Any) -> dict[str, str]:
   """Flat `{path: PartitionSpec}` view, for logs and golden tables."""
   flat = jax.tree_util.tree_flatten_with_path(shardings)[0]
@@ -90,4 +131,5 @@ def describe(shardings: Any) -> dict[str, str]:
 
 
 __all__ = ["MESH_AXES", "LOGICAL_AXIS_RULES", "make_mesh", "activate", "logical_to_sharding",
-           "params_sharding", "shard_params", "batch_sharding", "replicated", "describe"]
+           "params_sharding", "shard_params", "batch_sharding", "replicated", "opt_state_sharding",
+           "train_state_sharding", "spec_table", "describe"]
