@@ -106,7 +106,8 @@ def train_state_sharding(abstract_state: Any, param_sharding: Any, tx: Any, mesh
 def spec_table(abstract_params: Any, logical_specs: Any,
                rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> dict[str, dict[str, Any]]:
   """`{path: {"shape", "logical", "mesh"}}` for every parameter: its shape, its logical axis
-  names and the mesh PartitionSpec the rules give it (mesh-size independent). The golden table
+  names and the mesh PartitionSpec the rules give it, one entry per dimension (a mesh axis name,
+  a list of them, or None; independent of the mesh's sizes and of PartitionSpec's repr). The golden table
   tests/golden/*.json is this function's output; a change of rules or model layout shows up as
   a diff there."""
   shapes = {jax.tree_util.keystr(p): tuple(int(d) for d in x.shape)
@@ -115,8 +116,10 @@ def spec_table(abstract_params: Any, logical_specs: Any,
   table = {}
   for path, logical in jax.tree_util.tree_flatten_with_path(logical_specs, is_leaf=is_spec)[0]:
     key = jax.tree_util.keystr(path)
-    mesh_spec = nn.logical_to_mesh_axes(tuple(logical), rules)
-    table[key] = {"shape": list(shapes[key]), "logical": list(logical), "mesh": str(mesh_spec)}
+    mesh_spec = tuple(nn.logical_to_mesh_axes(tuple(logical), rules))
+    mesh_spec += (None,) * (len(shapes[key]) - len(mesh_spec))
+    table[key] = {"shape": list(shapes[key]), "logical": list(logical),
+                  "mesh": [list(a) if isinstance(a, tuple) else a for a in mesh_spec]}
   missing = sorted(set(shapes) - set(table))
   if missing:
     raise ValueError(f"parameters without a logical PartitionSpec: {missing}")
