@@ -1,7 +1,27 @@
 """Side-by-side benchmarks against PyTorch, in one process, interleaved after warm-up.
 
+  python launch/bench.py compare [--presets tiny,bge-small-en] [--out docs/bench/cpu_compare]
   python launch/bench.py encode [--model PATH] [--n 512] [--batch-size 64] [--repeats 5]
   python launch/bench.py gradcache [--preset tiny] [--batches 256,1024,4096] [--chunks 0,128] [--run]
+
+`compare`: for each model shape, three benchmarks on the same batch, dtype (float32) and thread
+count in both frameworks, with the same random weights (bge-jax params converted to the HF
+state dict):
+  stage1  one RetroMAE train step (AdamW, clip 1.0, dropout 0.1): bge-jax `retromae.loss` under
+          `make_train_step` vs HF BertForMaskedLM + the torch two-stream decoder layer
+          (bge_jax/testing/torch_reference.py);
+  stage2  one contrastive train step with in-batch negatives (CLS, L2, temperature 0.02):
+          bge-jax `contrastive.loss` vs an HF BertModel bi-encoder step;
+  encode  `Encoder.encode` vs sentence-transformers `encode` on STS-B sentences.
+Per benchmark: warm-up (compiles), then `--repeats` rounds alternating which framework goes
+first; medians, the ratio JAX/PyTorch (< 1: JAX is faster), tokens/s over real (non-pad) tokens,
+analytic model TFLOP/s (bge_jax.flops), peak memory (growth of the process's resident set during
+one call, after returning freed heap to the OS: the same measure for both), and the machine's
+load (`uptime`) before and after. Writes OUT.json and OUT.md.
+
+Threads: JAX:CPU runs on every core the process may use (sched_getaffinity); torch is set to the
+same count. XLA_FLAGS is read from the environment (default --xla_cpu_multi_thread_eigen=false,
+the project's setting; see README "Benchmarks" for the measured effect of each flag).
 
 `encode`: bge-jax `Encoder.encode` vs sentence-transformers `encode` (PyTorch) on the same texts,
 batch size, max length and thread count; medians, the time ratio (JAX / PyTorch; < 1 = JAX is
@@ -13,6 +33,8 @@ generated sentences. Writes JSON (--out) and prints a markdown table.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import importlib.util
 import json
 import os
@@ -20,6 +42,7 @@ import pathlib
 import platform
 import statistics
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false")
@@ -98,6 +121,397 @@ def bench_encode(args) -> dict:
       "max_abs_diff": max_diff, "machine": f"{platform.processor() or platform.machine()}, "
                                            f"{os.cpu_count()} cpus",
   }
+
+
+# ---------------------------------------------------------------------------------------------
+# `compare`: stage-1 step, stage-2 step and encode, bge-jax vs PyTorch, per model shape.
+# ---------------------------------------------------------------------------------------------
+
+# Per preset: stage-1 batch x length, stage-2 queries (query 32 / passage 128 tokens, in-batch
+# negatives, group size 1), encode texts and batch size. Sized for a 2-core CPU: a few seconds
+# per step at bge-small, so that tiny + bge-small run in well under 10 minutes.
+SHAPES = {
+    "tiny": dict(s1_batch=32, s1_len=128, s2_batch=64, enc_texts=1024, enc_batch=128),
+    "bge-small-en": dict(s1_batch=4, s1_len=128, s2_batch=8, enc_texts=256, enc_batch=64),
+    "bge-small-zh": dict(s1_batch=8, s1_len=128, s2_batch=16, enc_texts=256, enc_batch=64),
+    "bge-base-en": dict(s1_batch=2, s1_len=128, s2_batch=4, enc_texts=128, enc_batch=64),
+    "bge-base-zh": dict(s1_batch=2, s1_len=128, s2_batch=4, enc_texts=128, enc_batch=64),
+}
+Q_LEN, P_LEN = 32, 128
+
+
+def load_average() -> list[float]:
+  return [round(x, 2) for x in os.getloadavg()]
+
+
+def _status_kb(field: str) -> int:
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith(field + ":"):
+        return int(line.split()[1])
+  raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def peak_rss_growth(fn) -> int | None:
+  """Bytes the resident set grows by, at its peak, while `fn()` runs (None where unsupported).
+
+  Freed heap is first returned to the OS (malloc_trim) and the kernel's high-water mark reset
+  (/proc/self/clear_refs "5"), so the figure is the call's own transient memory: activations,
+  gradients, temporaries. It is the same measure for XLA's and torch's CPU allocators.
+  """
+  try:
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    before = _status_kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+  except OSError:
+    fn()
+    return None
+  fn()
+  return max(_status_kb("VmHWM") - before, 0) * 1024
+
+
+def interleaved(fns: dict, repeats: int) -> dict[str, list[float]]:
+  """Wall times of each fn, `repeats` rounds; the order alternates every round."""
+  names = list(fns)
+  times = {k: [] for k in names}
+  for r in range(repeats):
+    for name in (names if r % 2 == 0 else names[::-1]):
+      t = time.perf_counter()
+      fns[name]()
+      times[name].append(time.perf_counter() - t)
+  return times
+
+
+def _summary(times, real_tokens: int, model_flops: float, extra: dict) -> dict:
+  med = {k: statistics.median(v) for k, v in times.items()}
+  return {
+      **extra, "real_tokens": real_tokens, "model_flops": model_flops,
+      "times_s": {k: [round(x, 5) for x in v] for k, v in times.items()},
+      "median_s": med, "ratio_jax_over_torch": med["jax"] / med["torch"],
+      "tokens_per_s": {k: real_tokens / v for k, v in med.items()},
+      "model_tflops_per_s": {k: model_flops / v / 1e12 for k, v in med.items()},
+  }
+
+
+def _ragged_lengths(rng, rows: int, length: int, shortest: int):
+  import numpy as np
+  n = rng.randint(shortest, length + 1, size=rows)
+  n[0] = length  # the padded length is really used
+  return n, np.arange(length)[None, :] < n[:, None]
+
+
+def retromae_batch(rng, rows: int, length: int, vocab: int) -> dict:
+  """A RetroMAE batch with the collator's names and invariants: ragged rows (padding on the
+  tail), 30% encoder MLM labels, a decoder mask showing ~half the real columns (always column
+  0, never the row itself), decoder labels on every real token but [CLS]."""
+  import numpy as np
+  n, real = _ragged_lengths(rng, rows, length, length // 4)
+  ids = np.where(real, rng.randint(5, vocab, size=(rows, length)), 0)
+  ids[:, 0] = 2
+  masked = real & (rng.rand(rows, length) < 0.3)
+  masked[:, 0] = False
+  masked[np.arange(rows), n - 1] = True
+  visible = (rng.rand(rows, length, length) < 0.5) & real[:, None, :] & real[:, :, None]
+  visible[:, :, 0] = real
+  visible[:, np.arange(length), np.arange(length)] = False
+  dec_labels = np.where(real, ids, -100)
+  dec_labels[:, 0] = -100
+  i32 = lambda x: np.asarray(x, np.int32)  # noqa: E731
+  return {"encoder_input_ids": i32(np.where(masked, 4, ids)), "encoder_attention_mask": i32(real),
+          "encoder_labels": i32(np.where(masked, ids, -100)), "decoder_input_ids": i32(ids),
+          "decoder_attention_mask": i32(visible), "decoder_labels": i32(dec_labels)}
+
+
+def pair_batch(rng, rows: int, vocab: int) -> dict:
+  """Stage-2 queries [rows, 32] and passages [rows, 128], ragged, right-padded."""
+  import numpy as np
+  out = {}
+  for side, length in (("query", Q_LEN), ("passage", P_LEN)):
+    _, real = _ragged_lengths(rng, rows, length, 4)
+    ids = np.where(real, rng.randint(5, vocab, size=(rows, length)), 0)
+    ids[:, 0] = 2
+    out[f"{side}_input_ids"] = ids.astype(np.int32)
+    out[f"{side}_attention_mask"] = real.astype(np.int32)
+  return out
+
+
+def _torch_state(params, config):
+  import numpy as np
+  import torch
+
+  from bge_jax import convert
+  return {k: torch.from_numpy(np.array(v, np.float32))
+          for k, v in convert.to_hf_state_dict(params, config).items()}
+
+
+def _jax_step(loss_fn, donate: bool):
+  import jax
+
+  from bge_jax.train import state as state_lib
+  tx, schedule = state_lib.make_optimizer(
+      {"lr": 1e-5, "warmup_steps": 1, "clip_norm": 1.0, "weight_decay": 0.01}, 1000)
+  step = jax.jit(state_lib.make_train_step(loss_fn, tx, schedule),
+                 donate_argnums=(0,) if donate else ())
+  return step, (lambda params: state_lib.init_state(params, tx))
+
+
+def _torch_optimizer(model):
+  import torch
+  return torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01, fused=True)
+
+
+def _memory(jax_call, torch_call, compiled=None) -> dict:
+  mem = {"rss_growth_bytes": {"jax": peak_rss_growth(jax_call),
+                              "torch": peak_rss_growth(torch_call)}}
+  analysis = compiled.memory_analysis() if compiled is not None else None
+  if analysis is not None:
+    mem["xla_temp_bytes"] = analysis.temp_size_in_bytes
+  return mem
+
+
+class _JaxTrainer:
+  """A jitted bge-jax train step on numpy batches; holds the (donated) state."""
+
+  def __init__(self, loss_fn, params, batch, donate: bool):
+    import jax
+    step, init = _jax_step(loss_fn, donate)
+    self.state = jax.jit(init)(params)
+    self.batch = batch
+    self.key = jax.random.key(0)
+    t = time.perf_counter()
+    self.compiled = step.lower(self.state, batch, self.key).compile()
+    self.compile_s = time.perf_counter() - t
+    self.loss = None
+
+  def __call__(self):
+    import jax
+    self.state, metrics = self.compiled(self.state, jax.device_put(self.batch), self.key)
+    self.loss = float(metrics["loss"])  # waits for the step
+    return self.loss
+
+
+def bench_stage1(preset_name: str, shape: dict, args) -> dict:
+  import numpy as np
+  import torch
+  import transformers
+
+  from bge_jax import convert, flops, retromae
+  from bge_jax.config import preset
+  from bge_jax.testing.torch_reference import TorchRetroMAE
+
+  config = preset(preset_name, add_mlm_head=True, add_decoder=True, hf_family="retromae",
+                  remat_policy=args.remat, attention_impl=args.attention_impl)
+  b, length = shape["s1_batch"], shape["s1_len"]
+  params = _init(config)
+  batch = retromae_batch(np.random.RandomState(0), b, length, config.vocab_size)
+
+  cfg = transformers.BertConfig(**convert.config_to_hf(config, "BertForMaskedLM"))
+  model = TorchRetroMAE(cfg, config.decoder_query_stream)
+  model.load_state_dict(_torch_state(params, config), strict=True)
+  model.train()
+  opt = _torch_optimizer(model)
+  tbatch = {k: torch.from_numpy(v).long() for k, v in batch.items()}
+
+  def torch_step():
+    opt.zero_grad(set_to_none=True)
+    out = model(**tbatch)
+    out["loss"].backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return float(out["loss"])
+
+  jax_step = _JaxTrainer(lambda p, bt, rng: retromae.loss(p, config, bt, rng), params, batch,
+                         donate=not args.no_donate)
+  del params
+  first = {"jax": jax_step(), "torch": torch_step()}
+  times = interleaved({"jax": jax_step, "torch": torch_step}, args.repeats)
+  real = int(batch["encoder_attention_mask"].sum())
+  model_flops = flops.retromae_step_flops(config, b, length).model
+  return _summary(times, real, model_flops, {
+      "benchmark": "stage1", "preset": preset_name, "batch": b, "length": length,
+      "first_loss": first, "compile_s": round(jax_step.compile_s, 1),
+      "memory": _memory(jax_step, torch_step, jax_step.compiled)})
+
+
+def bench_stage2(preset_name: str, shape: dict, args) -> dict:
+  import numpy as np
+  import torch
+  import transformers
+  from torch.nn import functional as F
+
+  from bge_jax import contrastive, convert, flops
+  from bge_jax.config import preset
+
+  config = preset(preset_name, remat_policy=args.remat, attention_impl=args.attention_impl)
+  b = shape["s2_batch"]
+  params = _init(config)
+  batch = pair_batch(np.random.RandomState(1), b, config.vocab_size)
+  temperature = 0.02
+
+  cfg = transformers.BertConfig(**convert.config_to_hf(config, "BertModel"))
+  model = transformers.BertModel(cfg, add_pooling_layer=False)
+  model.load_state_dict(_torch_state(params, config), strict=True)
+  model.train()
+  opt = _torch_optimizer(model)
+  tb = {k: torch.from_numpy(v).long() for k, v in batch.items()}
+  targets = torch.arange(b)
+
+  def torch_step():
+    opt.zero_grad(set_to_none=True)
+    q = model(input_ids=tb["query_input_ids"], attention_mask=tb["query_attention_mask"])
+    p = model(input_ids=tb["passage_input_ids"], attention_mask=tb["passage_attention_mask"])
+    q = F.normalize(q.last_hidden_state[:, 0], dim=-1)
+    p = F.normalize(p.last_hidden_state[:, 0], dim=-1)
+    loss = F.cross_entropy(q @ p.T / temperature, targets)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return float(loss)
+
+  loss_fn = lambda p, bt, rng: contrastive.loss(  # noqa: E731
+      p, config, bt, temperature=temperature, group_size=1, rng=rng)
+  jax_step = _JaxTrainer(loss_fn, params, batch, donate=not args.no_donate)
+  del params
+  first = {"jax": jax_step(), "torch": torch_step()}
+  times = interleaved({"jax": jax_step, "torch": torch_step}, args.repeats)
+  real = int(batch["query_attention_mask"].sum() + batch["passage_attention_mask"].sum())
+  model_flops = flops.contrastive_step_flops(config, b, Q_LEN, P_LEN).model
+  return _summary(times, real, model_flops, {
+      "benchmark": "stage2", "preset": preset_name, "batch": b, "length": f"{Q_LEN}/{P_LEN}",
+      "first_loss": first, "compile_s": round(jax_step.compile_s, 1),
+      "memory": _memory(jax_step, torch_step, jax_step.compiled)})
+
+
+def bench_encode_preset(preset_name: str, shape: dict, args) -> dict:
+  """Encoder.encode vs sentence-transformers on a random-weight model of the preset's shape
+  saved as an HF + sentence-transformers folder (CLS pooling, Normalize), MiniLM's tokenizer."""
+  import numpy as np
+  import torch
+  from sentence_transformers import SentenceTransformer
+
+  from bge_jax import Encoder, convert, flops
+  from bge_jax.config import preset
+
+  tokenizer = default_model()
+  # The tokenizer's vocabulary (30522) for every shape, so its ids are valid embeddings rows.
+  config = preset(preset_name, vocab_size=30522, attention_impl=args.attention_impl)
+  params = _init(config)
+  texts = sample_texts(shape["enc_texts"])
+  with tempfile.TemporaryDirectory() as tmp:
+    folder = convert.save_hf(params, config, os.path.join(tmp, "model"), tokenizer=tokenizer)
+    enc = Encoder.from_hf(folder, pooling="cls")
+    st = SentenceTransformer(folder, device="cpu")
+  st.max_seq_length = args.max_length
+  bs = shape["enc_batch"]
+  ids = enc.tokenize(texts, args.max_length)
+  real = sum(len(x) for x in ids)
+
+  def run_jax():
+    return enc.encode(texts, batch_size=bs, max_length=args.max_length, show_progress=False)
+
+  def run_torch():
+    with torch.inference_mode():
+      return st.encode(texts, batch_size=bs, convert_to_numpy=True, show_progress_bar=False)
+
+  t = time.perf_counter()
+  a = run_jax()  # compiles every bucket shape once
+  compile_s = time.perf_counter() - t
+  diff = float(np.abs(a - run_torch()).max())
+  times = interleaved({"jax": run_jax, "torch": run_torch}, args.repeats)
+  # Model FLOPs of what a padding-free run computes: each text on its own length.
+  model_flops = sum(flops.encode_flops(config, 1, len(x)) for x in ids)
+  return _summary(times, real, model_flops, {
+      "benchmark": "encode", "preset": preset_name, "batch": bs, "length": args.max_length,
+      "texts": len(texts), "max_abs_diff": diff, "compile_s": round(compile_s, 1),
+      "memory": _memory(run_jax, run_torch)})
+
+
+def _key(seed: int):
+  import jax
+  return jax.random.key(seed)
+
+
+def _init(config):
+  """Random BERT params (seed 0), initialised in one compiled program."""
+  import jax
+
+  from bge_jax.models import bert
+  return jax.jit(lambda r: bert.init(config, r)[0])(_key(0))
+
+
+def machine() -> dict:
+  import jax
+  import torch
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+  except (OSError, StopIteration):
+    pass
+  return {"cpu": cpu, "cores_usable": len(os.sched_getaffinity(0)), "cpu_count": os.cpu_count(),
+          "jax": jax.__version__, "torch": torch.__version__, "backend": jax.default_backend(),
+          "xla_flags": os.environ.get("XLA_FLAGS", ""), "torch_threads": torch.get_num_threads(),
+          "python": platform.python_version()}
+
+
+def bench_compare(args) -> dict:
+  import jax
+  import torch
+
+  threads = len(os.sched_getaffinity(0))
+  torch.set_num_threads(threads)
+  if args.compilation_cache:
+    jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  runners = {"stage1": bench_stage1, "stage2": bench_stage2, "encode": bench_encode_preset}
+  wanted = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
+  unknown = [b for b in wanted if b not in runners]
+  if unknown:
+    sys.exit(f"error: --benchmarks {unknown}: choose from {list(runners)}")
+  result = {"benchmark": "compare", "machine": machine(), "load_before": load_average(),
+            "repeats": args.repeats, "remat": args.remat, "donate": not args.no_donate,
+            "attention_impl": args.attention_impl, "dtype": "float32", "rows": []}
+  for name in args.presets.split(","):
+    if name not in SHAPES:
+      sys.exit(f"error: --presets {name!r} has no benchmark shapes; choose from {list(SHAPES)}")
+    for bench in wanted:
+      row = runners[bench](name, SHAPES[name], args)
+      row["load_after"] = load_average()
+      print(row_line(row), flush=True)
+      result["rows"].append(row)
+  result["load_after"] = load_average()
+  return result
+
+
+def _mib(x) -> str:
+  return "n/a" if x is None else f"{x / 2**20:.0f}"
+
+
+def row_line(r: dict) -> str:
+  m = r["memory"]["rss_growth_bytes"]
+  return (f"| {r['preset']} | {r['benchmark']} | {r['batch']} x {r['length']} | "
+          f"{r['median_s']['jax'] * 1e3:.1f} | {r['median_s']['torch'] * 1e3:.1f} | "
+          f"**{r['ratio_jax_over_torch']:.2f}** | {r['tokens_per_s']['jax']:.0f} | "
+          f"{r['tokens_per_s']['torch']:.0f} | {r['model_tflops_per_s']['jax'] * 1e3:.1f} | "
+          f"{r['model_tflops_per_s']['torch'] * 1e3:.1f} | {_mib(m['jax'])} | {_mib(m['torch'])} |")
+
+
+def compare_table(result: dict) -> str:
+  m = result["machine"]
+  lines = [
+      f"bge-jax vs PyTorch, float32, {m['cores_usable']} threads each, on {m['cpu']} "
+      f"({m['backend']}; jax {m['jax']}, torch {m['torch']}; XLA_FLAGS='{m['xla_flags']}'); "
+      f"load average before {result['load_before']}, after {result['load_after']}; "
+      f"median of {result['repeats']} interleaved runs.", "",
+      "| shape | benchmark | batch x length | bge-jax ms | PyTorch ms | JAX/PT | JAX tok/s | "
+      "PT tok/s | JAX GFLOP/s | PT GFLOP/s | JAX peak MiB | PT peak MiB |",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  lines += [row_line(r) for r in result["rows"]]
+  lines += ["", "tok/s: real (non-pad) tokens; GFLOP/s: analytic model FLOPs (bge_jax.flops) per "
+            "second; peak MiB: resident-set growth during one call."]
+  return "\n".join(lines)
 
 
 def bench_gradcache(args) -> dict:
@@ -189,6 +603,19 @@ def table(r: dict) -> str:
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="cmd", required=True)
+  c = sub.add_parser("compare", help="stage-1 step, stage-2 step, encode: bge-jax vs PyTorch")
+  c.add_argument("--presets", default="tiny,bge-small-en",
+                 help=f"comma-separated model shapes, from {list(SHAPES)}")
+  c.add_argument("--benchmarks", default="stage1,stage2,encode")
+  c.add_argument("--repeats", type=int, default=5)
+  c.add_argument("--max-length", type=int, default=128, help="encode: max tokens per text")
+  c.add_argument("--remat", default="none", help="bge-jax remat policy of the train steps")
+  c.add_argument("--attention-impl", default=None, choices=[None, "xla", "cudnn"],
+                 help="jax.nn.dot_product_attention implementation (None: XLA picks)")
+  c.add_argument("--no-donate", action="store_true", help="do not donate the train state")
+  c.add_argument("--compilation-cache", default=None,
+                 help="a folder for JAX's persistent compilation cache (default: off)")
+  c.add_argument("--out", default=None, help="write OUT.json and OUT.md")
   e = sub.add_parser("encode", help="Encoder.encode vs sentence-transformers")
   e.add_argument("--model", default=None, help="HF / sentence-transformers folder")
   e.add_argument("--pooling", default="mean", choices=["cls", "mean"])
@@ -209,6 +636,16 @@ def main(argv=None):
   g.add_argument("--run", action="store_true", help="also execute the step (timed, device peak)")
   g.add_argument("--out", default=None)
   args = parser.parse_args(argv)
+  if args.cmd == "compare":
+    result = bench_compare(args)
+    print(compare_table(result))
+    if args.out:
+      os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+      with open(args.out + ".json", "w") as f:
+        json.dump(result, f, indent=2)
+      with open(args.out + ".md", "w") as f:
+        f.write(compare_table(result) + "\n")
+    return
   if args.cmd == "gradcache":
     result = bench_gradcache(args)
     print(gradcache_table(result))
