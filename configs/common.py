@@ -35,6 +35,10 @@ def base_config() -> ConfigDict:
   c.num_train_steps = -1  # > 0 wins over num_epochs
   c.num_epochs = 1.0
   c.dropout = True  # dropout during training (HF default rates 0.1)
+  # A step with a NaN/inf loss or gradient: False = stop (the last good checkpoint is kept; every
+  # checkpoint is written after a check); True = drop that step's update, go on, and count it
+  # (metric `nonfinite_steps`).
+  c.skip_nonfinite_updates = False
 
   c.optimizer = ConfigDict()
   c.optimizer.lr = 2e-5

@@ -2,15 +2,32 @@
 
 Read top to bottom, in the order it runs (big_vision style). The stage (config.stage) supplies
 the model parts, the loss, the host batches and the exports; nothing here knows which stage.
+
+Resume is bit-exact. A stage's batcher is a pure function of the step (example order seeded by
+(seed, epoch), masks and groups by (seed, step, process)), and the dropout key is
+fold_in(key(seed + 1), step); so the checkpointed TrainState (step, params, optimizer state,
+non-finite step count) is the whole state of a run: the data position is `step`, there is no
+iterator state to save. Checkpoints are orbax, saved asynchronously (the device-to-host copy
+happens inside `save`, before the next step may reuse the donated buffers; the file writes run
+in the background). A SIGTERM saves at the current step and returns; an unreadable newest
+checkpoint is set aside with a warning and the one before it is used.
+
+Multi-process: every process runs this same function on its own shard of the data
+(`stage.batcher(..., process_index, process_count)`); the global batch is assembled with
+`make_array_from_process_local_data`; orbax writes checkpoints collectively; only process 0
+writes logs, metrics, run info and exports.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
 import os
 import queue
+import signal
+import tempfile
 import threading
 import time
 from typing import Any, Callable
@@ -37,6 +54,10 @@ MODEL_OVERRIDES = ("dtype", "param_dtype", "remat_policy", "attention_impl", "hi
 
 class ConfigError(ValueError):
   """A config value that cannot work; the message names the key and the fix."""
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint folder that cannot be written or read; the message names it and the fix."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,6 +176,175 @@ class Prefetcher:
 
 
 # ---------------------------------------------------------------------------------------------
+# Checkpoints: orbax, async; the newest readable step wins; write errors name the folder.
+# ---------------------------------------------------------------------------------------------
+
+_WRITE_FAILURES = (  # (errno, text in non-OSError messages, e.g. tensorstore's) -> why
+    (errno.ENOSPC, "No space left", "the disk is full"),
+    (errno.EDQUOT, "quota exceeded", "the disk quota is exceeded"),
+    (errno.EACCES, "Permission denied", "permission denied"),
+    (errno.EPERM, "Operation not permitted", "permission denied"),
+    (errno.EROFS, "Read-only file system", "the file system is read-only"),
+)
+
+
+def write_failure(directory: str, what: str, error: BaseException) -> CheckpointError | None:
+  """A CheckpointError naming `directory` when `error` (or its cause) is disk-full/permission."""
+  seen, e = set(), error
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    for code, text, why in _WRITE_FAILURES:
+      if (isinstance(e, OSError) and e.errno == code) or text.lower() in str(e).lower():
+        return CheckpointError(
+            f"cannot write {what} in {directory}: {why} ({type(e).__name__}: {e}). Free disk "
+            "space or make the folder writable (or use another --workdir), then rerun the same "
+            "command: it resumes from the newest checkpoint already there, which this failure "
+            "left untouched.")
+    e = e.__cause__ or e.__context__
+  return None
+
+
+def open_checkpoints(directory: str, keep: int):
+  """An async orbax CheckpointManager; fails here, before compiling, if it cannot write."""
+  import orbax.checkpoint as ocp
+  try:
+    os.makedirs(directory, exist_ok=True)
+    fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=directory)
+    os.close(fd)
+    os.remove(probe)
+    return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=True,
+        # Half-written steps of a killed run (orbax's *.orbax-checkpoint-tmp-* folders) are
+        # never restored; remove them rather than let them pile up.
+        cleanup_tmp_directories=True))
+  except Exception as e:
+    failure = write_failure(directory, "checkpoints", e)
+    if failure is None:
+      raise
+    raise failure from e
+
+
+def save_checkpoint(manager, step: int, state: Any) -> None:
+  """Starts an async save of `state` as `step` (also surfaces a failure of the previous save)."""
+  import orbax.checkpoint as ocp
+  try:
+    manager.save(step, args=ocp.args.StandardSave(state), force=True)
+  except Exception as e:
+    failure = write_failure(str(manager.directory), f"checkpoint step {step}", e)
+    if failure is None:
+      raise
+    raise failure from e
+
+
+def finish_checkpoints(manager) -> None:
+  """Waits for the in-flight save; its write errors come out as a CheckpointError."""
+  try:
+    manager.wait_until_finished()
+  except Exception as e:
+    failure = write_failure(str(manager.directory), "a checkpoint", e)
+    if failure is None:
+      raise
+    raise failure from e
+
+
+def restore_newest(manager, target: Any, workdir: str) -> tuple[Any | None, Any]:
+  """(restored state or None, manager): the newest step that restores; never deletes one.
+
+  A step that fails to restore (truncated or corrupted files, a half-copied folder) is reported
+  with a warning and the one before it is tried. Once an older step restores, the unreadable
+  newer ones are moved (not deleted) to <workdir>/checkpoints_unreadable/, since the resumed run
+  will save those step numbers again. If none restores, nothing is moved and the error says so.
+  """
+  import orbax.checkpoint as ocp
+  directory = str(manager.directory)
+  failed: list[tuple[int, BaseException]] = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      state = manager.restore(step, args=ocp.args.StandardRestore(target))
+    except Exception as e:  # corruption surfaces as many error types (tensorstore, json, OS)
+      log.warning("checkpoint step %d in %s cannot be restored (%s: %s); trying the one before.",
+                  step, directory, type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "")
+      failed.append((step, e))
+      continue
+    if failed:
+      aside = os.path.join(workdir, "checkpoints_unreadable")
+      if jax.process_index() == 0:
+        os.makedirs(aside, exist_ok=True)
+        for bad, _ in failed:
+          dest = os.path.join(aside, str(bad))
+          while os.path.exists(dest):
+            dest += "_"
+          os.rename(os.path.join(directory, str(bad)), dest)
+      if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("bge_jax: unreadable checkpoints set aside")
+      manager.reload()
+      log.warning("resuming from step %d; the unreadable step(s) %s were moved to %s.", step,
+                  [b for b, _ in failed], aside)
+    return state, manager
+  if failed:
+    step, error = failed[0]
+    raise CheckpointError(
+        f"no checkpoint in {directory} can be restored (steps {[s for s, _ in failed]}); the "
+        f"newest failed with {type(error).__name__}: {error}. If the model, optimizer or mesh "
+        "config changed since they were written, use a new --workdir (or the old config); if "
+        "the files are damaged, move the broken step folders out of the way.") from error
+  return None, manager
+
+
+class PreemptionWatch:
+  """Whether to save and stop now: a SIGTERM (preemption notice) arrived.
+
+  One process: a Python SIGTERM handler sets a flag. Several processes: jax's preemption sync
+  service (started by jax.distributed.initialize) relays the notice to every host and picks a
+  step all of them reach; orbax's `reached_preemption(step)` asks it, and must be asked at
+  every step on every host, which the loop does.
+  """
+
+  def __init__(self, manager):
+    self._manager = manager
+    self._multi = jax.process_count() > 1
+    self._flag = threading.Event()
+    self._previous = None
+    if not self._multi and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, lambda *_: self._flag.set())
+
+  def reached(self, step: int) -> bool:
+    if self._multi:
+      return bool(self._manager.reached_preemption(step))
+    return self._flag.is_set()
+
+  def close(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+
+
+def drop_metrics_after(workdir: str, step: int) -> None:
+  """On resume: rows logged after the restored step (a killed run's lost steps) are dropped, so
+  metrics.jsonl holds each step once, as the uninterrupted run would. A torn last line goes too."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return
+
+  def row_step(line: str) -> int | None:
+    try:
+      return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+      return None
+
+  with open(path) as f:
+    lines = f.readlines()
+  kept = [x if x.endswith("\n") else x + "\n" for x in lines
+          if (s := row_step(x)) is not None and s <= step]
+  if len(kept) != len(lines):
+    with open(path + ".tmp", "w") as f:
+      f.writelines(kept)
+    os.replace(path + ".tmp", path)
+    log.info("metrics.jsonl: dropped %d rows after step %d (not in any checkpoint)",
+             len(lines) - len(kept), step)
+
+
+# ---------------------------------------------------------------------------------------------
 # train()
 # ---------------------------------------------------------------------------------------------
 
@@ -167,9 +357,11 @@ def total_train_steps(config: Any, num_examples_global: int) -> int:
 
 
 def train(config: Any, workdir: str) -> dict[str, float]:
-  """Runs (or resumes) a training run in `workdir`; returns the last logged metrics."""
-  import orbax.checkpoint as ocp
+  """Runs (or resumes) a training run in `workdir`; returns the last logged metrics.
 
+  After a SIGTERM it saves a checkpoint at the current step and returns early (no exports);
+  the returned dict then has "preempted_at_step".
+  """
   workdir = os.path.abspath(workdir)
   is_main = jax.process_index() == 0
   stage = get_stage(config.stage)
@@ -203,18 +395,16 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   repl = sharding.replicated(mesh)
   opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_state.opt_state, param_sh,
                                  transform_non_params=lambda _: repl)
-  state_sh = state_lib.TrainState(step=repl, params=param_sh, opt_state=opt_sh)
+  state_sh = state_lib.TrainState(step=repl, params=param_sh, opt_state=opt_sh,
+                                  nonfinite_steps=repl)
 
   # --- Restore or initialise (never materialising unsharded parameters on device) -------------
-  manager = ocp.CheckpointManager(
-      os.path.join(workdir, "checkpoints"),
-      options=ocp.CheckpointManagerOptions(max_to_keep=config.checkpoint.keep, create=True))
-  latest = manager.latest_step()
-  if latest is not None:
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract_state, state_sh)
-    state = manager.restore(latest, args=ocp.args.StandardRestore(target))
-    log.info("resumed from %s at step %d", manager.directory, latest)
+  manager = open_checkpoints(os.path.join(workdir, "checkpoints"), config.checkpoint.keep)
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract_state, state_sh)
+  state, manager = restore_newest(manager, target, workdir)
+  if state is not None:
+    log.info("resumed from %s at step %d", manager.directory, int(jax.device_get(state.step)))
   else:
     rng_init = jax.random.key(config.seed)
     fresh = jax.jit(lambda r: bert.init(model_config, r)[0], out_shardings=param_sh)(rng_init)
@@ -222,6 +412,9 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     state = jax.jit(lambda p: state_lib.init_state(p, tx), out_shardings=state_sh)(params)
     log.info("initialised from %s; freshly initialised parts: %s", origin, new_parts)
   start_step = int(jax.device_get(state.step))
+  nonfinite_seen = int(jax.device_get(state.nonfinite_steps))
+  if is_main and start_step:
+    drop_metrics_after(workdir, start_step)
 
   # --- The step ---------------------------------------------------------------------------------
   stage_loss = stage.loss_fn(config, model_config)
@@ -229,7 +422,9 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   def loss_fn(params, batch, rng):
     return stage_loss(params, batch, rng if config.dropout else None)
 
-  step_fn = state_lib.make_train_step(loss_fn, tx, schedule, config.grad_accum_steps)
+  skip_nonfinite = bool(config.get("skip_nonfinite_updates", False))
+  step_fn = state_lib.make_train_step(loss_fn, tx, schedule, config.grad_accum_steps,
+                                      skip_nonfinite=skip_nonfinite)
   probe = batcher(start_step)
   # Batch-major arrays split over (data, fsdp); 0-d flags (e.g. in_batch_negatives) replicated.
   batch_sh = {k: sharding.batch_sharding(mesh, v.ndim) if v.ndim else repl
@@ -248,6 +443,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     _write_run_info(workdir, config, model_config, origin, total_steps, batcher, memory)
 
   # --- Loop -----------------------------------------------------------------------------------
+  preemption = PreemptionWatch(manager)
   writer = MetricWriter(workdir, enabled=is_main)
   rng = jax.random.key(config.seed + 1)
   # The compile probe is the first step's batch; the thread prepares the ones after it.
@@ -268,6 +464,8 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   if start_step == 0:
     run_eval(0)
   window_tokens, window_start = 0, time.perf_counter()
+  checked = start_step  # steps up to here had a finite loss and gradient (or were skipped)
+  preempted_at = None
   try:
     for step in range(start_step, total_steps):
       local = probe if step == start_step else prefetch.next()[1]
@@ -275,15 +473,26 @@ def train(config: Any, workdir: str) -> dict[str, float]:
       with sharding.activate(mesh):
         state, metrics = compiled_step(state, global_batch(local), rng)
       done = step + 1
-      should_log = done % config.log_every_steps == 0 or done == total_steps
-      should_save = done % config.checkpoint.every_steps == 0 or done == total_steps
+      preempted = preemption.reached(done)
+      should_log = done % config.log_every_steps == 0 or done == total_steps or preempted
+      should_save = done % config.checkpoint.every_steps == 0 or done == total_steps or preempted
       if should_log or should_save:
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if not all(math.isfinite(values[k]) for k in ("loss", "grad_norm")):
-          raise FloatingPointError(
-              f"step {done}: loss={values['loss']} grad_norm={values['grad_norm']} is not "
-              f"finite; stopping with the last good checkpoint kept in {manager.directory} "
-              "(try a lower optimizer.lr, optimizer.clip_norm, or model.dtype='float32').")
+        # Checked before every save, so every checkpoint on disk follows finite steps only.
+        if values["nonfinite_steps"] > nonfinite_seen:
+          new_bad = int(values["nonfinite_steps"]) - nonfinite_seen
+          if not skip_nonfinite:
+            raise FloatingPointError(
+                f"a NaN/inf loss or gradient in steps {checked + 1}-{done} (at step {done}: "
+                f"loss={values['loss']}, grad_norm={values['grad_norm']}); stopped with the last "
+                f"good checkpoint (step {manager.latest_step()}) kept in {manager.directory}. "
+                "Try a lower config.optimizer.lr or config.optimizer.clip_norm, "
+                "config.model.dtype='float32', or config.skip_nonfinite_updates=True to skip "
+                "such updates and go on.")
+          log.warning("steps %d-%d: %d update(s) with a NaN/inf loss or gradient skipped "
+                      "(%d in the run)", checked + 1, done, new_bad, int(values["nonfinite_steps"]))
+          nonfinite_seen = int(values["nonfinite_steps"])
+        checked = done
         elapsed = time.perf_counter() - window_start
         values["tokens_per_sec"] = window_tokens / max(elapsed, 1e-9)
         window_tokens, window_start = 0, time.perf_counter()
@@ -293,19 +502,32 @@ def train(config: Any, workdir: str) -> dict[str, float]:
           if progress is not None:
             progress.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}")
         if should_save:
-          manager.save(done, args=ocp.args.StandardSave(state))
+          save_checkpoint(manager, done, state)
+      if preempted:
+        preempted_at = done
+        break
       every = config.eval.every_steps if "eval" in config else 0
       if (every and done % every == 0) or done == total_steps:
         run_eval(done)
       if progress is not None:
         progress.update(1)
-    manager.wait_until_finished()
+    finish_checkpoints(manager)
   finally:
+    preemption.close()
     prefetch.close()
     if progress is not None:
       progress.close()
     writer.close()
-    manager.close()
+    try:
+      manager.close()  # waits for an in-flight save: the last good checkpoint gets committed
+    except Exception as e:  # already reported by finish_checkpoints, or masking another error
+      log.error("closing the checkpoint manager of %s: %s", manager.directory, e)
+
+  if preempted_at is not None:
+    if is_main:
+      print(f"[bge-jax] preempted (SIGTERM): saved step {preempted_at} in {manager.directory}; "
+            "rerun the same command to resume.", flush=True)
+    return dict(last, preempted_at_step=preempted_at)
 
   # --- Exports ----------------------------------------------------------------------------------
   if config.export:

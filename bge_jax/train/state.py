@@ -1,4 +1,9 @@
-"""Train state, the optax optimizer (AdamW, warmup + linear decay, clipping) and the jitted step."""
+"""Train state, the optax optimizer (AdamW, warmup + linear decay, clipping) and the jitted step.
+
+The TrainState is the whole of a run's mutable state: the data a step reads and the dropout
+RNG are pure functions of (config.seed, step), so checkpointing this state (step, params,
+optimizer, the non-finite step count) is enough for a bit-exact resume.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +22,9 @@ class TrainState:
   step: jax.Array
   params: Any
   opt_state: Any
+  # Steps whose loss or gradient norm was NaN/inf so far (int32). Kept in the checkpoint so the
+  # count (logged as `nonfinite_steps`) and the fail-fast check survive a resume.
+  nonfinite_steps: jax.Array
 
 
 def lr_schedule(peak: float, total_steps: int, warmup_steps: int, kind: str = "linear") -> optax.Schedule:
@@ -53,16 +61,24 @@ def make_optimizer(opt: Mapping[str, Any], total_steps: int) -> tuple[optax.Grad
 
 
 def init_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    nonfinite_steps=jnp.zeros((), jnp.int32))
 
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    grad_accum_steps: int = 1) -> Callable[[TrainState, Any, jax.Array], tuple[TrainState, dict]]:
+                    grad_accum_steps: int = 1, skip_nonfinite: bool = False,
+                    ) -> Callable[[TrainState, Any, jax.Array], tuple[TrainState, dict]]:
   """A pure `(state, batch, rng) -> (state, metrics)`; the batch's leading dim is the global batch.
 
   With grad_accum_steps=k the batch is split into k micro-batches, run in sequence by `lax.scan`
   (activations of one micro-batch live at a time), and their gradients averaged: the same update
   as one step on the whole batch for per-example losses.
+
+  A step whose loss or gradient norm is NaN/inf increments `state.nonfinite_steps`. With
+  skip_nonfinite=True its update is also dropped inside the compiled step (an elementwise
+  select, so no host round trip): params and optimizer state come out bit-identical to the
+  input and only `step` advances, so the run moves on to the next batch. Without it the update
+  is applied and the trainer stops at its next check (see loop.py).
   """
 
   def loss_and_metrics(params, batch, rng):
@@ -95,9 +111,18 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule:
           body, (zeros, zero_metrics), (jnp.arange(grad_accum_steps), micro))
       grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
       metrics = jax.tree.map(lambda m: m / grad_accum_steps, metrics)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=schedule(state.step))
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    if skip_nonfinite:
+      keep_if_bad = lambda new, old: jnp.where(finite, new, old)
+      params = jax.tree.map(keep_if_bad, params, state.params)
+      opt_state = jax.tree.map(keep_if_bad, opt_state, state.opt_state)
+    nonfinite_steps = state.nonfinite_steps + jnp.where(finite, 0, 1).astype(jnp.int32)
+    metrics = dict(metrics, grad_norm=grad_norm, lr=schedule(state.step),
+                   nonfinite_steps=nonfinite_steps)
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                      nonfinite_steps=nonfinite_steps), metrics
 
   return step
