@@ -1,0 +1,123 @@
+"""Multi-process training: 2 local processes x 4 CPU devices (jax.distributed over gloo, started
+by launch/train.py's coordinator flags) reproduce a one-process 8-device run.
+
+Each process reads only its shard of the data, so the global batch of a 2-process run is not the
+one a single process would draw for itself (the RetroMAE corpus is sharded by index, masks are
+seeded per process). The reference therefore runs in this (8-device) process with the stage's
+batcher replaced by the concatenation of the two processes' batchers — the global batch that
+`make_array_from_process_local_data` assembles in the real run. What is compared is everything
+else: initialisation, the cross-process step (collectives, loss reduction), dropout, the
+optimizer, and that only process 0 writes metrics.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO, make_corpus, make_tokenizer
+
+STEPS = 4
+
+
+class ConcatBatcher:
+  """The global batch of `count` processes, built in one process (test reference)."""
+
+  def __init__(self, parts):
+    self.parts = parts
+    self.num_examples = sum(p.num_examples for p in parts)
+
+  def __call__(self, step):
+    batches = [p(step) for p in self.parts]
+    out = {}
+    for k, v in batches[0].items():
+      if np.ndim(v) == 0:  # a flag every process computes alike (e.g. in_batch_negatives)
+        assert all(np.array_equal(b[k], v) for b in batches), k
+        out[k] = v
+      else:
+        out[k] = np.concatenate([b[k] for b in batches])
+    return out
+
+  def real_tokens(self, batch):
+    return self.parts[0].real_tokens(batch)
+
+  def describe(self):
+    return " | ".join(p.describe() for p in self.parts)
+
+
+class SimulatedProcesses:
+  def __init__(self, stage, count):
+    self.stage, self.count = stage, count
+    self.name = stage.name
+
+  def __getattr__(self, name):
+    return getattr(self.stage, name)
+
+  def batcher(self, config, tokenizer, model_config, process_index, process_count):
+    assert (process_index, process_count) == (0, 1)
+    return ConcatBatcher([self.stage.batcher(config, tokenizer, model_config, i, self.count)
+                          for i in range(self.count)])
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def overrides(corpus, tok):
+  return {"tokenizer": str(tok), "data.train": str(corpus), "data.max_length": 32,
+          "model.max_position_embeddings": 64, "batch_size": 8, "num_train_steps": STEPS,
+          "log_every_steps": 1, "checkpoint.every_steps": 2, "export": False}
+
+
+@pytest.mark.slow
+def test_two_processes_reproduce_one_process_loss_curve(tmp_path, monkeypatch):
+  from test_train import load_config, losses, override
+
+  from bge_jax.train import loop
+
+  corpus, tok = make_corpus(tmp_path / "train.jsonl", 128), make_tokenizer(tmp_path / "tok")
+  values = overrides(corpus, tok)
+
+  workdir = tmp_path / "multi"
+  port = free_port()
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4 "
+                                   "--xla_cpu_multi_thread_eigen=false",
+             BGE_JAX_COMPILATION_CACHE=str(tmp_path / "xla_cache"))
+  procs = [subprocess.Popen(
+      [sys.executable, str(REPO / "launch" / "train.py"),
+       f"--config={REPO / 'configs' / 'retromae.py'}:tiny", f"--workdir={workdir}",
+       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"]
+      + [f"--config.{k}={v}" for k, v in values.items()],
+      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  outputs = []
+  try:
+    for p in procs:
+      outputs.append(p.communicate(timeout=900)[0])
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for i, (p, out) in enumerate(zip(procs, outputs)):
+    assert p.returncode == 0, f"process {i}:\n{out[-4000:]}"
+  assert "process 1 of 2, 4 local / 8 devices" in outputs[1]
+  assert "[bge-jax] stage=retromae" in outputs[0] and "[bge-jax]" not in outputs[1]
+  info = json.loads((workdir / "run_info.json").read_text())
+  assert info["processes"] == 2 and info["devices"] == 8
+  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
+  multi = losses(workdir)
+
+  stage = loop.get_stage("retromae")
+  monkeypatch.setattr(loop, "get_stage", lambda name: SimulatedProcesses(stage, 2))
+  config = override(load_config("retromae", "tiny"), **values)
+  loop.train(config, str(tmp_path / "single"))
+  single = losses(tmp_path / "single")
+
+  assert sorted(multi) == sorted(single) == list(range(1, STEPS + 1))
+  np.testing.assert_allclose([multi[s] for s in single], [single[s] for s in single],
+                             rtol=0, atol=1e-5)
