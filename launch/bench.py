@@ -203,21 +203,22 @@ def _ragged_lengths(rng, rows: int, length: int, shortest: int):
 
 
 def retromae_batch(rng, rows: int, length: int, vocab: int) -> dict:
-  """A RetroMAE batch with the collator's names and invariants: ragged rows (padding on the
-  tail), 30% encoder MLM labels, a decoder mask showing ~half the real columns (always column
-  0, never the row itself), decoder labels on every real token but [CLS]."""
+  """A RetroMAE batch with the collator's names and SPEC's invariants: ragged rows (padding on
+  the tail), ~30% encoder MLM labels, a decoder mask showing ~half the real columns (always
+  column 0, never the row itself), decoder labels on every real token but [CLS] and the last."""
   import numpy as np
   n, real = _ragged_lengths(rng, rows, length, length // 4)
   ids = np.where(real, rng.randint(5, vocab, size=(rows, length)), 0)
   ids[:, 0] = 2
   masked = real & (rng.rand(rows, length) < 0.3)
   masked[:, 0] = False
-  masked[np.arange(rows), n - 1] = True
+  masked[:, 1] = True  # every row has a label
   visible = (rng.rand(rows, length, length) < 0.5) & real[:, None, :] & real[:, :, None]
   visible[:, :, 0] = real
   visible[:, np.arange(length), np.arange(length)] = False
   dec_labels = np.where(real, ids, -100)
   dec_labels[:, 0] = -100
+  dec_labels[np.arange(rows), n - 1] = -100
   i32 = lambda x: np.asarray(x, np.int32)  # noqa: E731
   return {"encoder_input_ids": i32(np.where(masked, 4, ids)), "encoder_attention_mask": i32(real),
           "encoder_labels": i32(np.where(masked, ids, -100)), "decoder_input_ids": i32(ids),

@@ -1,0 +1,96 @@
+"""launch/bench.py and launch/gpu_bench.py: their batches, measures and a smoke run.
+
+The benchmarks' numbers are only as good as their inputs and meters: the synthetic RetroMAE
+batches must satisfy SPEC's invariants (the same checker as the parity tests), the memory meter
+must see an allocation of known size and not invent one, and the interleaving must alternate.
+"""
+
+import importlib.util
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+from test_retromae import assert_spec_invariants
+
+LAUNCH = pathlib.Path(__file__).resolve().parents[1] / "launch"
+
+
+def _load(name: str):
+  spec = importlib.util.spec_from_file_location(f"launch_{name}", LAUNCH / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+  return _load("bench")
+
+
+@pytest.fixture(scope="module")
+def gpu_bench():
+  return _load("gpu_bench")
+
+
+def test_bench_retromae_batch_meets_spec(bench):
+  batch = bench.retromae_batch(np.random.RandomState(0), 6, 24, vocab=300)
+  assert_spec_invariants(batch)
+  real = batch["encoder_attention_mask"]
+  assert real.sum(1).min() < 24 == real.sum(1).max(), "rows must be ragged, one full"
+
+
+def test_gpu_bench_retromae_batch_meets_spec(gpu_bench):
+  batch = gpu_bench.stage1_batch(np.random.RandomState(0), 3, 16, vocab=300)
+  assert_spec_invariants(batch)
+
+
+def test_pair_batch_is_ragged_right_padded(bench):
+  batch = bench.pair_batch(np.random.RandomState(0), 16, vocab=300)
+  for side, length in (("query", bench.Q_LEN), ("passage", bench.P_LEN)):
+    ids, mask = batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"]
+    assert ids.shape == mask.shape == (16, length)
+    n = mask.sum(1)
+    assert (mask == (np.arange(length)[None] < n[:, None])).all()
+    assert (ids[mask == 0] == 0).all() and (ids[mask == 1] > 0).all()
+    assert n.max() == length and n.min() < length
+
+
+def test_peak_rss_growth_sees_an_allocation(bench):
+  size = 96 * 2**20
+
+  def allocate():
+    a = np.ones(size // 8)  # touched pages, freed on return
+    return float(a[::4096].sum())
+
+  grown = bench.peak_rss_growth(allocate)
+  if grown is None:
+    pytest.skip("/proc/self/clear_refs is not writable here")
+  assert 0.9 * size <= grown <= 1.5 * size, grown
+  assert bench.peak_rss_growth(lambda: None) < 16 * 2**20
+
+
+def test_interleaved_alternates_order(bench):
+  calls = []
+  times = bench.interleaved({"jax": lambda: calls.append("j"), "torch": lambda: calls.append("t")}, 3)
+  assert calls == ["j", "t", "t", "j", "j", "t"]
+  assert {k: len(v) for k, v in times.items()} == {"jax": 3, "torch": 3}
+
+
+def test_gpu_bench_shrink(gpu_bench):
+  # 3/4 on a multiple of 8 while there is one, else halving; always smaller, never 0.
+  assert [gpu_bench._shrink(n) for n in (96, 64, 8, 4, 1)] == [72, 48, 4, 2, 1]
+
+
+@pytest.mark.slow
+def test_gpu_bench_smoke_runs_on_cpu(gpu_bench, tmp_path):
+  out = tmp_path / "smoke"
+  assert gpu_bench.main(["--smoke", "--stages", "2", "--out", str(out)]) == 0
+  result = json.loads(out.with_suffix(".json").read_text())
+  (row,) = result["rows"]
+  assert row["stage"] == "stage2" and row["rows"] == 8
+  assert np.isfinite(row["final_loss"]) and row["step_s_median"] > 0
+  assert row["model_flops_per_step"] > 0
+  assert (row["mfu"] is None) == (row["peak_flops"] is None)
+  assert "| stage2 | tiny | 8 x 16+64 |" in out.with_suffix(".md").read_text()
