@@ -1,13 +1,15 @@
 """Evaluate a bge-jax model with mteb, offline, on a local STS task (example).
 
   pip install "bge-jax[eval]"        # mteb >= 2.26, an optional extra
-  python launch/mteb_eval.py --model PATH [--data FILE] [--split dev] [--pooling cls|mean]
-      [--limit N] [--check]
+  python launch/mteb_eval.py --model PATH [--step N] [--data FILE] [--split dev]
+      [--pooling cls|mean] [--limit N] [--check]
 
---model is any path `Encoder.from_hf` takes: an exported folder, a Hugging Face or
-sentence-transformers folder, or a bge-jax checkpoint of a run still training. --data defaults
-to the English STS Benchmark TSV in ../shared/data (dev split); the Chinese
-`s1<TAB>s2<TAB>score` files work too (pass --split "" and --lang cmn-Hans).
+--model is an exported folder (a run's export/hf), any Hugging Face or sentence-transformers
+folder, a bge-jax checkpoint folder, or the WORKDIR of a run (still training or finished): its
+newest committed checkpoint, or --step N, is read (params only) with the run's model config and
+tokenizer. Pooling defaults to the model's own (the folder's 1_Pooling, the run's loss.pooling,
+else CLS). --data defaults to the English STS Benchmark TSV in ../shared/data (dev split); the
+Chinese `s1<TAB>s2<TAB>score` files work too (pass --split "" and --lang cmn-Hans).
 
 How it works (the pieces to reuse for other tasks):
 
@@ -38,14 +40,25 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "en" / "stsbenchmark.train-dev.tsv"
 
 
+def _tokenizer(folder: str | None):
+  if folder is None:
+    return None
+  from transformers import AutoTokenizer
+  return AutoTokenizer.from_pretrained(folder)
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--model", required=True, help="model folder or checkpoint")
+  parser.add_argument("--model", required=True,
+                      help="HF / sentence-transformers folder, bge-jax checkpoint, or run workdir")
+  parser.add_argument("--step", type=int, help="checkpoint step of a run workdir (default: newest)")
+  parser.add_argument("--tokenizer", help="tokenizer folder (default: the model's / the run's)")
   parser.add_argument("--data", default=str(DEFAULT_DATA), help="STS file (read_sts formats)")
   parser.add_argument("--split", default="dev", help="split column value; '' for every row")
   parser.add_argument("--lang", default="eng-Latn", help="mteb language code of the data")
-  parser.add_argument("--pooling", choices=("cls", "mean"), default="cls")
+  parser.add_argument("--pooling", choices=("cls", "mean"), default=None,
+                      help="default: the model's own (CLS for BGE models)")
   parser.add_argument("--limit", type=int, help="only the first N pairs")
   parser.add_argument("--batch-size", type=int, default=256)
   parser.add_argument("--max-length", type=int, default=512)
@@ -54,7 +67,6 @@ def main(argv: list[str] | None = None) -> int:
                       help="also compute bge_jax.eval.sts_spearman on the same pairs")
   args = parser.parse_args(argv)
 
-  from bge_jax import Encoder
   from bge_jax.convert import ConversionError
   from bge_jax.eval import EvalDataError, read_sts, sts_spearman
   from bge_jax.eval import mteb_adapter
@@ -68,8 +80,9 @@ def main(argv: list[str] | None = None) -> int:
   split = args.split or None
   try:
     s1, s2, scores = read_sts(args.data, split)  # validates the file before the model loads
-    encoder = Encoder.from_hf(args.model, pooling=args.pooling)
-  except (EvalDataError, ConversionError) as e:
+    encoder = mteb_adapter.load_encoder(args.model, args.pooling, step=args.step,
+                                        tokenizer=_tokenizer(args.tokenizer))
+  except (EvalDataError, ConversionError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   n = len(s1) if args.limit is None else min(args.limit, len(s1))
@@ -80,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
   task = mteb_adapter.local_sts_task(args.data, split, limit=args.limit, lang=args.lang)
   result = mteb.evaluate(model, [task], cache=None, show_progress_bar=False)
   score = mteb_adapter.main_score(result)
-  print(f"{task.metadata.name} ({split or 'all rows'}, {n} pairs) "
-        f"{task.metadata.main_score}: {score:.6f}")
+  print(f"{task.metadata.name} ({split or 'all rows'}, {n} pairs, {encoder.config.pooling} "
+        f"pooling) {task.metadata.main_score}: {score:.6f}")
   if args.check:
     ours = sts_spearman(encoder, s1[:n], s2[:n], scores[:n], batch_size=args.batch_size,
                         max_length=args.max_length)

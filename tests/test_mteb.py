@@ -1,0 +1,144 @@
+"""launch/mteb_eval.py end to end, offline: mteb's score equals bge-jax's own STS evaluator.
+
+Skipped when mteb (the optional extra `bge-jax[eval]`) is not installed. The models are the
+bundled all-MiniLM-L6-v2 on the English STS-B dev pairs (slow) and a tiny model saved as a
+trainer workdir's checkpoints (the format `bge_jax.train.loop` writes, via its own save
+functions) on a generated STS file; the reference is `bge_jax.eval.sts_spearman` over an
+`Encoder` built directly from the same params.
+"""
+
+import importlib.util
+import json
+import re
+
+import jax
+import numpy as np
+import pytest
+
+from bge_jax import checkpoint
+from bge_jax import config as config_lib
+from bge_jax.encoder import Encoder
+from bge_jax.eval import read_sts, sts_spearman
+from bge_jax.models import bert
+from conftest import REPO, WORDS, make_tokenizer
+
+pytest.importorskip("mteb")
+
+SCRIPT = REPO / "launch" / "mteb_eval.py"
+SCORE = re.compile(r"cosine_spearman: (\S+)")
+OURS = re.compile(r"bge_jax.eval.sts_spearman: (\S+)")
+CONFIG = config_lib.preset("tiny", num_layers=1, vocab_size=64, max_position_embeddings=64,
+                           pooling="mean")
+
+
+def _cli():
+  spec = importlib.util.spec_from_file_location("launch_mteb_eval", SCRIPT)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.main
+
+
+def _scores(stdout: str) -> tuple[float, float]:
+  return float(SCORE.search(stdout).group(1)), float(OURS.search(stdout).group(1))
+
+
+@pytest.fixture(scope="module")
+def run_workdir(tmp_path_factory):
+  """A trainer workdir with checkpoints at steps 3 and 7 (different params), run_info.json and
+  config.json as the trainer writes them; returns (workdir, {step: params}, tokenizer folder)."""
+  import optax
+
+  from bge_jax.train import loop, state
+
+  root = tmp_path_factory.mktemp("mteb_run")
+  tok = make_tokenizer(root / "tok")
+  workdir = root / "run"
+  workdir.mkdir()
+  (workdir / "run_info.json").write_text(json.dumps({"stage": "contrastive",
+                                                     "model": CONFIG.to_dict()}))
+  (workdir / "config.json").write_text(json.dumps({"tokenizer": str(tok),
+                                                   "model": {"init_from": ""}}))
+  manager = loop.open_checkpoints(str(workdir / "checkpoints"), keep=3)
+  saved = {}
+  for step, seed in ((3, 0), (7, 1)):
+    params, _ = bert.init(CONFIG, jax.random.key(seed))
+    params = jax.tree.map(lambda x: x * 4.0, params)  # beyond init's 0.02: distinct embeddings
+    loop.save_checkpoint(manager, step, state.init_state(params, optax.adam(1e-3)))
+    loop.finish_checkpoints(manager)
+    saved[step] = checkpoint.to_numpy(params)
+  manager.close()
+  return workdir, saved, tok
+
+
+@pytest.fixture(scope="module")
+def sts_file(tmp_path_factory):
+  """30 generated pairs in the Chinese STS-B layout: s1<TAB>s2<TAB>score."""
+  rng = np.random.RandomState(0)
+  path = tmp_path_factory.mktemp("sts") / "pairs.data"
+  lines = []
+  for _ in range(30):
+    a = " ".join(rng.choice(WORDS, 6))
+    b = " ".join(rng.choice(WORDS, 6))
+    lines.append(f"{a}\t{b}\t{rng.randint(0, 6)}")
+  path.write_text("\n".join(lines) + "\n")
+  return path
+
+
+@pytest.mark.slow  # orbax saves and mteb's first import: ~80 s on 2 busy cores
+def test_run_workdir_newest_and_chosen_step_agree_with_sts_spearman(run_workdir, sts_file, capsys):
+  from transformers import AutoTokenizer
+
+  from bge_jax.eval import mteb_adapter
+
+  workdir, saved, tok = run_workdir
+  assert mteb_adapter.is_run_workdir(workdir) and mteb_adapter.run_steps(workdir) == [3, 7]
+  step, config, params = mteb_adapter.load_run_params(workdir)
+  assert step == 7 and config == CONFIG
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(saved[7])):
+    np.testing.assert_array_equal(np.asarray(a), b)
+
+  s1, s2, gold = read_sts(sts_file)
+  tokenizer = AutoTokenizer.from_pretrained(tok)
+  scores = {}
+  for step in (3, 7):
+    argv = ["--model", str(workdir), "--data", str(sts_file), "--split", "", "--check",
+            "--max-length", "32"]
+    assert _cli()(argv + (["--step", "3"] if step == 3 else [])) == 0
+    out = capsys.readouterr().out
+    assert "(all rows, 30 pairs, mean pooling)" in out, out
+    mteb_score, ours_in_cli = _scores(out)
+    # The reference: an Encoder built here from the saved params, not from the checkpoint.
+    reference = sts_spearman(Encoder(saved[step], CONFIG, tokenizer, pooling="mean"),
+                             s1, s2, gold, max_length=32)
+    assert abs(mteb_score - reference) < 1e-6 and abs(ours_in_cli - reference) < 1e-6
+    scores[step] = mteb_score
+  assert scores[3] != scores[7]  # the step really selects the checkpoint
+
+
+@pytest.mark.slow  # shares the run_workdir fixture
+def test_refusals_are_one_error_line(run_workdir, sts_file, tmp_path, capsys):
+  workdir, _, _ = run_workdir
+  base = ["--data", str(sts_file), "--split", ""]
+  assert _cli()(["--model", str(workdir), "--step", "5", *base]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "no step 5" in err[0] and "[3, 7]" in err[0], err
+  empty = tmp_path / "fresh_run"
+  (empty / "checkpoints").mkdir(parents=True)
+  (empty / "run_info.json").write_text(json.dumps({"model": CONFIG.to_dict()}))
+  assert _cli()(["--model", str(empty), *base]) == 2
+  assert "no committed checkpoint yet" in capsys.readouterr().err
+  assert _cli()(["--model", str(tmp_path / "nothing"), *base]) == 2
+  assert "no such file or folder" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_minilm_on_stsb_dev_matches_bge_jax_evaluator(minilm_path, shared_data, capsys):
+  data = shared_data / "en" / "stsbenchmark.train-dev.tsv"
+  assert _cli()(["--model", minilm_path, "--data", str(data), "--split", "dev", "--limit", "200",
+                 "--max-length", "128", "--check"]) == 0
+  out = capsys.readouterr().out
+  print(out)
+  assert "(dev, 200 pairs, mean pooling)" in out  # the folder's own pooling (1_Pooling)
+  mteb_score, ours = _scores(out)
+  assert abs(mteb_score - ours) < 1e-6
+  assert 0.85 < mteb_score < 0.97  # all-MiniLM-L6-v2 on STS-B dev: about 0.93 with mean pooling
