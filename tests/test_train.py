@@ -85,7 +85,9 @@ def test_loss_falls_and_exports(corpus_and_tokenizer, tmp_path):
 
 
 def test_resume_matches_uninterrupted(corpus_and_tokenizer, tmp_path):
-  """Save at step 3, lose everything after it, rerun: steps 4-6 equal the uninterrupted run."""
+  """Save at step 3, lose everything after it, rerun: steps 4-6 equal the uninterrupted run bit
+  for bit, and metrics.jsonl drops the lost timeline's rows 4-6 before logging them again.
+  (SIGKILL / SIGTERM / corrupt-checkpoint resumes of launch/train.py: tests/test_reliability.py.)"""
   from bge_jax.train.loop import train
 
   corpus, tok = corpus_and_tokenizer
@@ -96,13 +98,12 @@ def test_resume_matches_uninterrupted(corpus_and_tokenizer, tmp_path):
   train(tiny_retromae(corpus, tok, 6, export=False, **{"checkpoint.every_steps": 3,
                                                         "checkpoint.keep": 5}), str(resumed))
   shutil.rmtree(resumed / "checkpoints" / "6")  # as if killed after the step-3 save
-  rows = [r for r in (resumed / "metrics.jsonl").read_text().splitlines() if json.loads(r)["step"] <= 3]
-  (resumed / "metrics.jsonl").write_text("\n".join(rows) + "\n")
   train(tiny_retromae(corpus, tok, 6, export=False, **{"checkpoint.every_steps": 3,
                                                         "checkpoint.keep": 5}), str(resumed))
+  rows = [json.loads(r) for r in (resumed / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
   a, b = losses(straight), losses(resumed)
-  assert sorted(b) == [1, 2, 3, 4, 5, 6]
-  np.testing.assert_allclose([b[s] for s in range(1, 7)], [a[s] for s in range(1, 7)], rtol=1e-6)
+  assert [b[s] for s in range(1, 7)] == [a[s] for s in range(1, 7)]
 
 
 def test_grad_accumulation_matches_full_batch(corpus_and_tokenizer, tmp_path):
@@ -181,37 +182,6 @@ def test_init_from_pretrained_keeps_weights(source, corpus_and_tokenizer, tmp_pa
     compared += 1
   assert compared == len(src)
   assert any(k.startswith("c_head.") for k in exported) and "lm.cls.predictions.bias" in exported
-
-
-@pytest.mark.slow
-def test_launch_resumes_a_killed_run(corpus_and_tokenizer, tmp_path):
-  """SIGKILL launch/train.py after its first checkpoint; the same command resumes and finishes."""
-  import signal
-  import time
-
-  corpus, tok = corpus_and_tokenizer
-  workdir = tmp_path / "w"
-  cmd = [sys.executable, str(REPO / "launch" / "train.py"),
-         f"--config={REPO / 'configs' / 'retromae.py'}:tiny", f"--workdir={workdir}",
-         f"--config.tokenizer={tok}", f"--config.data.train={corpus}",
-         "--config.data.max_length=32", "--config.model.max_position_embeddings=64",
-         "--config.num_train_steps=400", "--config.checkpoint.every_steps=20",
-         "--config.log_every_steps=20", "--config.export=False"]
-  env = dict(os.environ, XLA_FLAGS="--xla_cpu_multi_thread_eigen=false")
-  proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  ckpts = workdir / "checkpoints"
-  deadline = time.time() + 300
-  while time.time() < deadline and not (ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir())):
-    time.sleep(0.2)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  saved = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
-  assert saved and saved[-1] < 400, saved
-  done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-  assert done.returncode == 0, done.stderr[-2000:]
-  steps = [json.loads(r)["step"] for r in (workdir / "metrics.jsonl").read_text().splitlines()]
-  assert steps[-1] == 400
-  assert "resumed from" in done.stderr and f"at step {saved[-1]}" in done.stderr
 
 
 @pytest.mark.slow
