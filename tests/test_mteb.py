@@ -85,14 +85,16 @@ def sts_file(tmp_path_factory):
 
 
 @pytest.mark.slow  # orbax saves and mteb's first import: ~80 s on 2 busy cores
-def test_run_workdir_newest_and_chosen_step_agree_with_sts_spearman(run_workdir, sts_file, capsys):
+def test_run_workdir_newest_and_chosen_step_agree_with_sts_spearman(run_workdir, sts_file, capsys,
+                                                                    monkeypatch):
   from transformers import AutoTokenizer
 
   from bge_jax.eval import mteb_adapter
 
   workdir, saved, tok = run_workdir
   assert mteb_adapter.is_run_workdir(workdir) and mteb_adapter.run_steps(workdir) == [3, 7]
-  step, config, params = mteb_adapter.load_run_params(workdir)
+  monkeypatch.chdir(workdir.parent)  # a relative workdir (orbax itself needs absolute paths)
+  step, config, params = mteb_adapter.load_run_params(workdir.name)
   assert step == 7 and config == CONFIG
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(saved[7])):
     np.testing.assert_array_equal(np.asarray(a), b)

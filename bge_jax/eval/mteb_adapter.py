@@ -253,7 +253,7 @@ def load_run_params(workdir: str | os.PathLike, step: int | None = None) -> tupl
   from bge_jax.config import BertConfig
   from bge_jax.convert import ConversionError, read_json
 
-  workdir = os.fspath(workdir)
+  workdir = os.path.abspath(os.fspath(workdir))  # orbax (tensorstore) wants absolute paths
   steps = run_steps(workdir)
   if not steps:
     raise ConversionError(f"{workdir}/checkpoints: no committed checkpoint yet (the trainer "
