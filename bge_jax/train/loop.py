@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import queue
+import shutil
 import signal
 import tempfile
 import threading
@@ -204,14 +205,32 @@ def write_failure(directory: str, what: str, error: BaseException) -> Checkpoint
   return None
 
 
-def open_checkpoints(directory: str, keep: int):
-  """An async orbax CheckpointManager; fails here, before compiling, if it cannot write."""
-  import orbax.checkpoint as ocp
+def check_room(directory: str, nbytes: int = 0) -> None:
+  """Raises the CheckpointError of a write failure now, rather than from orbax's background
+  threads (where a step folder that cannot be created surfaces as a signal timeout minutes
+  later): creates and removes a probe file, and compares the free space with `nbytes`."""
   try:
     os.makedirs(directory, exist_ok=True)
     fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=directory)
     os.close(fd)
     os.remove(probe)
+    free = shutil.disk_usage(directory).free
+  except OSError as e:
+    failure = write_failure(directory, "checkpoints", e)
+    if failure is None:
+      raise
+    raise failure from e
+  if free < nbytes:
+    raise write_failure(directory, "a checkpoint", OSError(
+        errno.ENOSPC, f"No space left: {free / 2**20:.1f} MiB free, a checkpoint takes about "
+        f"{nbytes / 2**20:.1f} MiB"))
+
+
+def open_checkpoints(directory: str, keep: int):
+  """An async orbax CheckpointManager; fails here, before compiling, if it cannot write."""
+  import orbax.checkpoint as ocp
+  check_room(directory)
+  try:
     return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=True,
         # Half-written steps of a killed run (orbax's *.orbax-checkpoint-tmp-* folders) are
@@ -227,6 +246,8 @@ def open_checkpoints(directory: str, keep: int):
 def save_checkpoint(manager, step: int, state: Any) -> None:
   """Starts an async save of `state` as `step` (also surfaces a failure of the previous save)."""
   import orbax.checkpoint as ocp
+  check_room(str(manager.directory),
+             sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(state)))
   try:
     manager.save(step, args=ocp.args.StandardSave(state), force=True)
   except Exception as e:
@@ -413,8 +434,8 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     log.info("initialised from %s; freshly initialised parts: %s", origin, new_parts)
   start_step = int(jax.device_get(state.step))
   nonfinite_seen = int(jax.device_get(state.nonfinite_steps))
-  if is_main and start_step:
-    drop_metrics_after(workdir, start_step)
+  if is_main:
+    drop_metrics_after(workdir, start_step)  # also a killed run that saved no checkpoint yet
 
   # --- The step ---------------------------------------------------------------------------------
   stage_loss = stage.loss_fn(config, model_config)
