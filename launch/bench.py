@@ -1,6 +1,7 @@
 """Side-by-side benchmarks against PyTorch, in one process, interleaved after warm-up.
 
   python launch/bench.py compare [--presets tiny,bge-small-en] [--out docs/bench/cpu_compare]
+  python launch/bench.py fastpath [--preset tiny] [--variants default,eigen_threads,...]
   python launch/bench.py encode [--model PATH] [--n 512] [--batch-size 64] [--repeats 5]
   python launch/bench.py gradcache [--preset tiny] [--batches 256,1024,4096] [--chunks 0,128] [--run]
 
@@ -18,6 +19,10 @@ first; medians, the ratio JAX/PyTorch (< 1: JAX is faster), tokens/s over real (
 analytic model TFLOP/s (bge_jax.flops), peak memory (growth of the process's resident set during
 one call, after returning freed heap to the OS: the same measure for both), and the machine's
 load (`uptime`) before and after. Writes OUT.json and OUT.md.
+
+`fastpath`: `compare` once per variant, each one change from the defaults in its own process
+(XLA flags, the Encoder's length grid and pipelining, donation, remat, the persistent
+compilation cache cold then warm); one table of ratios.
 
 Threads: JAX:CPU runs on every core the process may use (sched_getaffinity); torch is set to the
 same count. XLA_FLAGS is read from the environment (default --xla_cpu_multi_thread_eigen=false,
@@ -41,6 +46,7 @@ import os
 import pathlib
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -172,22 +178,30 @@ def peak_rss_growth(fn) -> int | None:
   return max(_status_kb("VmHWM") - before, 0) * 1024
 
 
-def interleaved(fns: dict, repeats: int) -> dict[str, list[float]]:
-  """Wall times of each fn, `repeats` rounds; the order alternates every round."""
+def interleaved(fns: dict, repeats: int, cpu: dict | None = None) -> dict[str, list[float]]:
+  """Wall times of each fn, `repeats` rounds; the order alternates every round. `cpu`, when
+  given, receives the process CPU seconds (all threads) of each call: on a shared machine it is
+  less disturbed by other processes than the wall time (spin-waiting threads still count)."""
   names = list(fns)
   times = {k: [] for k in names}
   for r in range(repeats):
     for name in (names if r % 2 == 0 else names[::-1]):
-      t = time.perf_counter()
+      c, t = time.process_time(), time.perf_counter()
       fns[name]()
       times[name].append(time.perf_counter() - t)
+      if cpu is not None:
+        cpu.setdefault(name, []).append(time.process_time() - c)
   return times
 
 
-def _summary(times, real_tokens: int, model_flops: float, extra: dict) -> dict:
+def _summary(times, real_tokens: int, model_flops: float, extra: dict,
+             cpu: dict | None = None) -> dict:
   med = {k: statistics.median(v) for k, v in times.items()}
+  cpu_med = {k: statistics.median(v) for k, v in (cpu or {}).items()}
   return {
       **extra, "real_tokens": real_tokens, "model_flops": model_flops,
+      "cpu_median_s": cpu_med,
+      "cpu_ratio_jax_over_torch": (cpu_med["jax"] / cpu_med["torch"]) if cpu_med else None,
       "times_s": {k: [round(x, 5) for x in v] for k, v in times.items()},
       "median_s": med, "ratio_jax_over_torch": med["jax"] / med["torch"],
       "tokens_per_s": {k: real_tokens / v for k, v in med.items()},
@@ -327,13 +341,14 @@ def bench_stage1(preset_name: str, shape: dict, args) -> dict:
                          donate=not args.no_donate)
   del params
   first = {"jax": jax_step(), "torch": torch_step()}
-  times = interleaved({"jax": jax_step, "torch": torch_step}, args.repeats)
+  cpu: dict = {}
+  times = interleaved({"jax": jax_step, "torch": torch_step}, args.repeats, cpu)
   real = int(batch["encoder_attention_mask"].sum())
   model_flops = flops.retromae_step_flops(config, b, length).model
   return _summary(times, real, model_flops, {
       "benchmark": "stage1", "preset": preset_name, "batch": b, "length": length,
       "first_loss": first, "compile_s": round(jax_step.compile_s, 1),
-      "memory": _memory(jax_step, torch_step, jax_step.compiled)})
+      "memory": _memory(jax_step, torch_step, jax_step.compiled)}, cpu)
 
 
 def bench_stage2(preset_name: str, shape: dict, args) -> dict:
@@ -376,13 +391,14 @@ def bench_stage2(preset_name: str, shape: dict, args) -> dict:
   jax_step = _JaxTrainer(loss_fn, params, batch, donate=not args.no_donate)
   del params
   first = {"jax": jax_step(), "torch": torch_step()}
-  times = interleaved({"jax": jax_step, "torch": torch_step}, args.repeats)
+  cpu: dict = {}
+  times = interleaved({"jax": jax_step, "torch": torch_step}, args.repeats, cpu)
   real = int(batch["query_attention_mask"].sum() + batch["passage_attention_mask"].sum())
   model_flops = flops.contrastive_step_flops(config, b, Q_LEN, P_LEN).model
   return _summary(times, real, model_flops, {
       "benchmark": "stage2", "preset": preset_name, "batch": b, "length": f"{Q_LEN}/{P_LEN}",
       "first_loss": first, "compile_s": round(jax_step.compile_s, 1),
-      "memory": _memory(jax_step, torch_step, jax_step.compiled)})
+      "memory": _memory(jax_step, torch_step, jax_step.compiled)}, cpu)
 
 
 def bench_encode_preset(preset_name: str, shape: dict, args) -> dict:
@@ -395,6 +411,13 @@ def bench_encode_preset(preset_name: str, shape: dict, args) -> dict:
   from bge_jax import Encoder, convert, flops
   from bge_jax.config import preset
 
+  from bge_jax import encoder as encoder_lib
+  if args.buckets_per_octave:
+    encoder_lib.BUCKETS_PER_OCTAVE = args.buckets_per_octave
+  if args.min_bucket:
+    encoder_lib.MIN_BUCKET = args.min_bucket
+  if args.pipeline_depth is not None:
+    encoder_lib.PIPELINE_DEPTH = args.pipeline_depth
   tokenizer = default_model()
   # The tokenizer's vocabulary (30522) for every shape, so its ids are valid embeddings rows.
   config = preset(preset_name, vocab_size=30522, attention_impl=args.attention_impl)
@@ -408,6 +431,11 @@ def bench_encode_preset(preset_name: str, shape: dict, args) -> dict:
   bs = shape["enc_batch"]
   ids = enc.tokenize(texts, args.max_length)
   real = sum(len(x) for x in ids)
+  order = sorted(len(x) for x in ids)[::-1]
+  buckets = encoder_lib.length_buckets(args.max_length, encoder_lib.MIN_BUCKET,
+                                       encoder_lib.BUCKETS_PER_OCTAVE)
+  padded = sum(encoder_lib.bucket_for(order[i], buckets) * len(order[i:i + bs])
+               for i in range(0, len(order), bs))
 
   def run_jax():
     return enc.encode(texts, batch_size=bs, max_length=args.max_length, show_progress=False)
@@ -420,13 +448,16 @@ def bench_encode_preset(preset_name: str, shape: dict, args) -> dict:
   a = run_jax()  # compiles every bucket shape once
   compile_s = time.perf_counter() - t
   diff = float(np.abs(a - run_torch()).max())
-  times = interleaved({"jax": run_jax, "torch": run_torch}, args.repeats)
+  cpu: dict = {}
+  times = interleaved({"jax": run_jax, "torch": run_torch}, args.repeats, cpu)
   # Model FLOPs of what a padding-free run computes: each text on its own length.
   model_flops = sum(flops.encode_flops(config, 1, len(x)) for x in ids)
   return _summary(times, real, model_flops, {
       "benchmark": "encode", "preset": preset_name, "batch": bs, "length": args.max_length,
       "texts": len(texts), "max_abs_diff": diff, "compile_s": round(compile_s, 1),
-      "memory": _memory(run_jax, run_torch)})
+      "jax_padded_tokens": padded, "buckets": list(buckets),
+      "pipeline_depth": encoder_lib.PIPELINE_DEPTH,
+      "memory": _memory(run_jax, run_torch)}, cpu)
 
 
 def _key(seed: int):
@@ -512,6 +543,81 @@ def compare_table(result: dict) -> str:
   lines += [row_line(r) for r in result["rows"]]
   lines += ["", "tok/s: real (non-pad) tokens; GFLOP/s: analytic model FLOPs (bge_jax.flops) per "
             "second; peak MiB: resident-set growth during one call."]
+  return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# `fastpath`: one change at a time against the default, each in its own process (XLA flags are
+# read once per process), same preset and repeats.
+# ---------------------------------------------------------------------------------------------
+
+EIGEN_OFF = "--xla_cpu_multi_thread_eigen=false"
+# (name, what changes, XLA_FLAGS, extra compare arguments, benchmarks it concerns)
+VARIANTS = [
+    ("default", "bge-jax defaults", EIGEN_OFF, [], "stage1,stage2,encode"),
+    ("eigen_threads", "XLA:CPU multi-threaded Eigen matmuls", "--xla_cpu_multi_thread_eigen=true",
+     [], "stage1,stage2,encode"),
+    ("pow2_buckets", "encode: power-of-two lengths from 16 (the old grid)", EIGEN_OFF,
+     ["--buckets-per-octave", "1", "--min-bucket", "16"], "encode"),
+    ("no_pipeline", "encode: fetch each batch before building the next", EIGEN_OFF,
+     ["--pipeline-depth", "0"], "encode"),
+    ("no_donate", "train state not donated", EIGEN_OFF, ["--no-donate"], "stage1,stage2"),
+    ("remat_full", "remat_policy=full", EIGEN_OFF, ["--remat", "full"], "stage1,stage2"),
+    ("remat_dots", "remat_policy=dots", EIGEN_OFF, ["--remat", "dots"], "stage1,stage2"),
+]
+
+
+def bench_fastpath(args) -> dict:
+  wanted = [v.strip() for v in args.variants.split(",") if v.strip()] or [v[0] for v in VARIANTS]
+  known = {v[0]: v for v in VARIANTS}
+  unknown = [v for v in wanted if v not in known and v != "compile_cache"]
+  if unknown:
+    sys.exit(f"error: --variants {unknown}: choose from {list(known) + ['compile_cache']}")
+  rows = []
+  with tempfile.TemporaryDirectory() as tmp:
+    def run(name, flags, extra, benchmarks, out_name):
+      out = os.path.join(tmp, out_name)
+      cmd = [sys.executable, os.path.abspath(__file__), "compare", "--presets", args.preset,
+             "--benchmarks", benchmarks, "--repeats", str(args.repeats), "--out", out] + extra
+      print(f"[fastpath] {name}: XLA_FLAGS={flags} {' '.join(cmd[2:])}", flush=True)
+      subprocess.run(cmd, env={**os.environ, "XLA_FLAGS": flags}, check=True,
+                     stdout=subprocess.DEVNULL)
+      with open(out + ".json") as f:
+        return json.load(f)
+
+    for name in wanted:
+      if name == "compile_cache":
+        cache = os.path.join(tmp, "xla_cache")
+        for phase in ("cold", "warm"):
+          r = run(f"compile_cache ({phase})", EIGEN_OFF, ["--compilation-cache", cache],
+                  "stage2,encode", f"cache_{phase}")
+          rows += [dict(row, variant=f"compile_cache_{phase}",
+                        change=f"persistent compilation cache, {phase}") for row in r["rows"]]
+        continue
+      _, change, flags, extra, benchmarks = known[name]
+      r = run(name, flags, extra, benchmarks, name)
+      rows += [dict(row, variant=name, change=change) for row in r["rows"]]
+  return {"benchmark": "fastpath", "preset": args.preset, "repeats": args.repeats,
+          "machine": machine(), "load_after": load_average(), "rows": rows}
+
+
+def fastpath_table(result: dict) -> str:
+  m = result["machine"]
+  lines = [f"One change at a time, {result['preset']}, {m['cores_usable']} threads each, on "
+           f"{m['cpu']}; median of {result['repeats']} interleaved runs; load average at the "
+           f"end {result['load_after']}.", "",
+           "| variant | change | benchmark | bge-jax ms | PyTorch ms | JAX/PT (wall) | "
+           "JAX/PT (CPU s) | JAX compile s | JAX peak MiB | JAX padded / real tokens |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+  for r in result["rows"]:
+    cpu = r.get("cpu_ratio_jax_over_torch")
+    padded = (f"{r['jax_padded_tokens'] / r['real_tokens']:.2f}"
+              if "jax_padded_tokens" in r else "")
+    lines.append(
+        f"| {r['variant']} | {r['change']} | {r['benchmark']} | "
+        f"{r['median_s']['jax'] * 1e3:.1f} | {r['median_s']['torch'] * 1e3:.1f} | "
+        f"{r['ratio_jax_over_torch']:.2f} | {'n/a' if cpu is None else f'{cpu:.2f}'} | "
+        f"{r['compile_s']} | {_mib(r['memory']['rss_growth_bytes']['jax'])} | {padded} |")
   return "\n".join(lines)
 
 
@@ -614,9 +720,21 @@ def main(argv=None):
   c.add_argument("--attention-impl", default=None, choices=[None, "xla", "cudnn"],
                  help="jax.nn.dot_product_attention implementation (None: XLA picks)")
   c.add_argument("--no-donate", action="store_true", help="do not donate the train state")
+  c.add_argument("--buckets-per-octave", type=int, default=None,
+                 help="encode: Encoder length grid (default bge_jax.encoder's; 1 = powers of 2)")
+  c.add_argument("--min-bucket", type=int, default=None, help="encode: smallest padded length")
+  c.add_argument("--pipeline-depth", type=int, default=None,
+                 help="encode: batches dispatched ahead of the fetched one (0 = none)")
   c.add_argument("--compilation-cache", default=None,
                  help="a folder for JAX's persistent compilation cache (default: off)")
   c.add_argument("--out", default=None, help="write OUT.json and OUT.md")
+  fp = sub.add_parser("fastpath", help="compare, one change at a time, one process each")
+  fp.add_argument("--preset", default="tiny")
+  fp.add_argument("--variants", default="",
+                  help="comma-separated, default all: " + ",".join(v[0] for v in VARIANTS)
+                  + ",compile_cache")
+  fp.add_argument("--repeats", type=int, default=5)
+  fp.add_argument("--out", default=None, help="write OUT.json and OUT.md")
   e = sub.add_parser("encode", help="Encoder.encode vs sentence-transformers")
   e.add_argument("--model", default=None, help="HF / sentence-transformers folder")
   e.add_argument("--pooling", default="mean", choices=["cls", "mean"])
@@ -646,6 +764,15 @@ def main(argv=None):
         json.dump(result, f, indent=2)
       with open(args.out + ".md", "w") as f:
         f.write(compare_table(result) + "\n")
+    return
+  if args.cmd == "fastpath":
+    result = bench_fastpath(args)
+    print(fastpath_table(result))
+    if args.out:
+      with open(args.out + ".json", "w") as f:
+        json.dump(result, f, indent=2)
+      with open(args.out + ".md", "w") as f:
+        f.write(fastpath_table(result) + "\n")
     return
   if args.cmd == "gradcache":
     result = bench_gradcache(args)
