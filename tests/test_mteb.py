@@ -144,3 +144,30 @@ def test_cli_minilm_on_stsb_dev_matches_bge_jax_evaluator(minilm_path, shared_da
   mteb_score, ours = _scores(out)
   assert abs(mteb_score - ours) < 1e-6
   assert 0.85 < mteb_score < 0.97  # all-MiniLM-L6-v2 on STS-B dev: about 0.93 with mean pooling
+
+
+@pytest.mark.slow
+def test_cli_minilm_retrieval_on_local_beir_folder_matches_evaluate_retrieval(
+    minilm_path, shared_data, tmp_path, capsys):
+  """A BEIR folder from the NQ sample (10 queries, their positives and 20 mined negatives each)."""
+  rows = [json.loads(line) for line in open(shared_data / "en" / "nq.jsonl")]
+  folder = tmp_path / "nq_beir"
+  (folder / "qrels").mkdir(parents=True)
+  with open(folder / "queries.jsonl", "w") as fq, open(folder / "corpus.jsonl", "w") as fc, \
+      open(folder / "qrels" / "test.tsv", "w") as fr:
+    fr.write("query-id\tcorpus-id\tscore\n")
+    for i, row in enumerate(rows):
+      fq.write(json.dumps({"_id": f"q{i}", "text": row["query"]}) + "\n")
+      for j, text in enumerate(row["pos"]):
+        fc.write(json.dumps({"_id": f"q{i}-pos{j}", "title": "", "text": text}) + "\n")
+        fr.write(f"q{i}\tq{i}-pos{j}\t1\n")
+      for j, text in enumerate(row["neg"][:20]):
+        fc.write(json.dumps({"_id": f"q{i}-neg{j}", "text": text}) + "\n")
+  assert _cli()(["--model", minilm_path, "--retrieval", str(folder), "--max-length", "256",
+                 "--query-instruction", "query: ", "--check"]) == 0
+  out = capsys.readouterr().out
+  print(out)
+  mteb_score = float(re.search(r"ndcg_at_10: (\S+)", out).group(1))
+  ours = float(re.search(r"evaluate_retrieval ndcg@10: (\S+)", out).group(1))
+  assert abs(mteb_score - ours) < 1e-5  # mteb rounds retrieval scores to 5 decimals
+  assert 0.5 < ours <= 1.0

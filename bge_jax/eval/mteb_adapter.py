@@ -32,11 +32,11 @@ try:
   import mteb
 except ImportError as e:  # the optional extra is not installed
   mteb = None
-  AbsEncoder = AbsTaskSTS = object  # type: ignore[misc,assignment]
+  AbsEncoder = AbsTaskSTS = AbsTaskRetrieval = object  # type: ignore[misc,assignment]
   _MTEB_ERROR: ImportError | None = e
 else:  # mteb is there: an API mismatch below should fail loudly, not look like "not installed"
   from datasets import Dataset, DatasetDict
-  from mteb.abstasks import AbsTaskSTS
+  from mteb.abstasks import AbsTaskRetrieval, AbsTaskSTS
   from mteb.abstasks.task_metadata import TaskMetadata
   from mteb.models import ModelMeta
   from mteb.models.abs_encoder import AbsEncoder
@@ -204,6 +204,68 @@ def local_sts_task(path: str | os.PathLike, split: str | None = "dev", *,
                     {"metadata": metadata, "min_score": min_score, "max_score": max_score,
                      "__module__": __name__})
   return task_class(path, split, limit=limit)
+
+
+class LocalRetrievalTask(AbsTaskRetrieval):
+  """Base of mteb retrieval tasks over a local BEIR folder (`load_beir` layout): offline.
+
+  Subclasses mteb's `AbsTaskRetrieval` and overrides only `load_data`, filling mteb's v2 split
+  data (corpus / queries datasets, relevant_docs). As `bge_jax.eval.evaluate_retrieval` does,
+  only queries with a relevant (score > 0) judgement are evaluated, and a document's text is its
+  title and text joined by a space, so both evaluators see the same inputs. Make tasks with
+  `local_retrieval_task(folder, ...)` (metadata must be a class attribute).
+  """
+
+  def __init__(self, folder: str | os.PathLike, split: str = "test", **kwargs: Any):
+    _require_mteb()
+    if "metadata" not in vars(type(self)):
+      raise TypeError("LocalRetrievalTask has no metadata of its own; use local_retrieval_task()")
+    self.folder = os.fspath(folder)
+    self.split = split
+    super().__init__(**kwargs)
+
+  def load_data(self, num_proc: int | None = None, **kwargs: Any) -> None:
+    """Reads the BEIR folder instead of downloading from the Hugging Face hub."""
+    del num_proc, kwargs
+    if self.data_loaded:
+      return
+    from bge_jax.eval.retrieval import _doc_text, load_beir
+
+    queries, corpus, qrels = load_beir(self.folder, self.split)
+    judged = {q: dict(j) for q, j in qrels.items() if any(v > 0 for v in j.values())}
+    self.dataset = {"default": {self.metadata.eval_splits[0]: {
+        "corpus": Dataset.from_dict({"id": list(corpus),
+                                     "text": [_doc_text(d) for d in corpus.values()]}),
+        "queries": Dataset.from_dict({"id": list(judged), "text": [queries[q] for q in judged]}),
+        "relevant_docs": {q: {d: int(v) for d, v in j.items()} for q, j in judged.items()},
+        "top_ranked": None,
+    }}}
+    self.data_loaded = True
+
+
+def local_retrieval_task(folder: str | os.PathLike, split: str = "test", *,
+                         name: str = "LocalRetrieval", lang: str = "eng-Latn"
+                         ) -> LocalRetrievalTask:
+  """An mteb retrieval task (main score nDCG@10) over a BEIR folder's `split` judgements.
+
+  Queries get the model's query instruction (`MTEBEncoder(query_instruction=...)`), documents
+  none, as BGE evaluates retrieval.
+  """
+  _require_mteb()
+  metadata = TaskMetadata(
+      name=name,
+      dataset={"path": os.fspath(folder), "revision": "local"},
+      description=f"BEIR-layout retrieval data read from the local folder {os.fspath(folder)}.",
+      type="Retrieval",
+      category="t2t",
+      modalities=["text"],
+      eval_splits=[split],
+      eval_langs=[lang],
+      main_score="ndcg_at_10",
+  )
+  task_class = type(name.replace("-", "_").replace(".", "_"), (LocalRetrievalTask,),
+                    {"metadata": metadata, "__module__": __name__})
+  return task_class(folder, split)
 
 
 # ---------------------------------------------------------------------------------------------
