@@ -1,5 +1,5 @@
 """Multi-process training: 2 local processes x 4 CPU devices (jax.distributed over gloo, started
-by launch/train.py's coordinator flags) reproduce a one-process 8-device run.
+by launch/train.py's coordinator flags) reproduce a one-process 8-device run, stages 1 and 2.
 
 Each process reads only its shard of the data, so the global batch of a 2-process run is not the
 one a single process would draw for itself (the RetroMAE corpus is sharded by index, masks are
@@ -69,20 +69,29 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def overrides(corpus, tok):
-  return {"tokenizer": str(tok), "data.train": str(corpus), "data.max_length": 32,
-          "model.max_position_embeddings": 64, "batch_size": 8, "num_train_steps": STEPS,
-          "log_every_steps": 1, "checkpoint.every_steps": 2, "export": False}
+def overrides(stage, tmp_path):
+  """Tiny runs: stage 1 on a text corpus; stage 2 on query/pos/neg rows, whose in-batch
+  negatives span both processes' rows."""
+  common = {"tokenizer": str(make_tokenizer(tmp_path / "tok")), "num_train_steps": STEPS,
+            "log_every_steps": 1, "checkpoint.every_steps": 2, "export": False}
+  if stage == "retromae":
+    return dict(common, **{"data.train": str(make_corpus(tmp_path / "train.jsonl", 128)),
+                           "data.max_length": 32, "model.max_position_embeddings": 64,
+                           "batch_size": 8})
+  from test_train_contrastive import make_rows
+  return dict(common, **{"data.train": str(make_rows(tmp_path / "rows.jsonl", 128)),
+                         "data.query_max_length": 8, "data.passage_max_length": 16,
+                         "model.max_position_embeddings": 32, "batch_size": 16})
 
 
 @pytest.mark.slow
-def test_two_processes_reproduce_one_process_loss_curve(tmp_path, monkeypatch):
+@pytest.mark.parametrize("stage", ["retromae", "contrastive"])
+def test_two_processes_reproduce_one_process_loss_curve(stage, tmp_path, monkeypatch):
   from test_train import load_config, losses, override
 
   from bge_jax.train import loop
 
-  corpus, tok = make_corpus(tmp_path / "train.jsonl", 128), make_tokenizer(tmp_path / "tok")
-  values = overrides(corpus, tok)
+  values = overrides(stage, tmp_path)
 
   workdir = tmp_path / "multi"
   port = free_port()
@@ -91,7 +100,7 @@ def test_two_processes_reproduce_one_process_loss_curve(tmp_path, monkeypatch):
              BGE_JAX_COMPILATION_CACHE=str(tmp_path / "xla_cache"))
   procs = [subprocess.Popen(
       [sys.executable, str(REPO / "launch" / "train.py"),
-       f"--config={REPO / 'configs' / 'retromae.py'}:tiny", f"--workdir={workdir}",
+       f"--config={REPO / 'configs' / f'{stage}.py'}:tiny", f"--workdir={workdir}",
        f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"]
       + [f"--config.{k}={v}" for k, v in values.items()],
       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
@@ -106,15 +115,15 @@ def test_two_processes_reproduce_one_process_loss_curve(tmp_path, monkeypatch):
   for i, (p, out) in enumerate(zip(procs, outputs)):
     assert p.returncode == 0, f"process {i}:\n{out[-4000:]}"
   assert "process 1 of 2, 4 local / 8 devices" in outputs[1]
-  assert "[bge-jax] stage=retromae" in outputs[0] and "[bge-jax]" not in outputs[1]
+  assert f"[bge-jax] stage={stage}" in outputs[0] and "[bge-jax]" not in outputs[1]
   info = json.loads((workdir / "run_info.json").read_text())
   assert info["processes"] == 2 and info["devices"] == 8
   assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
   multi = losses(workdir)
 
-  stage = loop.get_stage("retromae")
-  monkeypatch.setattr(loop, "get_stage", lambda name: SimulatedProcesses(stage, 2))
-  config = override(load_config("retromae", "tiny"), **values)
+  real = loop.get_stage(stage)
+  monkeypatch.setattr(loop, "get_stage", lambda name: SimulatedProcesses(real, 2))
+  config = override(load_config(stage, "tiny"), **values)
   loop.train(config, str(tmp_path / "single"))
   single = losses(tmp_path / "single")
 
