@@ -573,9 +573,13 @@ def bench_fastpath(args) -> dict:
   unknown = [v for v in wanted if v not in known and v != "compile_cache"]
   if unknown:
     sys.exit(f"error: --variants {unknown}: choose from {list(known) + ['compile_cache']}")
+  only = {b.strip() for b in args.benchmarks.split(",") if b.strip()}
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
     def run(name, flags, extra, benchmarks, out_name):
+      benchmarks = ",".join(b for b in benchmarks.split(",") if not only or b in only)
+      if not benchmarks:
+        return {"rows": []}
       out = os.path.join(tmp, out_name)
       cmd = [sys.executable, os.path.abspath(__file__), "compare", "--presets", args.preset,
              "--benchmarks", benchmarks, "--repeats", str(args.repeats), "--out", out] + extra
@@ -733,6 +737,7 @@ def main(argv=None):
   fp.add_argument("--variants", default="",
                   help="comma-separated, default all: " + ",".join(v[0] for v in VARIANTS)
                   + ",compile_cache")
+  fp.add_argument("--benchmarks", default="", help="only these (default: each variant's own)")
   fp.add_argument("--repeats", type=int, default=5)
   fp.add_argument("--out", default=None, help="write OUT.json and OUT.md")
   e = sub.add_parser("encode", help="Encoder.encode vs sentence-transformers")

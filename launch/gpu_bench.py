@@ -17,7 +17,7 @@ counted) and MFU against the detected device's dense bf16 peak (H100/H200 SXM 98
 A100 312; `--peak-tflops` overrides), plus the device's peak memory.
 
 Default shapes: stage 2 = bge-base-en, queries and passages of 512 tokens, in-batch negatives,
-96 pairs; stage 1 = bge-base-en RetroMAE at 512 tokens, batch 64; dropout 0.1 as in training
+64 pairs; stage 1 = bge-base-en RetroMAE at 512 tokens, batch 64; dropout 0.1 as in training
 (`--attention-dropout 0` measures the fused-attention path). About 3 minutes on one H100 (two
 compiles of ~30-60 s each, a third if a batch must shrink, then seconds of steps).
 """
@@ -153,7 +153,7 @@ def main(argv=None) -> int:
   p.add_argument("--remat", default="none", help="none | full | dots | dots_no_batch")
   p.add_argument("--seq", type=int, default=512, help="stage 2 passage length; stage 1 length")
   p.add_argument("--query-len", type=int, default=512, help="stage 2 query length")
-  p.add_argument("--stage2-pairs", type=int, default=96,
+  p.add_argument("--stage2-pairs", type=int, default=64,
                  help="queries (= passages) per stage-2 step; shrunk until it fits")
   p.add_argument("--stage1-batch", type=int, default=64, help="shrunk until it fits")
   p.add_argument("--attention-dropout", type=float, default=0.1,
