@@ -5,6 +5,11 @@ import os
 os.environ["XLA_FLAGS"] = " ".join(
     f for f in (os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8",
                 "--xla_cpu_multi_thread_eigen=false") if f)
+# The tests run on (fake) CPU devices. With libtpu installed (the tpu-aot extra) JAX would also
+# try to start a TPU backend and print TPU_ACCELERATOR_TYPE / worker-hostname warnings, here and
+# in the CLI subprocesses whose stderr tests read; TPU topologies for AOT compilation
+# (tests/test_aot.py) work without it.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
