@@ -61,6 +61,9 @@ def base_config() -> ConfigDict:
   c.checkpoint.keep = 3
 
   c.log_every_steps = 10
+  # Dense peak TFLOP/s of one device, for the logged MFU; 0 = the detected accelerator's (H100,
+  # H200, A100, TPUs; none on CPU, where only model_tflops_per_sec is logged).
+  c.peak_tflops = 0.0
   c.export = True
 
   # Evaluation during training (logged as eval/*): before the first step, every `every_steps`

@@ -58,11 +58,19 @@ def test_stage2_loss_falls_and_exports_sentence_transformers(data, tmp_path):
   # tau 0.05 and no dropout: a from-scratch tiny model at tau 0.02 first collapses to chance.
   train(tiny("contrastive", rows, tok, 40, dropout=False,
              **{"optimizer.lr": 1e-3, "loss.temperature": 0.05, "eval.sts": str(sts),
-                "eval.every_steps": 20}), str(workdir))
+                "eval.every_steps": 20, "peak_tflops": 0.5}), str(workdir))
   evals = {r["step"]: r["eval/sts/sts"] for r in
            (json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines())
            if "eval/sts/sts" in r}
   assert sorted(evals) == [0, 20, 40] and all(-1 <= v <= 1 for v in evals.values())
+  # Model FLOPs are logged every step; MFU against config.peak_tflops per device (8 devices).
+  import jax
+  logged = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+  logged = [r for r in logged if "loss" in r]
+  assert all(r["model_tflops_per_sec"] > 0 for r in logged)
+  np.testing.assert_allclose([r["mfu"] for r in logged],
+                             [r["model_tflops_per_sec"] / (0.5 * jax.device_count()) for r in logged],
+                             rtol=1e-6)
   curve = losses(workdir)
   first, last = np.mean([curve[s] for s in range(1, 4)]), np.mean([curve[s] for s in range(38, 41)])
   assert first > 2.5 and last < 0.5 * first, (first, last)  # chance is ln(16) = 2.77

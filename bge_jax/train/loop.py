@@ -39,7 +39,7 @@ import optax
 from jax.experimental import multihost_utils
 
 from bge_jax import checkpoint as project_checkpoint
-from bge_jax import convert, sharding
+from bge_jax import convert, flops, sharding
 from bge_jax.config import BertConfig, preset
 from bge_jax.models import bert
 from bge_jax.train import state as state_lib
@@ -447,6 +447,10 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   step_fn = state_lib.make_train_step(loss_fn, tx, schedule, config.grad_accum_steps,
                                       skip_nonfinite=skip_nonfinite)
   probe = batcher(start_step)
+  # Analytic model FLOPs per step (PaLM convention, remat/GradCache recompute not counted) and the
+  # device peak for MFU: config.peak_tflops per device, or the detected accelerator's (none on CPU).
+  step_flops = flops.train_step_flops(config, model_config, probe, jax.process_count()).model
+  peak = float(config.get("peak_tflops", 0.0) or 0.0) * 1e12 or flops.peak_flops()
   # Batch-major arrays split over (data, fsdp); 0-d flags (e.g. in_batch_negatives) replicated.
   batch_sh = {k: sharding.batch_sharding(mesh, v.ndim) if v.ndim else repl
               for k, v in probe.items()}
@@ -484,13 +488,14 @@ def train(config: Any, workdir: str) -> dict[str, float]:
 
   if start_step == 0:
     run_eval(0)
-  window_tokens, window_start = 0, time.perf_counter()
+  window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
   checked = start_step  # steps up to here had a finite loss and gradient (or were skipped)
   preempted_at = None
   try:
     for step in range(start_step, total_steps):
       local = probe if step == start_step else prefetch.next()[1]
       window_tokens += batcher.real_tokens(local) * jax.process_count()
+      window_steps += 1
       with sharding.activate(mesh):
         state, metrics = compiled_step(state, global_batch(local), rng)
       done = step + 1
@@ -516,7 +521,11 @@ def train(config: Any, workdir: str) -> dict[str, float]:
         checked = done
         elapsed = time.perf_counter() - window_start
         values["tokens_per_sec"] = window_tokens / max(elapsed, 1e-9)
-        window_tokens, window_start = 0, time.perf_counter()
+        values["model_tflops_per_sec"] = step_flops * window_steps / max(elapsed, 1e-9) / 1e12
+        if peak:
+          values["mfu"] = flops.mfu(step_flops * window_steps, max(elapsed, 1e-9), peak,
+                                    jax.device_count())
+        window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
         if should_log:
           writer.write(done, values)
           last = values
