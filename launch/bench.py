@@ -711,6 +711,17 @@ def table(r: dict) -> str:
   ])
 
 
+def write_result(out: str | None, result: dict, table: str) -> None:
+  """Prints the markdown table; with --out, writes OUT.json (the raw result) and OUT.md."""
+  print(table)
+  if out:
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out + ".json", "w") as f:
+      json.dump(result, f, indent=2)
+    with open(out + ".md", "w") as f:
+      f.write(table + "\n")
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="cmd", required=True)
@@ -762,22 +773,11 @@ def main(argv=None):
   args = parser.parse_args(argv)
   if args.cmd == "compare":
     result = bench_compare(args)
-    print(compare_table(result))
-    if args.out:
-      os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-      with open(args.out + ".json", "w") as f:
-        json.dump(result, f, indent=2)
-      with open(args.out + ".md", "w") as f:
-        f.write(compare_table(result) + "\n")
+    write_result(args.out, result, compare_table(result))
     return
   if args.cmd == "fastpath":
     result = bench_fastpath(args)
-    print(fastpath_table(result))
-    if args.out:
-      with open(args.out + ".json", "w") as f:
-        json.dump(result, f, indent=2)
-      with open(args.out + ".md", "w") as f:
-        f.write(fastpath_table(result) + "\n")
+    write_result(args.out, result, fastpath_table(result))
     return
   if args.cmd == "gradcache":
     result = bench_gradcache(args)
