@@ -35,7 +35,6 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
-import optax
 from jax.experimental import multihost_utils
 
 from bge_jax import checkpoint as project_checkpoint
@@ -414,10 +413,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   param_sh = sharding.logical_to_sharding(logical, mesh)
   abstract_state = jax.eval_shape(lambda p: state_lib.init_state(p, tx), abstract_params)
   repl = sharding.replicated(mesh)
-  opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_state.opt_state, param_sh,
-                                 transform_non_params=lambda _: repl)
-  state_sh = state_lib.TrainState(step=repl, params=param_sh, opt_state=opt_sh,
-                                  nonfinite_steps=repl)
+  state_sh = sharding.train_state_sharding(abstract_state, param_sh, tx, mesh)
 
   # --- Restore or initialise (never materialising unsharded parameters on device) -------------
   manager = open_checkpoints(os.path.join(workdir, "checkpoints"), config.checkpoint.keep)
