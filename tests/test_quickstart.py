@@ -36,13 +36,13 @@ def test_quickstart_runs_three_stages_and_exports(tmp_path):
   mined = (out / "data" / "mined.jsonl").read_text().splitlines()
   assert mined and all('"neg"' in row for row in mined)
 
-  # The export is a sentence-transformers folder that gives bge-jax's embeddings.
+  # The export is a sentence-transformers folder (mean pooling, as trained) giving our embeddings.
   from sentence_transformers import SentenceTransformer
 
   from bge_jax import Encoder
   export = out / "stage3" / "export" / "hf"
   texts = ["json.dumps", "Serialize obj to a JSON formatted str.", "os.path.join"]
   st = SentenceTransformer(str(export), device="cpu").encode(texts)
-  ours = Encoder.from_hf(str(export)).encode(texts)
+  ours = Encoder.from_hf(str(export), pooling="mean").encode(texts)  # the export declares mean
   np.testing.assert_allclose(st, ours, atol=2e-5)
   assert os.path.exists(export / "modules.json")
