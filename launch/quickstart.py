@@ -82,13 +82,11 @@ def _write_jsonl(path: pathlib.Path, rows) -> None:
     f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
-def mine(out: pathlib.Path, instruction: str) -> str:
-  """Hard negatives for stage 3 from the stage-2 model (FlagEmbedding's hn_mine, ranks 3-100)."""
-  from bge_jax import Encoder
+def mine(out: pathlib.Path, encoder, instruction: str) -> str:
+  """Hard negatives for stage 3 from the stage-2 encoder (FlagEmbedding's hn_mine, ranks 3-100)."""
   from bge_jax.mine import mine_with_stats
 
   rows = [json.loads(line) for line in open(out / "data" / "pairs.jsonl")]
-  encoder = Encoder.from_hf(str(out / "stage2" / "export" / "hf"))
   mined, stats = mine_with_stats(rows, encoder, range_for_sampling=(3, 100), negative_number=7,
                                  query_instruction=instruction, max_length=128,
                                  show_progress=False)
@@ -126,6 +124,7 @@ def main(argv=None) -> int:
 
   import jax
 
+  from bge_jax import Encoder
   from bge_jax.train.loop import train
   from bge_jax.train.plots import plot_runs
 
@@ -136,6 +135,7 @@ def main(argv=None) -> int:
 
   results: dict[str, dict] = {}
   timings: dict[str, float] = {}
+  encoder = None  # the previous stage's export (stage 3 mines its negatives with stage 2's)
   for i, (name, stage, title) in enumerate(STAGES, 1):
     print(f"== {i}. {title}", flush=True)
     start = time.time()
@@ -144,9 +144,9 @@ def main(argv=None) -> int:
     config.eval.every_steps = 0
     config.checkpoint.every_steps = config.num_train_steps
     if stage == "finetune":
-      print(f"   mining hard negatives with the stage-2 model: {mine(out, instruction)}", flush=True)
+      summary = mine(out, encoder, instruction)
+      print(f"   mining hard negatives with the stage-2 model: {summary}", flush=True)
     train(config, str(out / name))
-    from bge_jax import Encoder
     encoder = Encoder.from_hf(str(out / name / "export" / "hf"), pooling="mean")
     if i == 1:
       from bge_jax.models import bert
