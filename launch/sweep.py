@@ -313,21 +313,14 @@ def commands(runs: Sequence[Run], config: str, workdir: str, python: str = "pyth
 
 def final_metrics(workdir: str) -> tuple[dict[str, Any], int | None]:
   """(last value of every metric in workdir/metrics.jsonl, total steps from run_info.json)."""
-  path = os.path.join(workdir, "metrics.jsonl")
+  from bge_jax.train.metrics import read_metrics
+
   last: dict[str, Any] = {}
-  if os.path.exists(path):
-    with open(path) as f:
-      for i, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        try:
-          row = json.loads(line)
-        except json.JSONDecodeError:  # a run killed mid-write leaves a partial last line
-          continue
-        step = row.pop("step", None)
-        last.update(row)
-        if step is not None:
-          last["step"] = max(int(step), int(last.get("step", step)))
+  if os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+    for row in read_metrics(workdir):
+      step = row.pop("step")
+      last.update(row)
+      last["step"] = max(step, last.get("step", step))
   total = None
   info = os.path.join(workdir, "run_info.json")
   if os.path.exists(info):

@@ -147,7 +147,32 @@ def test_metric_writer_event_files_match_the_jsonl(tmp_path):
   rows = read_metrics(str(tmp_path))
   assert scalars["loss"] == {r["step"]: pytest.approx(r["loss"], rel=1e-7) for r in rows}
   assert scalars["eval/x"] == {1: 0.25, 2: 0.5, 3: 0.75}
-  assert "bad" not in scalars and rows[0]["bad"] == "nan"  # non-finite: JSONL only
+  assert "bad" not in scalars and np.isnan(rows[0]["bad"])  # non-finite: JSONL only
+  assert '"bad": "nan"' in (tmp_path / "metrics.jsonl").read_text().splitlines()[0]
+
+
+def test_read_metrics_drops_only_a_cut_last_line(tmp_path):
+  """A run killed while logging leaves a last line without its newline: left out, not an error.
+
+  A malformed line anywhere else is an error naming file:line; "nan"/"inf"/"-inf" become floats.
+  """
+  from bge_jax.train.metrics import MetricsLogError
+
+  log = tmp_path / "metrics.jsonl"
+  log.write_text('{"step": 1, "loss": "inf", "g": "-inf"}\n\n{"step": 2, "loss": "nan"}\n'
+                 '{"step": 3, "loss": 0.')
+  rows = read_metrics(str(tmp_path))
+  assert [r["step"] for r in rows] == [1, 2]
+  assert rows[0]["loss"] == float("inf") and rows[0]["g"] == float("-inf")
+  assert np.isnan(rows[1]["loss"])
+  log.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": \n{"step": 3, "loss": 1.0}\n')
+  with pytest.raises(MetricsLogError, match="metrics.jsonl:2: invalid JSON"):
+    read_metrics(str(log))
+  log.write_text('{"step": "1", "loss": 1.0}\n')
+  with pytest.raises(MetricsLogError, match="metrics.jsonl:1: expected an object with an integer"):
+    read_metrics(str(tmp_path))
+  with pytest.raises(MetricsLogError, match="no metrics log here"):
+    read_metrics(str(tmp_path / "missing"))
 
 
 @pytest.mark.slow

@@ -40,9 +40,49 @@ class MetricWriter:
       self._tb.close()
 
 
-def read_metrics(path: str) -> list[dict[str, Any]]:
-  """Rows of a metrics.jsonl (a folder is taken as its workdir)."""
-  if os.path.isdir(path):
-    path = os.path.join(path, "metrics.jsonl")
+class MetricsLogError(ValueError):
+  """A metrics log that cannot be read; the message names the file (and line) and the fix."""
+
+
+def metrics_path(run: str) -> str:
+  """The metrics.jsonl of a workdir (or the path itself when it is a file)."""
+  return os.path.join(run, "metrics.jsonl") if os.path.isdir(run) else run
+
+
+_NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+def read_metrics(run: str) -> list[dict[str, Any]]:
+  """Rows of a run's metrics log (its workdir, or the metrics.jsonl itself), in file order.
+
+  The one reader of what `MetricWriter` writes. Each row is a JSON object with an integer
+  "step"; non-finite values, which the writer logs as the strings "nan", "inf" and "-inf", come
+  back as floats. A last line without its newline is a write cut short (a run killed while
+  logging) and is left out; any other malformed line raises MetricsLogError naming file:line.
+
+  Raises:
+    MetricsLogError: no log at `run`, or a malformed line.
+  """
+  path = metrics_path(run)
+  if not os.path.isfile(path):
+    hint = (" (a workdir has one once the trainer logged a step; see config.log_every_steps)"
+            if os.path.isdir(run) or not path.endswith(".jsonl") else "")
+    raise MetricsLogError(f"{path}: no metrics log here{hint}.")
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = f.readlines()
+  rows = []
+  for lineno, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError as e:
+      if lineno == len(lines) and not line.endswith("\n"):
+        break  # the writer was killed mid-line
+      raise MetricsLogError(f"{path}:{lineno}: invalid JSON ({e.msg}); a metrics log holds one "
+                            "JSON object per line.") from e
+    if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+      raise MetricsLogError(f"{path}:{lineno}: expected an object with an integer \"step\", got "
+                            f"{line.strip()[:80]!r}.")
+    rows.append({k: _NON_FINITE.get(v, v) if isinstance(v, str) else v for k, v in row.items()})
+  return rows

@@ -11,11 +11,12 @@ metric, each run a coloured line with a legend. Rendering uses matplotlib's Agg 
 from __future__ import annotations
 
 import fnmatch
-import json
 import math
 import os
 import tempfile
 from typing import Any, Sequence
+
+from bge_jax.train.metrics import MetricsLogError, metrics_path, read_metrics
 
 DEFAULT_METRICS = ("loss", "eval/*")
 
@@ -24,43 +25,15 @@ class PlotError(ValueError):
   """A run log that cannot be plotted; the message names the file (and line) and the fix."""
 
 
-def metrics_path(run: str) -> str:
-  """The metrics.jsonl of a workdir (or the path itself when it is a file)."""
-  return os.path.join(run, "metrics.jsonl") if os.path.isdir(run) else run
-
-
 def read_run(run: str) -> list[dict[str, Any]]:
-  """Rows of a run's metrics log, validated: each a JSON object with an integer "step".
-
-  Non-finite values (logged as the strings "nan"/"inf") become float NaN/inf.
-  """
-  path = metrics_path(run)
-  if not os.path.isfile(path):
-    hint = (" (a workdir has one once the trainer logged a step; see config.log_every_steps)"
-            if os.path.isdir(run) or not path.endswith(".jsonl") else "")
-    raise PlotError(f"{path}: no metrics log here{hint}.")
-  rows = []
-  with open(path) as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise PlotError(f"{path}:{lineno}: invalid JSON ({e.msg}); a metrics log holds one "
-                        "JSON object per line.") from e
-      if not isinstance(row, dict) or not isinstance(row.get("step"), int):
-        raise PlotError(f"{path}:{lineno}: expected an object with an integer \"step\", got "
-                        f"{line.strip()[:80]!r}.")
-      for k, v in row.items():
-        if isinstance(v, str):
-          try:
-            row[k] = float(v)
-          except ValueError:
-            pass
-      rows.append(row)
+  """Rows of a run's metrics log (`bge_jax.train.metrics.read_metrics`), at least one."""
+  try:
+    rows = read_metrics(run)
+  except MetricsLogError as e:
+    raise PlotError(str(e)) from e
   if not rows:
-    raise PlotError(f"{path}: the metrics log is empty; the run has not logged a step yet.")
+    raise PlotError(f"{metrics_path(run)}: the metrics log is empty; the run has not logged a "
+                    "step yet.")
   return rows
 
 
