@@ -81,13 +81,15 @@ class TextBatcher:
                max_length: int, mode: str, process_index: int, overlong: str = "truncate"):
     from bge_jax.data.masking import pack_sequences
     from bge_jax.data.order import EpochOrder
+    from bge_jax.data.tokenizer import private_copy
 
     if mode not in ("truncate", "pack"):
       raise ValueError(f"config.data.mode={mode!r}; use 'truncate' (FlagEmbedding) or 'pack' "
                        "(original RetroMAE sentence packing)")
     if overlong not in OVERLONG:
       raise ValueError(f"config.data.overlong={overlong!r}; use one of {OVERLONG}")
-    self.source, self.tokenizer, self.collator = source, tokenizer, collator
+    self.source, self.collator = source, collator
+    self.tokenizer = private_copy(tokenizer)  # it runs in the prefetch thread
     self.max_length, self.mode, self.process_index = max_length, mode, process_index
     self.overlong_skipped = 0
     self._blocks = None

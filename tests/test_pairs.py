@@ -336,6 +336,29 @@ def test_determinism_and_processes(tmp_path, tok):
     assert not set(q0) & set(q1)  # Disjoint rows.
 
 
+def test_batcher_in_a_thread_beside_other_calls_of_its_tokenizer(tmp_path, tok):
+  # The trainer runs the batcher in its prefetch thread while the evaluator tokenises with the
+  # same tokenizer on the main thread. A fast tokenizer sets padding/truncation as state on its
+  # backend at every call, so a shared one hands each thread the other's padding (CI, stop 9).
+  from bge_jax.train.loop import Prefetcher
+
+  src = fe_source(tmp_path, 0, 64, nneg=5)
+  kw = dict(batch_size=8, group_size=4, query_max_length=16, passage_max_length=24)
+  expected = [ContrastiveBatcher([("d0", src)], tok, **kw)(s) for s in range(30)]
+  prefetch = Prefetcher(ContrastiveBatcher([("d0", src)], tok, **kw), 0, depth=2)
+  try:
+    for step in range(30):
+      for _ in range(30):  # Main-thread calls with other settings, while the thread works.
+        ids = tok(["query", "pos 1 2 3"], padding="longest", truncation=True, max_length=4,
+                  return_tensors="np")["input_ids"]
+        assert ids.shape == (2, 4)
+      got_step, got = prefetch.next()
+      assert got_step == step
+      assert all(np.array_equal(got[k], expected[step][k]) for k in got)
+  finally:
+    prefetch.close()
+
+
 def test_mixing_is_proportional_and_homogeneous(tmp_path, tok):
   sizes = {"small": 16, "mid": 40, "big": 83}  # Global batch 8: 2, 5, 10 batches per epoch.
   sources = [(name, fe_source(tmp_path, d, n, nneg=1)) for d, (name, n) in enumerate(sizes.items())]

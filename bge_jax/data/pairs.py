@@ -54,6 +54,7 @@ import numpy as np
 
 from bge_jax.data import files as files_lib
 from bge_jax.data.sources import DataError
+from bge_jax.data.tokenizer import private_copy
 
 Spec = Union[str, os.PathLike]
 
@@ -548,7 +549,7 @@ class ContrastiveBatcher:
                        f"(datasets: {names})")
 
     self.names, self.sources = names, [src for _, src in datasets]
-    self.tokenizer = tokenizer
+    self.tokenizer = private_copy(tokenizer)  # it runs in the prefetch thread
     self.batch_size, self.group_size = batch_size, group_size
     self.query_max_length, self.passage_max_length = query_max_length, passage_max_length
     self.query_instruction, self.passage_instruction = query_instruction, passage_instruction

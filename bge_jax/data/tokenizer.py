@@ -1,11 +1,23 @@
-"""Training a BERT WordPiece tokenizer on a corpus (for models trained from scratch)."""
+"""Tokenizers: a private copy for batchers; a BERT WordPiece tokenizer trained on a corpus."""
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Iterable
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def private_copy(tokenizer):
+  """A copy of `tokenizer` that no other thread calls.
+
+  A Hugging Face fast tokenizer keeps its padding and truncation settings as mutable state on
+  the Rust backend and sets them on every call, so two threads calling one tokenizer with
+  different settings can get each other's padding. Batchers run in the trainer's prefetch
+  thread while the evaluator tokenises on the main thread; each batcher keeps its own copy.
+  """
+  return copy.deepcopy(tokenizer)
 
 
 def train_wordpiece(texts: Iterable[str], vocab_size: int, out_dir: str, *,
