@@ -87,12 +87,14 @@ def _remat_recompute(config: BertConfig, batch: int, length: int) -> int:
   return config.num_layers * per_layer
 
 
-def retromae_step_flops(config: BertConfig, batch: int, length: int,
-                        training: bool = True) -> StepFlops:
-  """Stage 1: encoder + MLM head on [batch, length], the decoder layer (L queries over L keys)
-  and its MLM head on every position; x3 when `training`."""
+def retromae_step_flops(config: BertConfig, batch: int, length: int, training: bool = True,
+                        encoder_predictions: int | None = None) -> StepFlops:
+  """Stage 1: the encoder on [batch, length] and its MLM head on `encoder_predictions` positions
+  per row (all `length` when None: `retromae.loss`'s max_encoder_predictions), the decoder layer
+  (L queries over L keys) and its MLM head on every position; x3 when `training`."""
   tokens = batch * length
-  forward = (encoder_flops(config, batch, length) + mlm_head_flops(config, tokens)
+  head_tokens = batch * (length if encoder_predictions is None else encoder_predictions)
+  forward = (encoder_flops(config, batch, length) + mlm_head_flops(config, head_tokens)
              + layer_flops(config, batch, length) + mlm_head_flops(config, tokens))
   if not training:
     return StepFlops(forward)
@@ -130,14 +132,18 @@ def train_step_flops(config: Any, model_config: BertConfig, batch: Mapping[str, 
                      process_count: int = 1) -> StepFlops:
   """FLOPs of one trainer step from the run config and one (process-local) batch's shapes.
 
-  `config`: the run ConfigDict (reads `stage`, `data.group_size`, `loss.gradcache_chunk`);
+  `config`: the run ConfigDict (reads `stage`, `data.encoder_mlm_probability`,
+  `loss.gradcache_chunk`);
   `batch`: arrays (or anything with `.shape`) named as the stage's collator names them; the
   global batch is `process_count` times the local one.
   """
   stage = config.stage
   if stage == "retromae":
+    from bge_jax.data.masking import max_predictions
+
     b, length = batch["encoder_input_ids"].shape
-    return retromae_step_flops(model_config, b * process_count, length)
+    return retromae_step_flops(model_config, b * process_count, length, encoder_predictions=(
+        max_predictions(length, config.data.encoder_mlm_probability)))
   if stage in ("contrastive", "finetune"):
     b, q_len = batch["query_input_ids"].shape
     p_rows, p_len = batch["passage_input_ids"].shape

@@ -39,26 +39,52 @@ def check_config(config: BertConfig) -> None:
         f"add_decoder={config.add_decoder}).")
 
 
+def labelled_positions(labels: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """(positions [B, k], their labels [B, k]): each row's first k labelled positions, then
+  unlabelled ones (label -100) where a row has fewer than k labels."""
+  positions = jnp.argsort(labels == IGNORE_INDEX, axis=1, stable=True)[:, :k]
+  return positions, jnp.take_along_axis(labels, positions, axis=1)
+
+
 def loss(params: Any, config: BertConfig, batch: Mapping[str, Any],
-         rng: jax.Array | None = None) -> dict[str, jax.Array]:
+         rng: jax.Array | None = None, *,
+         max_encoder_predictions: int | None = None) -> dict[str, jax.Array]:
   """RetroMAE loss = mean CE(encoder MLM) + mean CE(decoder), with both terms and accuracies.
 
   batch: FlagEmbedding's collator names (`BATCH_KEYS`); `decoder_attention_mask` is [B, L, L]
   with 1 = visible. rng=None: no dropout.
+  max_encoder_predictions: a static bound K on the encoder labels per row; the encoder's MLM head
+    then runs on K positions per row instead of L (the same loss, ~1/3 of the head's FLOPs at
+    BGE's 30% masking). The trainer passes the collator's bound,
+    `masking.max_predictions(L, encoder_mlm_probability)`. Labels beyond K in a row would be
+    left out of the loss; "encoder_labels_dropped" counts them (0 under that bound).
   """
   check_config(config)
   missing = [k for k in BATCH_KEYS if k not in batch]
   if missing:
     raise KeyError(f"RetroMAE batch is missing {missing}; expected keys {list(BATCH_KEYS)}")
+  encoder_labels = jnp.asarray(batch["encoder_labels"])
+  positions, dropped = None, None
+  if max_encoder_predictions is not None:
+    k = int(max_encoder_predictions)
+    if not 0 < k <= encoder_labels.shape[1]:
+      raise ValueError(f"max_encoder_predictions={max_encoder_predictions} must lie in "
+                       f"[1, {encoder_labels.shape[1]}] (the batch's length)")
+    per_row = (encoder_labels != IGNORE_INDEX).sum(axis=1)
+    dropped = jnp.maximum(per_row - k, 0).sum()
+    positions, encoder_labels = labelled_positions(encoder_labels, k)
   encoder_logits, decoder_logits = BertModel(config).apply(
       {"params": params}, batch["encoder_input_ids"], batch["encoder_attention_mask"],
-      batch["decoder_input_ids"], batch["decoder_attention_mask"], rng is None,
+      batch["decoder_input_ids"], batch["decoder_attention_mask"], rng is None, positions,
       method=retromae_logits, rngs=None if rng is None else {"dropout": rng})
-  enc_loss, enc_acc, enc_n = masked_cross_entropy(encoder_logits, batch["encoder_labels"])
+  enc_loss, enc_acc, enc_n = masked_cross_entropy(encoder_logits, encoder_labels)
   dec_loss, dec_acc, dec_n = masked_cross_entropy(decoder_logits, batch["decoder_labels"])
-  return {"loss": enc_loss + dec_loss, "encoder_loss": enc_loss, "decoder_loss": dec_loss,
-          "encoder_accuracy": enc_acc, "decoder_accuracy": dec_acc,
-          "encoder_tokens": enc_n, "decoder_tokens": dec_n}
+  out = {"loss": enc_loss + dec_loss, "encoder_loss": enc_loss, "decoder_loss": dec_loss,
+         "encoder_accuracy": enc_acc, "decoder_accuracy": dec_acc,
+         "encoder_tokens": enc_n, "decoder_tokens": dec_n}
+  if dropped is not None:
+    out["encoder_labels_dropped"] = dropped
+  return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,7 +178,16 @@ class RetroMAEStage:
     return base.replace(add_mlm_head=True, add_decoder=True, hf_family="retromae")
 
   def loss_fn(self, config, model_config):
-    return lambda params, batch, rng: loss(params, model_config, batch, rng)
+    from bge_jax.data.masking import max_predictions
+
+    probability = config.data.encoder_mlm_probability
+
+    def stage_loss(params, batch, rng):
+      # The collator's bound on encoder labels per row: the MLM head skips unlabelled positions.
+      k = max_predictions(batch["encoder_labels"].shape[1], probability)
+      return loss(params, model_config, batch, rng, max_encoder_predictions=k)
+
+    return stage_loss
 
   def batcher(self, config, tokenizer, model_config, process_index, process_count):
     from bge_jax.data.masking import RetroMAECollator

@@ -216,10 +216,18 @@ def _ragged_lengths(rng, rows: int, length: int, shortest: int):
   return n, np.arange(length)[None, :] < n[:, None]
 
 
+def s1_predictions(length: int) -> int:
+  """Encoder MLM labels per row at most: the collator's bound at BGE's 30% (the trainer's
+  sparse MLM head runs on these positions only)."""
+  from bge_jax.data.masking import max_predictions
+  return max_predictions(length, 0.3)
+
+
 def retromae_batch(rng, rows: int, length: int, vocab: int) -> dict:
   """A RetroMAE batch with the collator's names and SPEC's invariants: ragged rows (padding on
-  the tail), ~30% encoder MLM labels, a decoder mask showing ~half the real columns (always
-  column 0, never the row itself), decoder labels on every real token but [CLS] and the last."""
+  the tail), ~30% encoder MLM labels (at most s1_predictions per row), a decoder mask showing
+  ~half the real columns (always column 0, never the row itself), decoder labels on every real
+  token but [CLS] and the last."""
   import numpy as np
   n, real = _ragged_lengths(rng, rows, length, length // 4)
   ids = np.where(real, rng.randint(5, vocab, size=(rows, length)), 0)
@@ -227,6 +235,7 @@ def retromae_batch(rng, rows: int, length: int, vocab: int) -> dict:
   masked = real & (rng.rand(rows, length) < 0.3)
   masked[:, 0] = False
   masked[:, 1] = True  # every row has a label
+  masked &= np.cumsum(masked, axis=1) <= s1_predictions(length)  # the collator's bound
   visible = (rng.rand(rows, length, length) < 0.5) & real[:, None, :] & real[:, :, None]
   visible[:, :, 0] = real
   visible[:, np.arange(length), np.arange(length)] = False
@@ -337,14 +346,16 @@ def bench_stage1(preset_name: str, shape: dict, args) -> dict:
     opt.step()
     return float(out["loss"])
 
-  jax_step = _JaxTrainer(lambda p, bt, rng: retromae.loss(p, config, bt, rng), params, batch,
-                         donate=not args.no_donate)
+  k = s1_predictions(length)
+  jax_step = _JaxTrainer(
+      lambda p, bt, rng: retromae.loss(p, config, bt, rng, max_encoder_predictions=k), params,
+      batch, donate=not args.no_donate)
   del params
   first = {"jax": jax_step(), "torch": torch_step()}
   cpu: dict = {}
   times = interleaved({"jax": jax_step, "torch": torch_step}, args.repeats, cpu)
   real = int(batch["encoder_attention_mask"].sum())
-  model_flops = flops.retromae_step_flops(config, b, length).model
+  model_flops = flops.retromae_step_flops(config, b, length, encoder_predictions=k).model
   return _summary(times, real, model_flops, {
       "benchmark": "stage1", "preset": preset_name, "batch": b, "length": length,
       "first_loss": first, "compile_s": round(jax_step.compile_s, 1),

@@ -37,6 +37,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bge_jax import contrastive, flops, retromae  # noqa: E402
+from bge_jax.data.masking import max_predictions  # noqa: E402
 from bge_jax.config import preset  # noqa: E402
 from bge_jax.models import bert  # noqa: E402
 from bge_jax.train import state as state_lib  # noqa: E402
@@ -50,12 +51,14 @@ def stage2_batch(rng: np.random.RandomState, pairs: int, q_len: int, p_len: int,
 
 
 def stage1_batch(rng: np.random.RandomState, rows: int, length: int, vocab: int):
-  """Full-length rows; 30% encoder MLM labels; a decoder mask showing ~half the columns
-  (column 0 always, never the row itself); decoder labels on all but [CLS] and the last."""
+  """Full-length rows; 30% encoder MLM labels (at most the collator's bound per row); a decoder
+  mask showing ~half the columns (column 0 always, never the row itself); decoder labels on all
+  but [CLS] and the last."""
   ids = rng.randint(5, vocab, size=(rows, length)).astype(np.int32)
   masked = rng.rand(rows, length) < 0.3
   masked[:, 0] = False
   masked[:, 1] = True  # every row has a label
+  masked &= np.cumsum(masked, axis=1) <= max_predictions(length, 0.3)
   visible = rng.rand(rows, length, length) < 0.5
   visible[:, :, 0] = True
   visible[:, np.arange(length), np.arange(length)] = False
@@ -188,11 +191,15 @@ def main(argv=None) -> int:
           lambda n, c=config: flops.contrastive_step_flops(c, n, args.query_len, args.seq), args))
     elif stage == "1":
       config = base.replace(add_mlm_head=True, add_decoder=True, hf_family="retromae")
-      loss_fn = lambda prm, b, rng, c=config: retromae.loss(prm, c, b, rng)  # noqa: E731
+      k = max_predictions(args.seq, 0.3)  # the trainer's sparse encoder MLM head
+      loss_fn = lambda prm, b, rng, c=config: retromae.loss(  # noqa: E731
+          prm, c, b, rng, max_encoder_predictions=k)
       rows.append(run_stage(
           "stage1", config, loss_fn,
           lambda rng, n, c=config: stage1_batch(rng, n, args.seq, c.vocab_size),
-          args.stage1_batch, lambda n, c=config: flops.retromae_step_flops(c, n, args.seq), args))
+          args.stage1_batch,
+          lambda n, c=config: flops.retromae_step_flops(c, n, args.seq, encoder_predictions=k),
+          args))
     else:
       print(f"error: --stages {stage!r}: use 1 and/or 2, comma-separated", file=sys.stderr)
       return 2

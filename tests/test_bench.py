@@ -39,11 +39,14 @@ def test_bench_retromae_batch_meets_spec(bench):
   assert_spec_invariants(batch)
   real = batch["encoder_attention_mask"]
   assert real.sum(1).min() < 24 == real.sum(1).max(), "rows must be ragged, one full"
+  # Within the collator's bound, which the benchmark's sparse MLM head relies on.
+  assert (batch["encoder_labels"] != -100).sum(1).max() <= bench.s1_predictions(24)
 
 
 def test_gpu_bench_retromae_batch_meets_spec(gpu_bench):
   batch = gpu_bench.stage1_batch(np.random.RandomState(0), 3, 16, vocab=300)
   assert_spec_invariants(batch)
+  assert (batch["encoder_labels"] != -100).sum(1).max() <= gpu_bench.max_predictions(16, 0.3)
 
 
 def test_pair_batch_is_ragged_right_padded(bench):

@@ -20,6 +20,7 @@ import pytest
 
 from bge_jax import contrastive, flops, retromae
 from bge_jax.config import preset
+from bge_jax.data import masking
 from bge_jax.models import bert
 
 B, L, Q_LEN, G = 4, 32, 8, 2
@@ -66,13 +67,19 @@ def _encode_program(c):
   return jax.jit(fn).lower(params, _i32(B, L), _i32(B, L))
 
 
-def _retromae_program(c):
+def _retromae_program(c, k=None):
+  """k: the sparse encoder MLM head's positions per row (None: every position)."""
   c = c.replace(add_mlm_head=True, add_decoder=True)
   params = bert.abstract_init(c)[0]
   batch = {k: _i32(B, L) for k in retromae.BATCH_KEYS}
   batch["decoder_attention_mask"] = _i32(B, L, L)
-  grad = jax.grad(lambda p, b: retromae.loss(p, c, b)["loss"])
-  return jax.jit(grad).lower(params, batch), flops.retromae_step_flops(c, B, L)
+  grad = jax.grad(lambda p, b: retromae.loss(p, c, b, max_encoder_predictions=k)["loss"])
+  return jax.jit(grad).lower(params, batch), flops.retromae_step_flops(c, B, L,
+                                                                       encoder_predictions=k)
+
+
+def _retromae_sparse_program(c):
+  return _retromae_program(c, masking.max_predictions(L, 0.3))
 
 
 def _contrastive_program(c):
@@ -89,10 +96,10 @@ def test_encode_forward_equals_hlo_matmuls():
 
 
 @pytest.mark.parametrize("remat", ["none", "full", "dots_no_batch"])
-@pytest.mark.parametrize("stage", ["retromae", "contrastive"])
+@pytest.mark.parametrize("stage", ["retromae", "retromae_sparse", "contrastive"])
 def test_train_step_equals_hlo_matmuls(stage, remat):
   """The gradient program's matmuls = 3 x forward (model) + the remat policy's recompute."""
-  lowered, expected = {"retromae": _retromae_program,
+  lowered, expected = {"retromae": _retromae_program, "retromae_sparse": _retromae_sparse_program,
                        "contrastive": _contrastive_program}[stage](_config(remat))
   assert (expected.recompute == 0) == (remat == "none")
   assert hlo_dot_flops(lowered) == expected.hardware
@@ -108,13 +115,14 @@ def test_hlo_counter_sees_every_matmul():
   assert hlo_dot_flops(lowered) - vocab_part < expected.model
 
 
-@pytest.mark.parametrize("program", ["encode", "retromae", "contrastive"])
+@pytest.mark.parametrize("program", ["encode", "retromae", "retromae_sparse", "contrastive"])
 def test_within_xla_cost_analysis(program):
   c = _config()
   if program == "encode":
     lowered, analytic = _encode_program(c), flops.encode_flops(c, B, L)
   else:
-    lowered, expected = (_retromae_program if program == "retromae" else _contrastive_program)(c)
+    lowered, expected = {"retromae": _retromae_program, "retromae_sparse": _retromae_sparse_program,
+                         "contrastive": _contrastive_program}[program](c)
     analytic = expected.model
   xla = lowered.compile(compiler_options=FAST_COMPILE).cost_analysis()["flops"]
   ratio = xla / analytic
@@ -140,8 +148,12 @@ def test_train_step_flops_reads_run_config_and_batch():
   got = flops.train_step_flops(run, c, batch, process_count=2)
   assert got == flops.contrastive_step_flops(c, 2 * B, Q_LEN, L, G)
   run.stage = "retromae"
+  run.data = types.SimpleNamespace(encoder_mlm_probability=0.3)
   got = flops.train_step_flops(run, c, {"encoder_input_ids": jnp.zeros((B, L))})
-  assert got == flops.retromae_step_flops(c, B, L)
+  # The trainer's encoder MLM head runs on the collator's bound of labelled positions per row.
+  k = masking.max_predictions(L, 0.3)
+  assert 0 < k < L and got == flops.retromae_step_flops(c, B, L, encoder_predictions=k)
+  assert got.model < flops.retromae_step_flops(c, B, L).model
   run.stage = "distill"
   with pytest.raises(ValueError, match="config.stage='distill'"):
     flops.train_step_flops(run, c, batch)

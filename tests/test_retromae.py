@@ -132,10 +132,10 @@ def torch_loss_and_grads(model: TorchRetroMAE, batch):
   return losses, grads
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _jax_value_and_grad(params, config, batch):
+@functools.partial(jax.jit, static_argnums=(1, 3))
+def _jax_value_and_grad(params, config, batch, max_encoder_predictions=None):
   def f(p):
-    out = retromae.loss(p, config, batch, rng=None)
+    out = retromae.loss(p, config, batch, rng=None, max_encoder_predictions=max_encoder_predictions)
     return out["loss"], out
 
   return jax.value_and_grad(f, has_aux=True)(params)
@@ -146,8 +146,10 @@ def _jax_dropout_loss(params, config, batch, rng):
   return retromae.loss(params, config, batch, rng=rng)["loss"]
 
 
-def jax_loss_and_grads(params, config, batch):
-  (_, out), grads = _jax_value_and_grad(params, config, batch)
+def jax_loss_and_grads(params, config, batch, max_encoder_predictions=None):
+  (_, out), grads = _jax_value_and_grad(params, config, batch, max_encoder_predictions)
+  if max_encoder_predictions is not None:
+    assert int(out["encoder_labels_dropped"]) == 0
   losses = {k: float(out[k]) for k in LOSS_KEYS}
   hf = {k: np.asarray(v, np.float64) for k, v in convert.to_hf_state_dict(grads, config).items()}
   return losses, hf
@@ -185,7 +187,8 @@ ZERO_GRAD_SUFFIX = "attention.self.key.bias"
 ZERO_GRAD_TOL = 1e-5
 
 
-def check_parity(path, query_stream: str, batch, report, tag: str) -> None:
+def check_parity(path, query_stream: str, batch, report, tag: str,
+                 max_encoder_predictions: int | None = None) -> None:
   """Losses and every parameter's gradient, JAX vs the torch reference, for one batch."""
   config, params = convert.load_hf(str(path), decoder_query_stream=query_stream)
   assert config.hf_family == "retromae" and config.add_mlm_head and config.add_decoder
@@ -193,7 +196,7 @@ def check_parity(path, query_stream: str, batch, report, tag: str) -> None:
   model = torch_reference(path, query_stream)
 
   torch_losses, torch_grads = torch_loss_and_grads(model, batch)
-  jax_losses, jax_grads = jax_loss_and_grads(params, config, batch)
+  jax_losses, jax_grads = jax_loss_and_grads(params, config, batch, max_encoder_predictions)
 
   loss_errs = {}
   for k in LOSS_KEYS:
@@ -263,10 +266,14 @@ class _WordPieceVocab:
     return [self.tokens[i] for i in ids]
 
 
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse-head"])
 @pytest.mark.parametrize("query_stream", STREAMS)
-def test_parity_on_collator_batch(files, report, query_stream):
-  """The same parity on a batch of the project's RetroMAECollator (whole-word masks)."""
-  masking = pytest.importorskip("bge_jax.data.masking")
+def test_parity_on_collator_batch(files, report, query_stream, sparse):
+  """The same parity on a batch of the project's RetroMAECollator (whole-word masks); with
+  `sparse`, the encoder's MLM head runs only on the collator's bound of labelled positions per
+  row (what the trainer does) against the reference's full-length head."""
+  from bge_jax.data import masking
+
   seed = SEEDS[0]
   vocab_size = transformers.BertConfig.from_json_file(
       str(files[seed].parent / "config.json")).vocab_size
@@ -275,7 +282,29 @@ def test_parity_on_collator_batch(files, report, query_stream):
   examples = [rng.randint(4, vocab_size, size=n - 2).tolist() for n in LENGTHS[seed]]
   batch = collator(examples, step=3)
   assert_spec_invariants(batch)
-  check_parity(files[seed], query_stream, batch, report, "collator")
+  k = masking.max_predictions(LENGTH, collator.encoder_mlm_probability) if sparse else None
+  if sparse:  # the bound is tight on the full-length rows, and smaller than the length
+    assert (batch["encoder_labels"] != -100).sum(axis=1).max() == k < LENGTH
+  check_parity(files[seed], query_stream, batch, report, "collator" + (" sparse" if sparse else ""),
+               k)
+
+
+def test_sparse_head_counts_labels_beyond_its_bound(files):
+  """K below a row's labels leaves them out and says so; K outside [1, L] is refused."""
+  config, params = convert.load_hf(str(files[SEEDS[0]]))
+  batch = make_batch(config.vocab_size, 0)
+  per_row = (batch["encoder_labels"] != -100).sum(axis=1)
+  k = int(per_row.max())
+  (_, full), _ = _jax_value_and_grad(params, config, batch, None)
+  (_, exact), _ = _jax_value_and_grad(params, config, batch, k)
+  (_, short), _ = _jax_value_and_grad(params, config, batch, k - 1)
+  assert int(exact["encoder_labels_dropped"]) == 0
+  np.testing.assert_allclose(float(exact["encoder_loss"]), float(full["encoder_loss"]), rtol=1e-6)
+  assert int(short["encoder_labels_dropped"]) == int((per_row == k).sum()) > 0
+  assert int(short["encoder_tokens"]) == int(per_row.sum()) - int(short["encoder_labels_dropped"])
+  for bad in (0, LENGTH + 1):
+    with pytest.raises(ValueError, match="max_encoder_predictions"):
+      retromae.loss(params, config, batch, max_encoder_predictions=bad)
 
 
 def test_query_streams_differ(files):

@@ -57,6 +57,17 @@ def _num_to_predict(n_tokens: np.ndarray | int, ratio: float) -> np.ndarray:
   return np.maximum(1, np.rint(np.asarray(n_tokens) * ratio)).astype(np.int64)
 
 
+def max_predictions(length: int, ratio: float) -> int:
+  """The most tokens one whole-word mask labels in a row padded to `length` (static).
+
+  A row of n <= length tokens gets at most num_to_predict(n) = max(1, round(n * ratio)) labels
+  (a word that would overshoot is skipped), which never exceeds num_to_predict(length). The
+  RetroMAE loss uses it to project only labelled positions onto the vocabulary.
+  """
+  _check_ratio("ratio", ratio)
+  return int(_num_to_predict(int(length), ratio))
+
+
 def _sample_masks(word: np.ndarray, n_words: np.ndarray, row_example: np.ndarray,
                   row_target: np.ndarray, rng: np.random.Generator) -> np.ndarray:
   """Draws independent whole-word masks, one per row, bool [R, n].

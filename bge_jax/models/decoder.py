@@ -30,11 +30,19 @@ def query_stream(model: BertModel, cls: Array, length: int, deterministic: bool)
 
 def retromae_logits(model: BertModel, encoder_input_ids: Array, encoder_attention_mask: Array,
                     decoder_input_ids: Array, decoder_attention_mask: Array,
-                    deterministic: bool = True) -> tuple[Array, Array]:
+                    deterministic: bool = True,
+                    encoder_positions: Array | None = None) -> tuple[Array, Array]:
   """(encoder MLM logits [B, L, V], decoder logits [B, L, V]); call through `model.apply(...,
-  method=retromae_logits)` so the function runs bound to the model's parameters."""
+  method=retromae_logits)` so the function runs bound to the model's parameters.
+
+  encoder_positions: optional int [B, K]; the encoder logits are then [B, K, V], at those
+  positions only (the MLM head is per position, so this equals gathering the full logits).
+  """
   hidden = model(encoder_input_ids, encoder_attention_mask, deterministic=deterministic)
-  encoder_logits = model.mlm_logits(hidden)
+  head_input = hidden
+  if encoder_positions is not None:
+    head_input = jnp.take_along_axis(hidden, encoder_positions[..., None], axis=1)
+  encoder_logits = model.mlm_logits(head_input)
   cls = hidden[:, :1]
   embedded = model.embed(decoder_input_ids, deterministic=deterministic)
   hkv = jnp.concatenate([cls.astype(embedded.dtype), embedded[:, 1:]], axis=1)
