@@ -346,7 +346,7 @@ def bench_stage1(preset_name: str, shape: dict, args) -> dict:
     opt.step()
     return float(out["loss"])
 
-  k = s1_predictions(length)
+  k = None if args.dense_mlm_head else s1_predictions(length)
   jax_step = _JaxTrainer(
       lambda p, bt, rng: retromae.loss(p, config, bt, rng, max_encoder_predictions=k), params,
       batch, donate=not args.no_donate)
@@ -515,7 +515,8 @@ def bench_compare(args) -> dict:
     sys.exit(f"error: --benchmarks {unknown}: choose from {list(runners)}")
   result = {"benchmark": "compare", "machine": machine(), "load_before": load_average(),
             "repeats": args.repeats, "remat": args.remat, "donate": not args.no_donate,
-            "attention_impl": args.attention_impl, "dtype": "float32", "rows": []}
+            "attention_impl": args.attention_impl, "sparse_mlm_head": not args.dense_mlm_head,
+            "dtype": "float32", "rows": []}
   for name in args.presets.split(","):
     if name not in SHAPES:
       sys.exit(f"error: --presets {name!r} has no benchmark shapes; choose from {list(SHAPES)}")
@@ -575,6 +576,8 @@ VARIANTS = [
     ("no_donate", "train state not donated", EIGEN_OFF, ["--no-donate"], "stage1,stage2"),
     ("remat_full", "remat_policy=full", EIGEN_OFF, ["--remat", "full"], "stage1,stage2"),
     ("remat_dots", "remat_policy=dots", EIGEN_OFF, ["--remat", "dots"], "stage1,stage2"),
+    ("dense_mlm_head", "stage 1: encoder MLM head on every position (not the sparse head)",
+     EIGEN_OFF, ["--dense-mlm-head"], "stage1"),
 ]
 
 
@@ -746,6 +749,9 @@ def main(argv=None):
   c.add_argument("--attention-impl", default=None, choices=[None, "xla", "cudnn"],
                  help="jax.nn.dot_product_attention implementation (None: XLA picks)")
   c.add_argument("--no-donate", action="store_true", help="do not donate the train state")
+  c.add_argument("--dense-mlm-head", action="store_true",
+                 help="stage 1: the encoder MLM head on every position, as PyTorch does (default: "
+                      "only the collator's bound of labelled positions per row)")
   c.add_argument("--buckets-per-octave", type=int, default=None,
                  help="encode: Encoder length grid (default bge_jax.encoder's; 1 = powers of 2)")
   c.add_argument("--min-bucket", type=int, default=None, help="encode: smallest padded length")
