@@ -328,6 +328,7 @@ def test_script_runs_as_a_subprocess_from_any_cwd(tmp_path, hf_folder):
   src = hf_folder("bert_mlm", 2)
   env = {**os.environ, "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false", "HF_HUB_OFFLINE": "1"}
   env.pop("PYTHONPATH", None)
+  assert src == tmp_path / "bert_mlm-2"  # ../bert_mlm-2, seen from workdir below
   workdir = tmp_path / "elsewhere"
   workdir.mkdir()
   ok = subprocess.run([sys.executable, str(SCRIPT), "hf-to-jax", "../bert_mlm-2", "ckpt"],

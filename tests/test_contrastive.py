@@ -9,10 +9,8 @@ Losses and every parameter's gradient are compared in float32 with dropout off.
 """
 
 import functools
-import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch

@@ -18,7 +18,7 @@ from safetensors.numpy import load_file
 from bge_jax import checkpoint, contrastive, convert, merge
 from bge_jax import config as config_lib
 from bge_jax.models import bert
-from conftest import REPO, WORDS, make_tokenizer
+from conftest import REPO, make_tokenizer
 
 SCRIPT = REPO / "launch" / "merge.py"
 # The reference loss compiles at LLVM -O0 (as tests/test_contrastive.py): same float32 semantics.
