@@ -90,6 +90,10 @@ def _contrastive_program(c):
   return jax.jit(grad).lower(params, batch), flops.contrastive_step_flops(c, B, Q_LEN, L, G)
 
 
+TRAIN_PROGRAMS = {"retromae": _retromae_program, "retromae_sparse": _retromae_sparse_program,
+                  "contrastive": _contrastive_program}
+
+
 def test_encode_forward_equals_hlo_matmuls():
   c = _config()
   assert hlo_dot_flops(_encode_program(c)) == flops.encode_flops(c, B, L)
@@ -99,8 +103,7 @@ def test_encode_forward_equals_hlo_matmuls():
 @pytest.mark.parametrize("stage", ["retromae", "retromae_sparse", "contrastive"])
 def test_train_step_equals_hlo_matmuls(stage, remat):
   """The gradient program's matmuls = 3 x forward (model) + the remat policy's recompute."""
-  lowered, expected = {"retromae": _retromae_program, "retromae_sparse": _retromae_sparse_program,
-                       "contrastive": _contrastive_program}[stage](_config(remat))
+  lowered, expected = TRAIN_PROGRAMS[stage](_config(remat))
   assert (expected.recompute == 0) == (remat == "none")
   assert hlo_dot_flops(lowered) == expected.hardware
 
@@ -121,8 +124,7 @@ def test_within_xla_cost_analysis(program):
   if program == "encode":
     lowered, analytic = _encode_program(c), flops.encode_flops(c, B, L)
   else:
-    lowered, expected = {"retromae": _retromae_program, "retromae_sparse": _retromae_sparse_program,
-                         "contrastive": _contrastive_program}[program](c)
+    lowered, expected = TRAIN_PROGRAMS[program](c)
     analytic = expected.model
   xla = lowered.compile(compiler_options=FAST_COMPILE).cost_analysis()["flops"]
   ratio = xla / analytic
