@@ -251,15 +251,21 @@ def gradcache_chunk(batch: int, chips: int, rows_per_chip: int) -> int:
 
 def cases_for(chips: int, stage1_batch: int, stage2_batches: Sequence[int],
               rows_per_chip: int, stages: Sequence[str], stage1_length: int = 512,
-              stage2_lengths: tuple[int, int] = (32, 128)) -> list[Case]:
+              stage2_lengths: tuple[int, int] = (32, 128),
+              gradcache: str = "both") -> list[Case]:
+  """The cases to compile; `gradcache` is "both", "on" or "off" for the stage-2 cases."""
+  if gradcache not in ("both", "on", "off"):
+    raise ValueError(f"gradcache={gradcache!r}: expected 'both', 'on' or 'off'")
   out = []
   if "1" in stages and stage1_batch:
     out.append(Case("retromae", stage1_batch, lengths=(stage1_length,)))
   if "2" in stages:
     for b in stage2_batches:
-      out.append(Case("contrastive", b, lengths=tuple(stage2_lengths)))
-      out.append(Case("contrastive", b, gradcache_chunk(b, chips, rows_per_chip),
-                      lengths=tuple(stage2_lengths)))
+      if gradcache != "on":
+        out.append(Case("contrastive", b, lengths=tuple(stage2_lengths)))
+      if gradcache != "off":
+        out.append(Case("contrastive", b, gradcache_chunk(b, chips, rows_per_chip),
+                        lengths=tuple(stage2_lengths)))
   return out
 
 
@@ -335,6 +341,8 @@ def _parser() -> argparse.ArgumentParser:
                  help="stage-2 query and passage lengths (default 32,128).")
   p.add_argument("--stage2-batch", type=int, action="append", default=None,
                  help="stage-2 global batch (repeatable); default 19200 and 32768.")
+  p.add_argument("--gradcache", choices=("both", "on", "off"), default="both",
+                 help="stage-2 cases with GradCache, without it, or both (default).")
   p.add_argument("--gradcache-rows-per-chip", type=int, default=8)
   p.add_argument("--mesh", default=None, metavar="D,F,T",
                  help="data,fsdp,tensor sizes (-1 = the rest); default 1,chips,1.")
@@ -361,7 +369,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for model in models:
       for case in cases_for(len(devices), args.stage1_batch, stage2,
                             args.gradcache_rows_per_chip, args.stages, args.stage1_length,
-                            tuple(int(x) for x in args.stage2_lengths.split(","))):
+                            tuple(int(x) for x in args.stage2_lengths.split(",")),
+                            args.gradcache):
         r = run_case(topology, devices, model, case, mesh_shape, args.dtype, args.remat)
         results.append(r)
         status = (f"peak {r.peak / GIB:.2f} GiB" if r.memory else f"error {r.error}")

@@ -98,3 +98,12 @@ def test_gradcache_chunk_is_whole_rows_per_chip():
   assert [(c.stage, c.batch, c.gradcache_chunk, c.seq) for c in cases] == [
       ("retromae", 768, 0, "512"), ("contrastive", 19200, 0, "q32/p128"),
       ("contrastive", 19200, 1280, "q32/p128")]
+
+
+def test_cases_for_can_select_gradcache_on_or_off():
+  only_on = aot.cases_for(256, 768, [19200, 32768], 8, "2", gradcache="on")
+  assert [(c.batch, c.gradcache_chunk) for c in only_on] == [(19200, 1280), (32768, 2048)]
+  only_off = aot.cases_for(256, 768, [32768], 8, "12", gradcache="off")
+  assert [(c.stage, c.gradcache_chunk) for c in only_off] == [("retromae", 0), ("contrastive", 0)]
+  with pytest.raises(ValueError, match="gradcache"):
+    aot.cases_for(256, 768, [32768], 8, "2", gradcache="yes")
