@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import optax
 
 from bge_jax.config import BertConfig
-from bge_jax.models.bert import embed_sentences
+from bge_jax.data import packing
+from bge_jax.models.bert import embed_sentences, packed_slot_vectors, texts_from_slots
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,43 @@ def embed(params: Any, config: BertConfig, input_ids: jax.Array, attention_mask:
   keys = (jax.random.split(rng, parts) if rng is not None else jnp.zeros((parts,), jnp.uint32))
   reps = jax.lax.map(lambda args: body(*args), (ids, mask, keys))
   return merge_strided(reps)
+
+
+def embed_packed(params: Any, config: BertConfig, input_ids: jax.Array, segment_ids: jax.Array,
+                 position_ids: jax.Array, text_slot: jax.Array, *, pooling: str, normalize: bool,
+                 rng: jax.Array | None = None, chunk_size: int = 0) -> jax.Array:
+  """`embed` of packed rows (`bge_jax.data.packing`): the N texts' embeddings [N, D], float32.
+
+  With chunk_size > 0 (GradCache) the R packed rows run in N // chunk_size strided parts, the
+  number of parts the padded batch would use, so R must be a multiple of it.
+  """
+  def one(ids, seg, pos, key):
+    return packed_slot_vectors(params, config, ids, seg, pos, pooling=pooling, rng=key)
+
+  n, rows = text_slot.shape[0], input_ids.shape[0]
+  if not chunk_size or chunk_size >= n:
+    return texts_from_slots(one(input_ids, segment_ids, position_ids, rng), text_slot, normalize)
+  if n % chunk_size:
+    raise ValueError(f"GradCache: {n} texts are not divisible by loss.gradcache_chunk={chunk_size}; "
+                     "choose a chunk size that divides the per-step query and passage counts.")
+  parts = n // chunk_size
+  if rows % parts:
+    raise ValueError(f"GradCache on packed rows: {rows} rows do not split into {parts} parts "
+                     f"({n} texts / loss.gradcache_chunk={chunk_size}); the packer rounds the "
+                     "rows up to a multiple of the parts (bge_jax.data.packing.rows_for)")
+  arrays = tuple(split_strided(x, parts) for x in (input_ids, segment_ids, position_ids))
+  body = jax.checkpoint(one if rng is not None else (lambda i, s, p, _: one(i, s, p, None)))
+  keys = (jax.random.split(rng, parts) if rng is not None else jnp.zeros((parts,), jnp.uint32))
+  slots = jax.lax.map(lambda args: body(*args), arrays + (keys,))
+  return texts_from_slots(merge_strided(slots), text_slot, normalize)
+
+
+def _side_embeddings(params, config, batch, side: str, rng, **kw) -> jax.Array:
+  if packing.is_packed(batch, side):
+    return embed_packed(params, config, *(batch[f"{side}_{k}"] for k in packing.PACKED_SUFFIXES),
+                        rng=rng, **kw)
+  return embed(params, config, batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"],
+               rng=rng, **kw)
 
 
 def info_nce(q: jax.Array, p: jax.Array, *, temperature: float, group_size: int,
@@ -114,19 +152,23 @@ def loss(params: Any, config: BertConfig, batch: Mapping[str, Any], *, temperatu
   in_batch_negatives (a scalar flag that overrides the argument). Embeddings are pooled
   (`cls` | `mean`) and L2-normalised; without normalisation the temperature is 1 (as
   FlagEmbedding). rng=None: no dropout. chunk_size > 0: GradCache (see module docstring).
+  A side given as packed rows (`bge_jax.data.packing.pack_sides`) is embedded packed.
   """
-  missing = [k for k in BATCH_KEYS if k not in batch]
-  if missing:
-    raise KeyError(f"contrastive batch is missing {missing}; expected keys {list(BATCH_KEYS)}")
+  for side in ("query", "passage"):
+    keys = ([f"{side}_{k}" for k in packing.PACKED_SUFFIXES] if packing.is_packed(batch, side)
+            else [k for k in BATCH_KEYS if k.startswith(side)])
+    missing = [k for k in keys if k not in batch]
+    if missing:
+      raise KeyError(f"contrastive batch is missing {missing}; expected keys {list(BATCH_KEYS)} "
+                     f"(or, packed, {side}_{{{','.join(packing.PACKED_SUFFIXES)}}})")
   if not normalize and temperature != 1.0:
     log.warning("normalize=False: using temperature 1.0 instead of %s (unnormalised dot "
                 "products are not scaled, as in FlagEmbedding)", temperature)
     temperature = 1.0
   q_rng, p_rng = (None, None) if rng is None else tuple(jax.random.split(rng))
   kw = dict(pooling=pooling, normalize=normalize, chunk_size=chunk_size)
-  q = embed(params, config, batch["query_input_ids"], batch["query_attention_mask"], rng=q_rng, **kw)
-  p = embed(params, config, batch["passage_input_ids"], batch["passage_attention_mask"],
-            rng=p_rng, **kw)
+  q = _side_embeddings(params, config, batch, "query", q_rng, **kw)
+  p = _side_embeddings(params, config, batch, "passage", p_rng, **kw)
   flag = batch.get("in_batch_negatives", in_batch_negatives)
   teacher = batch.get("teacher_scores") if use_teacher_scores else None
   return info_nce(q, p, temperature=temperature, group_size=group_size, in_batch_negatives=flag,

@@ -19,6 +19,7 @@ from torch.nn import functional as F
 
 from bge_jax import config as config_lib
 from bge_jax import contrastive, convert, sharding
+from bge_jax.data import packing
 from bge_jax.models import bert
 from conftest import make_hf_folder
 
@@ -221,11 +222,13 @@ def _note(report, family, kind, err, where=""):
 POOLER = ("pooler.dense.weight", "pooler.dense.bias")
 
 
-def check_parity(loaded, seed, report, family, *, group_size, teacher=False, flag=None, **kw):
+def check_parity(loaded, seed, report, family, *, group_size, teacher=False, flag=None,
+                 pack=False, **kw):
   """Loss and every parameter's gradient, JAX vs torch; returns JAX's (loss, grads).
 
   flag: 0/1 given as batch["in_batch_negatives"] (a 0-d int32 array, traced under jit), which
   overrides the argument (left at its default, True: one compiled function for both flags).
+  pack: JAX gets both sides packed into as few rows as fit (torch the padded batch).
   """
   config, params, model = loaded[seed]
   batch = make_batch(config.vocab_size, seed, group_size, teacher=teacher)
@@ -236,6 +239,9 @@ def check_parity(loaded, seed, report, family, *, group_size, teacher=False, fla
     batch["in_batch_negatives"] = np.asarray(flag, np.int32)
     ref_kw["in_batch_negatives"] = bool(flag)
   torch_value, torch_grads = torch_loss_and_grads(model, batch, **ref_kw)
+  if pack:
+    batch = packing.pack_sides(batch, {"query": None, "passage": None})
+    assert batch["passage_input_ids"].shape[0] < N_QUERIES * group_size  # really packed
   value, out, grads = jax_loss_and_grads(params, config, batch, **kw)
 
   rel = abs(value - torch_value) / abs(torch_value)
@@ -386,6 +392,44 @@ def test_gradcache_refuses_indivisible_chunk(loaded):
     jax.eval_shape(lambda p: contrastive.loss(p, config, batch, chunk_size=3, **GC_KW), params)
 
 
+@pytest.mark.parametrize("seed,group_size,pooling", [(SEEDS[0], 4, "cls"), (SEEDS[1], 1, "cls"),
+                                                     (SEEDS[2], 4, "mean")])
+def test_parity_packed(loaded, report, seed, group_size, pooling):
+  """Texts packed several to a row (block-diagonal attention, per-text positions and pooling)
+  give the padded batch's loss and gradients: checked against torch on the padded batch."""
+  check_parity(loaded, seed, report, "packed", group_size=group_size, pooling=pooling, pack=True)
+
+
+@pytest.mark.parametrize("chunk_size", [2, 4])
+def test_packed_gradcache_equals_unchunked(unchunked, report, chunk_size):
+  """GradCache over packed rows (as many parts as the padded batch would use) vs the padded,
+  unchunked step."""
+  config, params, batch, ref, ref_grads = unchunked
+  n_q, n_p = batch["query_input_ids"].shape[0], batch["passage_input_ids"].shape[0]
+  rows = {}
+  for side, n in (("query", n_q), ("passage", n_p)):
+    parts = n // chunk_size
+    need = packing.packed_rows(batch[f"{side}_attention_mask"].sum(1), LENGTH)
+    rows[side] = packing.rows_for(n, need / n, multiple=parts)
+  if chunk_size == 4:
+    assert rows["passage"] < n_p  # 12 rows for 16 passages (the 8 parts of chunk 2 need 16)
+  packed = packing.pack_sides(batch, rows)
+  value, _, grads = jax_loss_and_grads(params, config, packed, chunk_size=chunk_size, **GC_KW)
+  rel = abs(value - ref) / abs(ref)
+  assert rel <= SAME_TOL, (value, ref)
+  compared, worst, _ = compare_grads(flat(grads), ref_grads, SAME_TOL)
+  assert compared == len(jax.tree.leaves(params))
+  _note(report, "packed GradCache vs padded unchunked", "rel loss", rel, f"chunk {chunk_size}")
+  _note(report, "packed GradCache vs padded unchunked", "rel grad", worst[0], worst[1])
+
+
+def test_packed_gradcache_refuses_rows_that_do_not_split(unchunked):
+  config, params, batch, _, _ = unchunked
+  packed = packing.pack_sides(batch, {"query": None, "passage": 12})
+  with pytest.raises(ValueError, match=r"12 rows do not split into 8 parts"):
+    jax.eval_shape(lambda p: contrastive.loss(p, config, packed, chunk_size=2, **GC_KW), params)
+
+
 # ---------------------------------------------------------------------------------------------
 # Sharded over 8 fake devices: in-batch negatives span the global batch.
 # ---------------------------------------------------------------------------------------------
@@ -482,6 +526,31 @@ def test_sharded_matches_single_device(sharded_setup, report, shape):
   _note(report, family, "rel loss", rel, tag)
   _note(report, family, "rel grad", worst[0], f"{tag}, {worst[1]}")
   _note(report, family, "key-bias grad / key weight", worst_zero[0], tag)
+
+
+def test_packed_sharded_matches_single_device(sharded_setup, report):
+  """Packed rows sharded over data x fsdp = 4 (2x2x2 mesh): per-row pooling stays on its
+  device, the texts' gather and the global negatives match the padded single-device step."""
+  config, params, specs, batch, ref, _ = sharded_setup
+  mesh = sharding.make_mesh(2, 2, 2)
+  rows = {}
+  for side, length in (("query", SHARD_Q_LEN), ("passage", SHARD_P_LEN)):
+    n = batch[f"{side}_input_ids"].shape[0]
+    need = packing.packed_rows(batch[f"{side}_attention_mask"].sum(1), length)
+    rows[side] = packing.rows_for(n, need / n, multiple=4)
+  assert rows["passage"] < SHARD_QUERIES * SHARD_GROUP
+  packed = packing.pack_sides(batch, rows)
+  with sharding.activate(mesh):
+    args = {k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim)) for k, v in packed.items()}
+    (value, _), grads = _sharded_step(sharding.shard_params(params, specs, mesh), config, args)
+  value, grads = float(value), jax.device_get(grads)
+  want = float(ref[0][0])
+  rel = abs(value - want) / abs(want)
+  assert rel <= SAME_TOL, (value, want)
+  compared, worst, _ = compare_grads(flat(grads), flat(ref[1]), SAME_TOL)
+  assert compared == len(jax.tree.leaves(params))
+  _note(report, "packed, sharded 2x2x2 vs padded single device", "rel loss", rel)
+  _note(report, "packed, sharded 2x2x2 vs padded single device", "rel grad", worst[0], worst[1])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -82,6 +82,15 @@ def padding_mask(attention_mask: Array) -> Array:
   return attention_mask.astype(bool)[:, None, None, :]
 
 
+def segment_mask(segment_ids: Array) -> Array:
+  """[B, L] segment ids of packed rows -> boolean [B, 1, L, L]: a token sees its own segment.
+
+  Padding (segment 0) sees only padding, so no row of the mask is empty and no real token
+  sees a pad or another text.
+  """
+  return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None, :, :]
+
+
 def matrix_mask(attention_matrix: Array) -> Array:
   """[B, Q, K] position-specific mask (1 = row may see column) -> boolean [B, 1, Q, K]."""
   return attention_matrix.astype(bool)[:, None, :, :]
@@ -221,9 +230,13 @@ class BertModel(nn.Module):
       self.decoder = BertLayer(c)
 
   def __call__(self, input_ids: Array, attention_mask: Array, token_type_ids: Array | None = None,
-               position_ids: Array | None = None, deterministic: bool = True) -> Array:
+               position_ids: Array | None = None, deterministic: bool = True,
+               segment_ids: Array | None = None) -> Array:
+    """Last hidden state [B, L, E]. With `segment_ids` (packed rows: several texts per row,
+    see `bge_jax.data.packing`) attention stays within each segment and `attention_mask` is
+    unused; pass each text's own `position_ids`."""
     h = self.embeddings(input_ids, token_type_ids, position_ids, deterministic=deterministic)
-    mask = padding_mask(attention_mask)
+    mask = padding_mask(attention_mask) if segment_ids is None else segment_mask(segment_ids)
     for layer in self.layers:
       h = layer(h, h, mask, deterministic)
     return h
@@ -281,6 +294,60 @@ def embed_sentences(params: Any, config: BertConfig, input_ids: Array, attention
       deterministic=rng is None, rngs=None if rng is None else {"dropout": rng})
   vectors = pool(hidden, attention_mask, pooling)
   return l2_normalize(vectors) if normalize else vectors
+
+
+def pool_packed(hidden: Array, segment_ids: Array, position_ids: Array, pooling: str) -> Array:
+  """Slot vectors [R, L // 2, E] (float32) of packed rows: hidden [R, L, E], segment_ids [R, L]
+  (0 = padding, s = the row's s-th text, pooled into slot s - 1; unused slots are zero).
+
+  A one-hot contraction within each row: no data crosses rows, so a row-sharded batch stays
+  local. A text has at least 2 tokens ([CLS] ... [SEP]), so a row holds at most L // 2 texts.
+  Gather the texts' slots with `text_slot` (`bge_jax.data.packing`), then normalise.
+  """
+  slots = hidden.shape[1] // 2
+  onehot = segment_ids[:, None, :] == jnp.arange(1, slots + 1, dtype=segment_ids.dtype)[:, None]
+  if pooling == "cls":
+    weights = (onehot & (position_ids[:, None, :] == 0)).astype(jnp.float32)
+  elif pooling == "mean":
+    weights = onehot.astype(jnp.float32)
+    weights = weights / jnp.maximum(weights.sum(-1, keepdims=True), 1.0)
+  else:
+    raise ValueError(f"pooling={pooling!r}; use 'cls' or 'mean'")
+  return jnp.einsum("rsl,rle->rse", weights, hidden.astype(jnp.float32),
+                    precision=jax.lax.Precision.HIGHEST)
+
+
+def packed_slot_vectors(params: Any, config: BertConfig, input_ids: Array, segment_ids: Array,
+                        position_ids: Array, *, pooling: str, rng: Array | None = None) -> Array:
+  """Encoder + `pool_packed` on packed rows: un-normalised slot vectors [R, L // 2, E]."""
+  hidden = BertModel(config).apply(
+      {"params": params}, input_ids, None, None, position_ids, deterministic=rng is None,
+      segment_ids=segment_ids, rngs=None if rng is None else {"dropout": rng})
+  return pool_packed(hidden, segment_ids, position_ids, pooling)
+
+
+def texts_from_slots(slots: Array, text_slot: Array, normalize: bool) -> Array:
+  """[R, S, E] slot vectors -> the N texts' vectors [N, E] (L2-normalised if asked).
+
+  Normalised after the gather: an unused (zero) slot would give norm's gradient a 0/0.
+  """
+  vectors = slots.reshape(-1, slots.shape[-1])[text_slot]
+  return l2_normalize(vectors) if normalize else vectors
+
+
+def embed_packed_sentences(params: Any, config: BertConfig, input_ids: Array, segment_ids: Array,
+                           position_ids: Array, text_slot: Array, *, pooling: str | None = None,
+                           normalize: bool | None = None, rng: Array | None = None) -> Array:
+  """`embed_sentences` of N texts packed into R rows (`bge_jax.data.packing.pack`): [N, E].
+
+  Each text attends only to itself and has its own positions, so the embeddings equal the
+  padded batch's (up to float summation order) while the encoder runs on R rows instead of N.
+  """
+  pooling = config.pooling if pooling is None else pooling
+  normalize = config.normalize if normalize is None else normalize
+  slots = packed_slot_vectors(params, config, input_ids, segment_ids, position_ids,
+                              pooling=pooling, rng=rng)
+  return texts_from_slots(slots, text_slot, normalize)
 
 
 def init(config: BertConfig, rng: Array, batch: int = 1, length: int = 8) -> tuple[Any, Any]:

@@ -1,0 +1,120 @@
+"""Sequence packing for the contrastive stages: several short texts per row, no padding waste.
+
+A padded batch [N, L] computes N x L tokens however short its texts are; in stage 2 a batch of
+passages cut at 128 tokens is often half padding. `pack` moves the N texts into R <= N rows of
+the same length L (first-fit decreasing), and the encoder runs with a block-diagonal attention
+mask (each text sees only itself), per-text position ids, and per-text pooling
+(`bge_jax.models.bert.embed_packed_sentences`), so the embeddings are those of the padded batch.
+
+The packed arrays of one side (`query` or `passage`) of a batch:
+
+  {side}_input_ids     [R, L]  token ids, texts back to back, padding at the tail of each row
+  {side}_segment_ids   [R, L]  0 = padding, s = the row's s-th text (1-based)
+  {side}_position_ids  [R, L]  0.. within each text (0 on padding)
+  {side}_text_slot     [N]     row * (L // 2) + s - 1 for text i: where its vector is pooled
+
+R is a static shape: pass `rows` (e.g. from `packed_rows`) so every batch compiles to the same
+program; a batch whose texts do not fit raises, naming the fix.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import numpy as np
+
+PACKED_SUFFIXES = ("input_ids", "segment_ids", "position_ids", "text_slot")
+
+
+def first_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
+  """Bins of text indices (longest first) whose lengths sum to at most `capacity` each."""
+  order = np.argsort(-np.asarray(lengths), kind="stable")
+  bins: list[list[int]] = []
+  room: list[int] = []
+  for i in order:
+    n = int(lengths[i])
+    if n > capacity:
+      raise ValueError(f"text {i} has {n} tokens, more than the row length {capacity}")
+    for b, free in enumerate(room):
+      if n <= free:
+        bins[b].append(int(i))
+        room[b] -= n
+        break
+    else:
+      bins.append([int(i)])
+      room.append(capacity - n)
+  return bins
+
+
+def packed_rows(lengths: np.ndarray, capacity: int) -> int:
+  """The fewest rows first-fit decreasing needs for these text lengths."""
+  return len(first_fit_decreasing(lengths, capacity))
+
+
+def pack(input_ids: np.ndarray, attention_mask: np.ndarray, rows: int | None = None,
+         pad_id: int = 0) -> dict[str, np.ndarray]:
+  """Pack a right-padded batch [N, L] into `rows` rows of length L (default: as few as fit).
+
+  Returns the arrays of the module docstring without the side prefix. Texts keep their tokens
+  and order within a row; the real tokens of each row come first.
+  """
+  input_ids = np.asarray(input_ids)
+  attention_mask = np.asarray(attention_mask).astype(bool)
+  n, length = input_ids.shape
+  lengths = attention_mask.sum(1)
+  if not np.array_equal(attention_mask, np.arange(length)[None, :] < lengths[:, None]):
+    raise ValueError("pack expects right-padded rows (attention_mask 1...1 0...0 in every row)")
+  if (lengths < 1).any():
+    raise ValueError(f"text {int(np.argmin(lengths))} is empty; every text needs its [CLS]")
+  bins = first_fit_decreasing(lengths, length)
+  if rows is None:
+    rows = len(bins)
+  if len(bins) > rows:
+    raise ValueError(
+        f"{n} texts of {int(lengths.sum())} tokens need {len(bins)} packed rows of {length}, "
+        f"more than the {rows} allowed; raise data.pack_rows_fraction (or set data.pack=False)")
+  slots = length // 2
+  if max(len(t) for t in bins) > slots:
+    raise ValueError(f"a packed row would hold more than {slots} texts (L // 2 slots); "
+                     "texts need >= 2 tokens ([CLS] ... [SEP])")
+  ids = np.full((rows, length), pad_id, input_ids.dtype)
+  segments = np.zeros((rows, length), np.int32)
+  positions = np.zeros((rows, length), np.int32)
+  text_slot = np.zeros((n,), np.int32)
+  for r, texts in enumerate(bins):
+    start = 0
+    for s, i in enumerate(texts, 1):
+      k = int(lengths[i])
+      ids[r, start:start + k] = input_ids[i, :k]
+      segments[r, start:start + k] = s
+      positions[r, start:start + k] = np.arange(k)
+      text_slot[i] = r * slots + s - 1
+      start += k
+  return {"input_ids": ids, "segment_ids": segments, "position_ids": positions,
+          "text_slot": text_slot}
+
+
+def rows_for(n: int, fraction: float, multiple: int = 1) -> int:
+  """ceil(fraction * n) rounded up to a multiple of `multiple` (the batch shards), at most n
+  rounded up likewise."""
+  if not 0.0 < fraction <= 1.0:
+    raise ValueError(f"data.pack_rows_fraction={fraction}: expected a value in (0, 1]")
+  r = math.ceil(fraction * n)
+  return min(-(-r // multiple) * multiple, -(-n // multiple) * multiple)
+
+
+def pack_sides(batch: Mapping[str, np.ndarray], rows: Mapping[str, int | None],
+               pad_id: int = 0) -> dict[str, np.ndarray]:
+  """The batch with each side in `rows` ({"query": R_q, "passage": R_p}) packed; other keys
+  (teacher scores, flags) unchanged."""
+  out = {k: v for k, v in batch.items()
+         if not any(k.startswith(f"{side}_") for side in rows)}
+  for side, r in rows.items():
+    packed = pack(batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"], r, pad_id)
+    out.update({f"{side}_{k}": v for k, v in packed.items()})
+  return out
+
+
+def is_packed(batch: Mapping[str, object], side: str) -> bool:
+  return f"{side}_segment_ids" in batch
