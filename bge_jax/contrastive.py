@@ -13,6 +13,7 @@ activation memory is one chunk's, whatever the batch size, and the gradient is e
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Mapping
 
 import jax
@@ -24,6 +25,8 @@ from bge_jax.data import packing
 from bge_jax.models.bert import embed_sentences, packed_slot_vectors, texts_from_slots
 
 log = logging.getLogger(__name__)
+
+PACK_CALIBRATION_STEPS = 16  # batches read to size packed rows when data.pack_rows_fraction = 0
 
 BATCH_KEYS = ("query_input_ids", "query_attention_mask", "passage_input_ids",
               "passage_attention_mask")
@@ -212,13 +215,48 @@ class ContrastiveStage:
     datasets = [(spec, open_contrastive_data(spec, kind=d.kind, on_error=d.on_error))
                 for spec in specs]
     no_in_batch = [s.strip() for s in d.no_in_batch_datasets.split(",") if s.strip()]
-    return ContrastiveBatcher(
+    batcher = ContrastiveBatcher(
         datasets, tokenizer, batch_size=config.batch_size // process_count,
         group_size=d.group_size, query_max_length=d.query_max_length,
         passage_max_length=d.passage_max_length, query_instruction=d.query_instruction or None,
         passage_instruction=d.passage_instruction or None, seed=config.seed,
         process_index=process_index, process_count=process_count,
         no_in_batch_datasets=tuple(no_in_batch), use_teacher_scores=d.use_teacher_scores)
+    if d.get("pack", False):
+      batcher.enable_packing(self._packed_rows(config, batcher, process_count))
+    return batcher
+
+  @staticmethod
+  def _packed_rows(config, batcher, process_count: int) -> dict[str, int]:
+    """Rows per process of each packed side: data.pack_rows_fraction of the texts, or (0 =
+    auto, one process only) the most the first PACK_CALIBRATION_STEPS batches need plus 5%,
+    rounded up to a multiple of the local devices and of the GradCache parts."""
+    d = config.data
+    if config.get("grad_accum_steps", 1) > 1:
+      raise ValueError(f"config.data.pack=True with config.grad_accum_steps="
+                       f"{config.grad_accum_steps}: packed rows do not split into micro-batches; "
+                       "use loss.gradcache_chunk for memory instead, or data.pack=False.")
+    fraction = float(d.get("pack_rows_fraction", 0.0))
+    if fraction == 0.0 and process_count > 1:
+      raise ValueError("config.data.pack=True on several processes needs an explicit "
+                       "config.data.pack_rows_fraction (every process must pack to the same "
+                       "shape): e.g. 0.75, or the `packed rows needed` a one-process run logs.")
+    local = {"query": batcher.batch_size, "passage": batcher.batch_size * batcher.group_size}
+    need = (batcher.packed_rows_needed(range(PACK_CALIBRATION_STEPS)) if fraction == 0.0
+            else None)
+    rows = {}
+    for side, n in local.items():
+      chunk = config.loss.gradcache_chunk
+      total = n * process_count
+      parts = total // chunk if 0 < chunk < total else 1
+      multiple = math.lcm(jax.local_device_count(), parts)
+      if need is not None:
+        fraction = min(1.0, (need[side] + max(1, math.ceil(0.05 * need[side]))) / n)
+      rows[side] = packing.rows_for(n, fraction, multiple)
+    log.info("data.pack: %s packed rows per process for %s texts (%s)", rows, local,
+             f"needed at most {need} over the first {PACK_CALIBRATION_STEPS} batches"
+             if need is not None else f"pack_rows_fraction={fraction}")
+    return rows
 
   def export(self, params, model_config, tokenizer, out_dir, config):
     """An HF BertModel + sentence-transformers folder (the loss's pooling, Normalize)."""

@@ -103,28 +103,32 @@ def retromae_step_flops(config: BertConfig, batch: int, length: int, training: b
 
 def contrastive_step_flops(config: BertConfig, queries: int, q_len: int, p_len: int,
                            group_size: int = 1, gradcache_chunk: int = 0,
-                           training: bool = True) -> StepFlops:
+                           training: bool = True, query_rows: int | None = None,
+                           passage_rows: int | None = None) -> StepFlops:
   """Stages 2-3: encoder on queries [B, Lq] and passages [B*G, Lp], the in-batch score matrix
-  q.p^T [B, B*G] and the group scores [B, G]; x3 when `training`.
+  q.p^T [B, B*G] and the group scores [B, G]; x3 when `training`. Packed batches run the
+  encoder on `query_rows` / `passage_rows` rows instead (default: one text per row).
 
   GradCache (`gradcache_chunk` > 0 and smaller than the batch) recomputes both encoder forwards
   in the backward pass: that is recompute, on top of the remat policy's (which then applies to
   the recomputed forward's backward only, so it is counted once either way).
   """
   passages = queries * group_size
+  q_rows = queries if query_rows is None else query_rows
+  p_rows = passages if passage_rows is None else passage_rows
   d = config.hidden_size
-  enc = encoder_flops(config, queries, q_len) + encoder_flops(config, passages, p_len)
+  enc = encoder_flops(config, q_rows, q_len) + encoder_flops(config, p_rows, p_len)
   scores = 2 * queries * passages * d + 2 * queries * group_size * d
   forward = enc + scores
   if not training:
     return StepFlops(forward)
-  recompute = (_remat_recompute(config, queries, q_len)
-               + _remat_recompute(config, passages, p_len))
-  chunked = lambda rows: 0 < gradcache_chunk < rows  # noqa: E731
+  recompute = (_remat_recompute(config, q_rows, q_len)
+               + _remat_recompute(config, p_rows, p_len))
+  chunked = lambda texts: 0 < gradcache_chunk < texts  # noqa: E731
   if chunked(queries):
-    recompute += encoder_flops(config, queries, q_len)
+    recompute += encoder_flops(config, q_rows, q_len)
   if chunked(passages):
-    recompute += encoder_flops(config, passages, p_len)
+    recompute += encoder_flops(config, p_rows, p_len)
   return StepFlops(3 * forward, recompute)
 
 
@@ -145,11 +149,15 @@ def train_step_flops(config: Any, model_config: BertConfig, batch: Mapping[str, 
     return retromae_step_flops(model_config, b * process_count, length, encoder_predictions=(
         max_predictions(length, config.data.encoder_mlm_probability)))
   if stage in ("contrastive", "finetune"):
-    b, q_len = batch["query_input_ids"].shape
+    q_rows, q_len = batch["query_input_ids"].shape
     p_rows, p_len = batch["passage_input_ids"].shape
-    group_size = p_rows // b
-    return contrastive_step_flops(model_config, b * process_count, q_len, p_len, group_size,
-                                  gradcache_chunk=config.loss.gradcache_chunk)
+    # Packed sides (bge_jax.data.packing) hold more texts than rows: count the texts by slot.
+    b = batch["query_text_slot"].shape[0] if "query_text_slot" in batch else q_rows
+    passages = batch["passage_text_slot"].shape[0] if "passage_text_slot" in batch else p_rows
+    return contrastive_step_flops(model_config, b * process_count, q_len, p_len, passages // b,
+                                  gradcache_chunk=config.loss.gradcache_chunk,
+                                  query_rows=q_rows * process_count,
+                                  passage_rows=p_rows * process_count)
   raise ValueError(f"config.stage={stage!r}: no FLOPs formula; known stages: retromae, "
                    "contrastive, finetune")
 

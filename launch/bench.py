@@ -370,6 +370,7 @@ def bench_stage2(preset_name: str, shape: dict, args) -> dict:
 
   from bge_jax import contrastive, convert, flops
   from bge_jax.config import preset
+  from bge_jax.data import packing
 
   config = preset(preset_name, remat_policy=args.remat, attention_impl=args.attention_impl)
   b = shape["s2_batch"]
@@ -399,7 +400,15 @@ def bench_stage2(preset_name: str, shape: dict, args) -> dict:
 
   loss_fn = lambda p, bt, rng: contrastive.loss(  # noqa: E731
       p, config, bt, temperature=temperature, group_size=1, rng=rng)
-  jax_step = _JaxTrainer(loss_fn, params, batch, donate=not args.no_donate)
+  extra = {}
+  jax_batch = batch
+  if args.pack:  # the trainer's data.pack: texts several to a row, as few rows as fit
+    t = time.perf_counter()
+    jax_batch = packing.pack_sides(batch, {"query": None, "passage": None})
+    extra = {"packed_rows": {s: int(jax_batch[f"{s}_input_ids"].shape[0])
+                             for s in ("query", "passage")},
+             "pack_host_ms": round(1e3 * (time.perf_counter() - t), 2)}
+  jax_step = _JaxTrainer(loss_fn, params, jax_batch, donate=not args.no_donate)
   del params
   first = {"jax": jax_step(), "torch": torch_step()}
   cpu: dict = {}
@@ -408,6 +417,8 @@ def bench_stage2(preset_name: str, shape: dict, args) -> dict:
   model_flops = flops.contrastive_step_flops(config, b, Q_LEN, P_LEN).model
   return _summary(times, real, model_flops, {
       "benchmark": "stage2", "preset": preset_name, "batch": b, "length": f"{Q_LEN}/{P_LEN}",
+      **extra, "jax_padded_tokens": sum(int(jax_batch[f"{s}_input_ids"].size)
+                                        for s in ("query", "passage")),
       "first_loss": first, "compile_s": round(jax_step.compile_s, 1),
       "memory": _memory(jax_step, torch_step, jax_step.compiled)}, cpu)
 
@@ -516,7 +527,7 @@ def bench_compare(args) -> dict:
   result = {"benchmark": "compare", "machine": machine(), "load_before": load_average(),
             "repeats": args.repeats, "remat": args.remat, "donate": not args.no_donate,
             "attention_impl": args.attention_impl, "sparse_mlm_head": not args.dense_mlm_head,
-            "dtype": "float32", "rows": []}
+            "pack": args.pack, "dtype": "float32", "rows": []}
   for name in args.presets.split(","):
     if name not in SHAPES:
       sys.exit(f"error: --presets {name!r} has no benchmark shapes; choose from {list(SHAPES)}")
@@ -535,7 +546,9 @@ def _mib(x) -> str:
 
 def row_line(r: dict) -> str:
   m = r["memory"]["rss_growth_bytes"]
-  return (f"| {r['preset']} | {r['benchmark']} | {r['batch']} x {r['length']} | "
+  rows = r.get("packed_rows")
+  packed = f" (JAX packed: {rows['query']}/{rows['passage']} rows)" if rows else ""
+  return (f"| {r['preset']} | {r['benchmark']} | {r['batch']} x {r['length']}{packed} | "
           f"{r['median_s']['jax'] * 1e3:.1f} | {r['median_s']['torch'] * 1e3:.1f} | "
           f"**{r['ratio_jax_over_torch']:.2f}** | {r['tokens_per_s']['jax']:.0f} | "
           f"{r['tokens_per_s']['torch']:.0f} | {r['model_tflops_per_s']['jax'] * 1e3:.1f} | "
@@ -578,6 +591,8 @@ VARIANTS = [
     ("remat_dots", "remat_policy=dots", EIGEN_OFF, ["--remat", "dots"], "stage1,stage2"),
     ("dense_mlm_head", "stage 1: encoder MLM head on every position (not the sparse head)",
      EIGEN_OFF, ["--dense-mlm-head"], "stage1"),
+    ("pack", "stage 2: texts packed several to a row (data.pack)", EIGEN_OFF, ["--pack"],
+     "stage2"),
 ]
 
 
@@ -749,6 +764,9 @@ def main(argv=None):
   c.add_argument("--attention-impl", default=None, choices=[None, "xla", "cudnn"],
                  help="jax.nn.dot_product_attention implementation (None: XLA picks)")
   c.add_argument("--no-donate", action="store_true", help="do not donate the train state")
+  c.add_argument("--pack", action="store_true",
+                 help="stage 2: bge-jax packs the texts several to a row (the trainer's "
+                      "data.pack; PyTorch keeps the padded batch)")
   c.add_argument("--dense-mlm-head", action="store_true",
                  help="stage 1: the encoder MLM head on every position, as PyTorch does (default: "
                       "only the collator's bound of labelled positions per row)")

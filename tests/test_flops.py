@@ -161,6 +161,19 @@ def test_train_step_flops_reads_run_config_and_batch():
     flops.train_step_flops(run, c, batch)
 
 
+def test_train_step_flops_of_a_packed_batch_counts_rows_for_the_encoder():
+  c = _config()
+  run = types.SimpleNamespace(stage="finetune", loss=types.SimpleNamespace(gradcache_chunk=0))
+  rows_q, rows_p = B // 2, B * G // 2
+  packed = {"query_input_ids": jnp.zeros((rows_q, Q_LEN)), "query_text_slot": jnp.zeros((B,)),
+            "passage_input_ids": jnp.zeros((rows_p, L)), "passage_text_slot": jnp.zeros((B * G,))}
+  got = flops.train_step_flops(run, c, packed, process_count=2)
+  padded = flops.contrastive_step_flops(c, 2 * B, Q_LEN, L, G)
+  # The encoder on half the rows; the score matrices still over every text.
+  scores = 3 * (2 * (2 * B) * (2 * B * G) * c.hidden_size + 2 * (2 * B) * G * c.hidden_size)
+  assert got.model == pytest.approx((padded.model - scores) / 2 + scores, rel=1e-12)
+
+
 def test_peak_flops_and_mfu():
   dev = lambda kind: types.SimpleNamespace(device_kind=kind)  # noqa: E731
   assert flops.peak_flops(dev("NVIDIA H100 80GB HBM3")) == 989e12

@@ -2,6 +2,7 @@
 
 import json
 import random
+import types
 
 import numpy as np
 import pytest
@@ -93,10 +94,39 @@ def test_stage3_hard_negatives_with_gradcache_matches_plain(data, tmp_path):
   train(tiny("finetune", rows, tok, 3, **common), str(tmp_path / "plain"))
   train(tiny("finetune", rows, tok, 3, **common, **{"loss.gradcache_chunk": 4}),
         str(tmp_path / "cached"))
-  a, b = losses(tmp_path / "plain"), losses(tmp_path / "cached")
+  # Packed (rows sized from the first batches) and GradCache together: the same losses again.
+  train(tiny("finetune", rows, tok, 3, **common, **{"loss.gradcache_chunk": 4, "data.pack": True}),
+        str(tmp_path / "packed"))
+  a, b, c = (losses(tmp_path / name) for name in ("plain", "cached", "packed"))
   np.testing.assert_allclose([b[s] for s in (1, 2, 3)], [a[s] for s in (1, 2, 3)], rtol=1e-5)
+  np.testing.assert_allclose([c[s] for s in (1, 2, 3)], [a[s] for s in (1, 2, 3)], rtol=1e-5)
   info = json.loads((tmp_path / "cached" / "run_info.json").read_text())
   assert info["stage"] == "finetune"
+
+
+def test_pack_refusals(data):
+  """data.pack needs an explicit fraction on several processes, no grad accumulation, and a
+  batch that does not fit its rows stops with the key to raise."""
+  from bge_jax import contrastive
+  from bge_jax.train.loop import load_tokenizer
+
+  rows, tok = data
+  config = tiny("finetune", rows, tok, 3, **{"data.group_size": 4, "data.pack": True})
+  tokenizer = load_tokenizer(config)
+  stage = contrastive.FINETUNE
+  model = types.SimpleNamespace(max_position_embeddings=32)
+  with pytest.raises(ValueError, match=r"several processes needs an explicit "
+                                       r"config\.data\.pack_rows_fraction"):
+    stage.batcher(config, tokenizer, model, 0, 2)
+  with pytest.raises(ValueError, match=r"grad_accum_steps=2"):
+    stage.batcher(override(config.copy_and_resolve_references(), grad_accum_steps=2), tokenizer,
+                  model, 0, 1)
+  batcher = stage.batcher(override(config, **{"data.pack_rows_fraction": 0.125}), tokenizer,
+                          model, 0, 1)
+  assert batcher.pack_rows == {"query": 8, "passage": 8}  # 1/8 of 16 and 64, 8 devices
+  with pytest.raises(ValueError, match=r"step 0 .*more than the 8 allowed; raise "
+                                       r"data\.pack_rows_fraction"):
+    batcher(0)
 
 
 def test_stage2_from_stage1_export(data, tmp_path):

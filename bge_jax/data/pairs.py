@@ -53,6 +53,7 @@ from typing import Any, Iterator, Mapping, NamedTuple, Union
 import numpy as np
 
 from bge_jax.data import files as files_lib
+from bge_jax.data import packing
 from bge_jax.data.sources import DataError
 from bge_jax.data.tokenizer import private_copy
 
@@ -558,6 +559,7 @@ class ContrastiveBatcher:
     self.symmetric_types = frozenset(symmetric_types)
     self.use_teacher_scores = use_teacher_scores
     self.global_batch = batch_size * process_count
+    self.pack_rows: dict[str, int] | None = None  # enable_packing
 
     slots = []
     for name, src in datasets:
@@ -724,7 +726,8 @@ class ContrastiveBatcher:
                        f"{(len(texts), max_length)}; does it pad and truncate to max_length?")
     return ids, mask
 
-  def __call__(self, step: int) -> dict[str, np.ndarray]:
+  def padded(self, step: int) -> dict[str, np.ndarray]:
+    """The step's batch with both sides padded to their max lengths (never packed)."""
     d, selection, queries, passages, scores = self.examples(step)
     q_ids, q_mask = self._tokenize(queries, self.query_max_length)
     p_ids, p_mask = self._tokenize(passages, self.passage_max_length)
@@ -735,9 +738,40 @@ class ContrastiveBatcher:
     batch["in_batch_negatives"] = np.asarray(self._in_batch_negatives(d, selection), np.int32)
     return batch
 
+  def __call__(self, step: int) -> dict[str, np.ndarray]:
+    batch = self.padded(step)
+    if self.pack_rows is None:
+      return batch
+    try:
+      batch = packing.pack_sides(batch, self.pack_rows, self.tokenizer.pad_token_id)
+    except ValueError as e:
+      raise ValueError(f"step {step} (dataset {self.dataset_at(step)!r}): {e}") from None
+    # Slots index the global array: this process's rows come after the lower processes'.
+    for side, rows in self.pack_rows.items():
+      length = batch[f"{side}_input_ids"].shape[1]
+      batch[f"{side}_text_slot"] += np.int32(self.process_index * rows * (length // 2))
+    return batch
+
+  def enable_packing(self, rows: Mapping[str, int]) -> None:
+    """Pack each side of every batch into rows[side] rows per process (`bge_jax.data.packing`);
+    the same counts on every process (the global array is their concatenation)."""
+    self.pack_rows = {side: int(rows[side]) for side in ("query", "passage")}
+
+  def packed_rows_needed(self, steps: Sequence[int]) -> dict[str, int]:
+    """The most rows first-fit decreasing needs per side over these steps' batches."""
+    need = {"query": 0, "passage": 0}
+    for step in steps:
+      batch = self.padded(step)
+      for side in need:
+        length = batch[f"{side}_input_ids"].shape[1]
+        need[side] = max(need[side], packing.packed_rows(
+            batch[f"{side}_attention_mask"].sum(1), length))
+    return need
+
   def real_tokens(self, batch: Mapping[str, np.ndarray]) -> int:
-    """Non-pad tokens of the queries and passages of a batch."""
-    return int(np.sum(batch["query_attention_mask"]) + np.sum(batch["passage_attention_mask"]))
+    """Non-pad tokens of the queries and passages of a batch (padded or packed)."""
+    return int(sum(np.count_nonzero(batch[f"{side}_segment_ids"]) if packing.is_packed(batch, side)
+                   else np.sum(batch[f"{side}_attention_mask"]) for side in ("query", "passage")))
 
   def describe(self) -> str:
     """One line: the datasets, their rows and skips, the batch geometry."""
