@@ -171,13 +171,19 @@ class BertLayer(nn.Module):
     return nn.with_logical_constraint(out, ("batch", "length", "embed"))
 
   def _attention_with_dropout(self, q: Array, k: Array, v: Array, mask: Array) -> Array:
-    """Explicit softmax attention: the fused kernel has no dropout on the probabilities."""
+    """Explicit softmax attention: the fused kernel has no dropout on the probabilities.
+
+    Heads are moved next to the batch first ([B, H, L, D]), so both products and their
+    gradients are batched matmuls over leading dims (bge-small stage-2 gradient ~4% faster on
+    XLA:CPU than einsums over [B, L, H, D] operands).
+    """
     c = self.config
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(c.head_dim).astype(q.dtype)
+    q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k) / jnp.sqrt(c.head_dim).astype(q.dtype)
     logits = jnp.where(mask, logits.astype(jnp.float32), jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
     probs = nn.Dropout(c.attention_dropout)(probs, deterministic=False)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    return jnp.swapaxes(jnp.einsum("bhqk,bhkd->bhqd", probs, v), 1, 2)
 
 
 def _layer_class(config: BertConfig):
