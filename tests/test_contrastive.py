@@ -328,6 +328,27 @@ def test_traced_flag_matches_python_bool(loaded, report, flag):
 GC_KW = dict(temperature=TEMPERATURE, group_size=4)  # 4 queries, 16 passages
 
 
+def check_same(report, family, tag, value, grads, want, want_grads) -> None:
+  """Loss and every gradient within SAME_TOL of a reference computed another way."""
+  rel = abs(value - want) / abs(want)
+  assert rel <= SAME_TOL, (value, want)
+  compared, worst, worst_zero = compare_grads(flat(grads), want_grads, SAME_TOL)
+  assert compared == len(want_grads)
+  _note(report, family, "rel loss", rel, tag)
+  _note(report, family, "rel grad", worst[0], f"{tag}, {worst[1]}")
+  _note(report, family, "key-bias grad / key weight", worst_zero[0], tag)
+
+
+def packed_batch(batch, lengths: dict, multiple: dict) -> tuple[dict, dict]:
+  """(batch with each side packed into as few rows as fit, rounded up to multiple[side]; rows)."""
+  rows = {}
+  for side, length in lengths.items():
+    n = batch[f"{side}_input_ids"].shape[0]
+    need = packing.packed_rows(batch[f"{side}_attention_mask"].sum(1), length)
+    rows[side] = packing.rows_for(n, need / n, multiple=multiple[side])
+  return packing.pack_sides(batch, rows), rows
+
+
 @pytest.fixture(scope="module")
 def unchunked(loaded):
   """The reference: seed SEEDS[0], chunk_size=0 (compiled for the torch parity already)."""
@@ -343,14 +364,8 @@ def unchunked(loaded):
 def test_gradcache_equals_unchunked(unchunked, report, chunk_size):
   config, params, batch, ref, ref_grads = unchunked
   value, _, grads = jax_loss_and_grads(params, config, batch, chunk_size=chunk_size, **GC_KW)
-  rel = abs(value - ref) / abs(ref)
-  assert rel <= SAME_TOL, (value, ref)
-  compared, worst, worst_zero = compare_grads(flat(grads), ref_grads, SAME_TOL)
-  assert compared == len(jax.tree.leaves(params))
-  family = "GradCache vs unchunked"
-  _note(report, family, "rel loss", rel, f"chunk {chunk_size}")
-  _note(report, family, "rel grad", worst[0], f"chunk {chunk_size}, {worst[1]}")
-  _note(report, family, "key-bias grad / key weight", worst_zero[0], f"chunk {chunk_size}")
+  check_same(report, "GradCache vs unchunked", f"chunk {chunk_size}", value, grads, ref,
+             ref_grads)
 
 
 def test_gradcache_with_dropout_is_deterministic_and_exact(unchunked, report):
@@ -406,21 +421,13 @@ def test_packed_gradcache_equals_unchunked(unchunked, report, chunk_size):
   unchunked step."""
   config, params, batch, ref, ref_grads = unchunked
   n_q, n_p = batch["query_input_ids"].shape[0], batch["passage_input_ids"].shape[0]
-  rows = {}
-  for side, n in (("query", n_q), ("passage", n_p)):
-    parts = n // chunk_size
-    need = packing.packed_rows(batch[f"{side}_attention_mask"].sum(1), LENGTH)
-    rows[side] = packing.rows_for(n, need / n, multiple=parts)
+  packed, rows = packed_batch(batch, {"query": LENGTH, "passage": LENGTH},
+                              {"query": n_q // chunk_size, "passage": n_p // chunk_size})
   if chunk_size == 4:
     assert rows["passage"] < n_p  # 12 rows for 16 passages (the 8 parts of chunk 2 need 16)
-  packed = packing.pack_sides(batch, rows)
   value, _, grads = jax_loss_and_grads(params, config, packed, chunk_size=chunk_size, **GC_KW)
-  rel = abs(value - ref) / abs(ref)
-  assert rel <= SAME_TOL, (value, ref)
-  compared, worst, _ = compare_grads(flat(grads), ref_grads, SAME_TOL)
-  assert compared == len(jax.tree.leaves(params))
-  _note(report, "packed GradCache vs padded unchunked", "rel loss", rel, f"chunk {chunk_size}")
-  _note(report, "packed GradCache vs padded unchunked", "rel grad", worst[0], worst[1])
+  check_same(report, "packed GradCache vs padded unchunked", f"chunk {chunk_size}", value, grads,
+             ref, ref_grads)
 
 
 def test_packed_gradcache_refuses_rows_that_do_not_split(unchunked):
@@ -515,17 +522,8 @@ def test_sharded_matches_single_device(sharded_setup, report, shape):
     assert args["passage_input_ids"].addressable_shards[0].data.shape == (rows * SHARD_GROUP,
                                                                           SHARD_P_LEN)
     (value, _), grads = _sharded_step(sharded, config, args)
-  value, grads = float(value), jax.device_get(grads)
-  want = float(ref[0][0])
-  rel = abs(value - want) / abs(want)
-  assert rel <= SAME_TOL, (value, want)
-  compared, worst, worst_zero = compare_grads(flat(grads), flat(ref[1]), SAME_TOL)
-  assert compared == len(jax.tree.leaves(params))
-  tag = "x".join(map(str, shape))
-  family = "sharded vs single device"
-  _note(report, family, "rel loss", rel, tag)
-  _note(report, family, "rel grad", worst[0], f"{tag}, {worst[1]}")
-  _note(report, family, "key-bias grad / key weight", worst_zero[0], tag)
+  check_same(report, "sharded vs single device", "x".join(map(str, shape)), float(value),
+             jax.device_get(grads), float(ref[0][0]), flat(ref[1]))
 
 
 def test_packed_sharded_matches_single_device(sharded_setup, report):
@@ -533,24 +531,14 @@ def test_packed_sharded_matches_single_device(sharded_setup, report):
   device, the texts' gather and the global negatives match the padded single-device step."""
   config, params, specs, batch, ref, _ = sharded_setup
   mesh = sharding.make_mesh(2, 2, 2)
-  rows = {}
-  for side, length in (("query", SHARD_Q_LEN), ("passage", SHARD_P_LEN)):
-    n = batch[f"{side}_input_ids"].shape[0]
-    need = packing.packed_rows(batch[f"{side}_attention_mask"].sum(1), length)
-    rows[side] = packing.rows_for(n, need / n, multiple=4)
+  packed, rows = packed_batch(batch, {"query": SHARD_Q_LEN, "passage": SHARD_P_LEN},
+                              {"query": 4, "passage": 4})  # data x fsdp shards
   assert rows["passage"] < SHARD_QUERIES * SHARD_GROUP
-  packed = packing.pack_sides(batch, rows)
   with sharding.activate(mesh):
     args = {k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim)) for k, v in packed.items()}
     (value, _), grads = _sharded_step(sharding.shard_params(params, specs, mesh), config, args)
-  value, grads = float(value), jax.device_get(grads)
-  want = float(ref[0][0])
-  rel = abs(value - want) / abs(want)
-  assert rel <= SAME_TOL, (value, want)
-  compared, worst, _ = compare_grads(flat(grads), flat(ref[1]), SAME_TOL)
-  assert compared == len(jax.tree.leaves(params))
-  _note(report, "packed, sharded 2x2x2 vs padded single device", "rel loss", rel)
-  _note(report, "packed, sharded 2x2x2 vs padded single device", "rel grad", worst[0], worst[1])
+  check_same(report, "packed, sharded 2x2x2 vs padded single device", "2x2x2", float(value),
+             jax.device_get(grads), float(ref[0][0]), flat(ref[1]))
 
 
 # ---------------------------------------------------------------------------------------------
