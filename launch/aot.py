@@ -42,6 +42,15 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host's own backend; TPU dev
 # libtpu takes /tmp/libtpu_lockfile so that two processes cannot drive one TPU; compiling for
 # abstract devices drives none, so several compile-only processes may load it at once.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+# The TPU compiler's cost model recurses deeply on large fused convolutions: compiling the
+# GradCache steps at batch 32,768 (bge-base on v5e:16x16 and v5p:4x4x8, bge-large at 19,200 on
+# v5p) overflowed libtpu's default thread stacks (SIGSEGV "STACK OVERFLOW" after ~20 minutes).
+# 256 MiB stacks (address space; only touched pages use memory), unless LIBTPU_INIT_ARGS sets them.
+COMPILER_STACK_FLAGS = ("--fibers_default_thread_stack_size=268435456",
+                        "--xla_internal_thread_stack_size_bytes=268435456")
+_init_args = os.environ.get("LIBTPU_INIT_ARGS", "")
+os.environ["LIBTPU_INIT_ARGS"] = " ".join(
+    [_init_args] + [f for f in COMPILER_STACK_FLAGS if f.split("=")[0] not in _init_args]).strip()
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)

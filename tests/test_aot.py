@@ -107,3 +107,11 @@ def test_cases_for_can_select_gradcache_on_or_off():
   assert [(c.stage, c.gradcache_chunk) for c in only_off] == [("retromae", 0), ("contrastive", 0)]
   with pytest.raises(ValueError, match="gradcache"):
     aot.cases_for(256, 768, [32768], 8, "2", gradcache="yes")
+
+
+def test_compiler_stack_flags_are_set_for_libtpu():
+  """libtpu reads them at its first use; an unknown flag would abort it (so the v5e:2x2 compile
+  above also shows it accepts them)."""
+  import os
+  args = os.environ["LIBTPU_INIT_ARGS"].split()
+  assert all(flag in args for flag in aot.COMPILER_STACK_FLAGS)
