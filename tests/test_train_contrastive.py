@@ -149,3 +149,36 @@ def test_stage2_from_stage1_export(data, tmp_path):
                                     src_params["embeddings"][key][leaf])
   np.testing.assert_array_equal(out_params["layers_0"]["query"]["kernel"],
                                 src_params["layers_0"]["query"]["kernel"])
+
+
+def test_packed_process_shards_assemble_the_global_batch(data):
+  """Two processes' packed shards, concatenated as make_array_from_process_local_data does,
+  give the loss of the two padded shards concatenated: text slots point into the global rows."""
+  import jax
+
+  from bge_jax import contrastive
+  from bge_jax.config import preset
+  from bge_jax.models import bert
+  from bge_jax.train.loop import load_tokenizer
+
+  rows, tok = data
+  config = tiny("finetune", rows, tok, 3, **{"data.group_size": 2, "data.pack": True,
+                                              "data.pack_rows_fraction": 0.75})
+  tokenizer = load_tokenizer(config)
+  model = preset("tiny", vocab_size=len(tokenizer), max_position_embeddings=32)
+  shards = [contrastive.CONTRASTIVE.batcher(config, tokenizer, model, i, 2) for i in range(2)]
+  assert shards[1].pack_rows == {"query": 8, "passage": 16}  # 0.75 of 8 and 16, 8 devices
+  packed = [b(1) for b in shards]
+  padded = [b.padded(1) for b in shards]
+  assert packed[1]["passage_text_slot"].min() >= 16 * (16 // 2)  # after process 0's rows
+
+  def glue(parts):
+    return {k: np.concatenate([p[k] for p in parts]) if np.ndim(parts[0][k]) else parts[0][k]
+            for k in parts[0]}
+
+  params, _ = bert.init(model, jax.random.key(0))
+  kw = dict(temperature=0.02, group_size=2)
+  want = float(contrastive.loss(params, model, glue(padded), **kw)["loss"])
+  got = float(contrastive.loss(params, model, glue(packed), **kw)["loss"])
+  assert abs(got - want) <= 1e-5 * abs(want), (got, want)
+  assert shards[0].real_tokens(packed[0]) == shards[0].real_tokens(padded[0])
