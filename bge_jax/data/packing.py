@@ -4,7 +4,7 @@ A padded batch [N, L] computes N x L tokens however short its texts are; in stag
 passages cut at 128 tokens is often half padding. `pack` moves the N texts into R <= N rows of
 the same length L (first-fit decreasing), and the encoder runs with a block-diagonal attention
 mask (each text sees only itself), per-text position ids, and per-text pooling
-(`bge_jax.models.bert.embed_packed_sentences`), so the embeddings are those of the padded batch.
+(`bge_jax.contrastive.embed_packed`), so the embeddings are those of the padded batch.
 
 The packed arrays of one side (`query` or `passage`) of a batch:
 

@@ -341,21 +341,6 @@ def texts_from_slots(slots: Array, text_slot: Array, normalize: bool) -> Array:
   return l2_normalize(vectors) if normalize else vectors
 
 
-def embed_packed_sentences(params: Any, config: BertConfig, input_ids: Array, segment_ids: Array,
-                           position_ids: Array, text_slot: Array, *, pooling: str | None = None,
-                           normalize: bool | None = None, rng: Array | None = None) -> Array:
-  """`embed_sentences` of N texts packed into R rows (`bge_jax.data.packing.pack`): [N, E].
-
-  Each text attends only to itself and has its own positions, so the embeddings equal the
-  padded batch's (up to float summation order) while the encoder runs on R rows instead of N.
-  """
-  pooling = config.pooling if pooling is None else pooling
-  normalize = config.normalize if normalize is None else normalize
-  slots = packed_slot_vectors(params, config, input_ids, segment_ids, position_ids,
-                              pooling=pooling, rng=rng)
-  return texts_from_slots(slots, text_slot, normalize)
-
-
 def init(config: BertConfig, rng: Array, batch: int = 1, length: int = 8) -> tuple[Any, Any]:
   """Fresh parameters: (params as a plain pytree, their logical PartitionSpecs)."""
   ids = jnp.zeros((batch, length), jnp.int32)
