@@ -194,9 +194,12 @@ def interleaved(fns: dict, repeats: int, cpu: dict | None = None) -> dict[str, l
   return times
 
 
-def _summary(times, real_tokens: int, model_flops: float, extra: dict,
+def _summary(times, real_tokens: int, model_flops: float | dict, extra: dict,
              cpu: dict | None = None) -> dict:
+  """model_flops: one count for both sides, or {"jax": ..., "torch": ...} when they differ
+  (a packed JAX batch computes fewer rows)."""
   med = {k: statistics.median(v) for k, v in times.items()}
+  per_side = model_flops if isinstance(model_flops, dict) else dict.fromkeys(med, model_flops)
   cpu_med = {k: statistics.median(v) for k, v in (cpu or {}).items()}
   return {
       **extra, "real_tokens": real_tokens, "model_flops": model_flops,
@@ -205,7 +208,7 @@ def _summary(times, real_tokens: int, model_flops: float, extra: dict,
       "times_s": {k: [round(x, 5) for x in v] for k, v in times.items()},
       "median_s": med, "ratio_jax_over_torch": med["jax"] / med["torch"],
       "tokens_per_s": {k: real_tokens / v for k, v in med.items()},
-      "model_tflops_per_s": {k: model_flops / v / 1e12 for k, v in med.items()},
+      "model_tflops_per_s": {k: per_side[k] / v / 1e12 for k, v in med.items()},
   }
 
 
@@ -415,6 +418,10 @@ def bench_stage2(preset_name: str, shape: dict, args) -> dict:
   times = interleaved({"jax": jax_step, "torch": torch_step}, args.repeats, cpu)
   real = int(batch["query_attention_mask"].sum() + batch["passage_attention_mask"].sum())
   model_flops = flops.contrastive_step_flops(config, b, Q_LEN, P_LEN).model
+  if args.pack:  # the encoder FLOPs of the rows each side computes
+    model_flops = {"torch": model_flops, "jax": flops.contrastive_step_flops(
+        config, b, Q_LEN, P_LEN, query_rows=extra["packed_rows"]["query"],
+        passage_rows=extra["packed_rows"]["passage"]).model}
   return _summary(times, real, model_flops, {
       "benchmark": "stage2", "preset": preset_name, "batch": b, "length": f"{Q_LEN}/{P_LEN}",
       **extra, "jax_padded_tokens": sum(int(jax_batch[f"{s}_input_ids"].size)
