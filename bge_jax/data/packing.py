@@ -28,22 +28,26 @@ PACKED_SUFFIXES = ("input_ids", "segment_ids", "position_ids", "text_slot")
 
 
 def first_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
-  """Bins of text indices (longest first) whose lengths sum to at most `capacity` each."""
-  order = np.argsort(-np.asarray(lengths), kind="stable")
+  """Bins of text indices (longest first) whose lengths sum to at most `capacity` each.
+
+  First fit: each text goes to the lowest-numbered bin with room for it. The search is one
+  vectorised scan of the bins' free space per text (this runs in the prefetch thread every
+  step: a Python scan was 3.4 s for 16,384 texts).
+  """
+  lengths = np.asarray(lengths)
+  too_long = np.flatnonzero(lengths > capacity)
+  if too_long.size:
+    i = int(too_long[0])
+    raise ValueError(f"text {i} has {int(lengths[i])} tokens, more than the row length {capacity}")
+  room = np.full(len(lengths), capacity, np.int64)  # free space of bins 0.. (at most one per text)
   bins: list[list[int]] = []
-  room: list[int] = []
-  for i in order:
+  for i in np.argsort(-lengths, kind="stable"):
     n = int(lengths[i])
-    if n > capacity:
-      raise ValueError(f"text {i} has {n} tokens, more than the row length {capacity}")
-    for b, free in enumerate(room):
-      if n <= free:
-        bins[b].append(int(i))
-        room[b] -= n
-        break
-    else:
-      bins.append([int(i)])
-      room.append(capacity - n)
+    b = int(np.argmax(room[:len(bins) + 1] >= n))  # bin len(bins) is a fresh, empty one
+    if b == len(bins):
+      bins.append([])
+    bins[b].append(int(i))
+    room[b] -= n
   return bins
 
 
