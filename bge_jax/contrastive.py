@@ -46,6 +46,26 @@ def merge_strided(x: jax.Array) -> jax.Array:
   return jnp.swapaxes(x, 0, 1).reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
 
 
+def _gradcache_parts(n: int, chunk_size: int, unit: str) -> int:
+  """The number of GradCache parts for n rows/texts: 0 when not chunked."""
+  if not chunk_size or chunk_size >= n:
+    return 0
+  if n % chunk_size:
+    raise ValueError(f"GradCache: {n} {unit} are not divisible by loss.gradcache_chunk="
+                     f"{chunk_size}; choose a chunk size that divides the per-step query and "
+                     "passage counts.")
+  return n // chunk_size
+
+
+def _remat_map(fn, arrays: tuple, parts: int, rng: jax.Array | None) -> jax.Array:
+  """fn(*part_arrays, key) over `parts` strided parts of the arrays, each under
+  jax.checkpoint (autodiff recomputes one part at a time); the outputs merged back in order."""
+  body = jax.checkpoint(fn if rng is not None else (lambda *a: fn(*a[:-1], None)))
+  keys = (jax.random.split(rng, parts) if rng is not None else jnp.zeros((parts,), jnp.uint32))
+  split = tuple(split_strided(x, parts) for x in arrays)
+  return merge_strided(jax.lax.map(lambda args: body(*args), split + (keys,)))
+
+
 def embed(params: Any, config: BertConfig, input_ids: jax.Array, attention_mask: jax.Array, *,
           pooling: str, normalize: bool, rng: jax.Array | None = None,
           chunk_size: int = 0) -> jax.Array:
@@ -53,18 +73,10 @@ def embed(params: Any, config: BertConfig, input_ids: jax.Array, attention_mask:
   def one(ids, mask, key):
     return embed_sentences(params, config, ids, mask, pooling=pooling, normalize=normalize, rng=key)
 
-  n = input_ids.shape[0]
-  if not chunk_size or chunk_size >= n:
+  parts = _gradcache_parts(input_ids.shape[0], chunk_size, "rows")
+  if not parts:
     return one(input_ids, attention_mask, rng)
-  if n % chunk_size:
-    raise ValueError(f"GradCache: {n} rows are not divisible by loss.gradcache_chunk={chunk_size}; "
-                     "choose a chunk size that divides the per-step query and passage counts.")
-  parts = n // chunk_size
-  ids, mask = split_strided(input_ids, parts), split_strided(attention_mask, parts)
-  body = jax.checkpoint(one if rng is not None else (lambda i, m, _: one(i, m, None)))
-  keys = (jax.random.split(rng, parts) if rng is not None else jnp.zeros((parts,), jnp.uint32))
-  reps = jax.lax.map(lambda args: body(*args), (ids, mask, keys))
-  return merge_strided(reps)
+  return _remat_map(one, (input_ids, attention_mask), parts, rng)
 
 
 def embed_packed(params: Any, config: BertConfig, input_ids: jax.Array, segment_ids: jax.Array,
@@ -79,21 +91,16 @@ def embed_packed(params: Any, config: BertConfig, input_ids: jax.Array, segment_
     return packed_slot_vectors(params, config, ids, seg, pos, pooling=pooling, rng=key)
 
   n, rows = text_slot.shape[0], input_ids.shape[0]
-  if not chunk_size or chunk_size >= n:
-    return texts_from_slots(one(input_ids, segment_ids, position_ids, rng), text_slot, normalize)
-  if n % chunk_size:
-    raise ValueError(f"GradCache: {n} texts are not divisible by loss.gradcache_chunk={chunk_size}; "
-                     "choose a chunk size that divides the per-step query and passage counts.")
-  parts = n // chunk_size
-  if rows % parts:
+  parts = _gradcache_parts(n, chunk_size, "texts")
+  if not parts:
+    slots = one(input_ids, segment_ids, position_ids, rng)
+  elif rows % parts:
     raise ValueError(f"GradCache on packed rows: {rows} rows do not split into {parts} parts "
                      f"({n} texts / loss.gradcache_chunk={chunk_size}); the packer rounds the "
                      "rows up to a multiple of the parts (bge_jax.data.packing.rows_for)")
-  arrays = tuple(split_strided(x, parts) for x in (input_ids, segment_ids, position_ids))
-  body = jax.checkpoint(one if rng is not None else (lambda i, s, p, _: one(i, s, p, None)))
-  keys = (jax.random.split(rng, parts) if rng is not None else jnp.zeros((parts,), jnp.uint32))
-  slots = jax.lax.map(lambda args: body(*args), arrays + (keys,))
-  return texts_from_slots(merge_strided(slots), text_slot, normalize)
+  else:
+    slots = _remat_map(one, (input_ids, segment_ids, position_ids), parts, rng)
+  return texts_from_slots(slots, text_slot, normalize)
 
 
 def _side_embeddings(params, config, batch, side: str, rng, **kw) -> jax.Array:
@@ -244,9 +251,9 @@ class ContrastiveStage:
     local = {"query": batcher.batch_size, "passage": batcher.batch_size * batcher.group_size}
     need = (batcher.packed_rows_needed(range(PACK_CALIBRATION_STEPS)) if fraction == 0.0
             else None)
+    chunk = config.loss.gradcache_chunk
     rows = {}
     for side, n in local.items():
-      chunk = config.loss.gradcache_chunk
       total = n * process_count
       parts = total // chunk if 0 < chunk < total else 1
       multiple = math.lcm(jax.local_device_count(), parts)
