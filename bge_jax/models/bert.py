@@ -77,6 +77,13 @@ def _embed(config: BertConfig, num: int, axes: tuple, name: str) -> nn.Embed:
                   embedding_init=LP(_normal(config), axes), name=name)
 
 
+def gelu(x: Array) -> Array:
+  """BERT's exact GELU, x * Phi(x), written with erf: the same values as
+  `jax.nn.gelu(approximate=False)` (within 1 ulp), whose erfc form differentiates into a slower
+  XLA:CPU program (the bge-small stage-2 gradient: see the README's fast-path notes)."""
+  return x * (0.5 + 0.5 * jax.lax.erf(x * math.sqrt(0.5)))
+
+
 def padding_mask(attention_mask: Array) -> Array:
   """[B, L] 1/0 key mask -> boolean [B, 1, 1, L], broadcastable to attention logits [B, H, Q, K]."""
   return attention_mask.astype(bool)[:, None, None, :]
@@ -163,7 +170,7 @@ class BertLayer(nn.Module):
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
     h = _dense(c, c.intermediate_size, ("embed", "mlp"), "intermediate")(x)
-    h = jax.nn.gelu(h, approximate=False)
+    h = gelu(h)
     h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
     h = _dense(c, c.hidden_size, ("mlp", "embed"), "output")(h)
     h = nn.Dropout(c.hidden_dropout)(h, deterministic=deterministic)
@@ -206,7 +213,7 @@ class BertMLMHead(nn.Module):
     # miscompiles the backward of x.kernel.embeddings^T on meshes with data, fsdp and tensor > 1
     # (MLM gradients off by O(1) relative; tests/test_sharding.py checks them).
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-    x = _layer_norm(c, "transform_norm")(jax.nn.gelu(x, approximate=False))
+    x = _layer_norm(c, "transform_norm")(gelu(x))
     bias = self.param("bias", LP(nn.initializers.zeros_init(), ("vocab",)), (c.vocab_size,),
                       c.param_dtype)
     logits = embeddings.attend(x) + bias.astype(c.dtype)
