@@ -66,14 +66,27 @@ def _jitted_embed(config: BertConfig):
   return jax.jit(functools.partial(bert.embed_sentences, config=config))
 
 
+@functools.lru_cache(maxsize=16)
+def _jitted_embed_packed(config: BertConfig):
+  """Packed rows -> the embeddings of the texts that `text_slot` names (`bge_jax.data.packing`)."""
+  def embed(params, input_ids, segment_ids, position_ids, text_slot):
+    slots = bert.packed_slot_vectors(params, config, input_ids, segment_ids, position_ids,
+                                     pooling=config.pooling)
+    return bert.texts_from_slots(slots, text_slot, config.normalize)
+  return jax.jit(embed)
+
+
 class Encoder:
   """Sentence embeddings from a BERT: `Encoder.from_hf(path).encode(texts)` -> [N, D] numpy.
 
-  Batching: texts are tokenised once, sorted by length, cut into batches of `batch_size`, and
-  each batch is padded to the next length bucket (`length_buckets`: 4, 8, ..., 32, 40, 48, ...
-  max_length) and to a power-of-two row count, so a whole corpus compiles a handful of shapes,
-  not one per batch. Batches are dispatched ahead of their results (host padding overlaps
-  device compute). Results come back in input order.
+  Batching: texts are tokenised once, sorted by length and cut into batches of `batch_size`.
+  By default (`pack=True`) each batch's texts are packed several to a row (block-diagonal
+  attention, per-text positions and pooling: the same embeddings, within float rounding, as one
+  text per row) into the fewest tokens that a power-of-two row count times a length bucket
+  (`length_buckets`: 4, 8, ..., 32, 40, 48, ... max_length) allows; with `pack=False` each text
+  has its own row, padded to its batch's bucket. Either way a whole corpus compiles a handful of
+  shapes, not one per batch. Batches are dispatched ahead of their results (host packing
+  overlaps device compute). Results come back in input order.
   """
 
   def __init__(self, params: Any, config: BertConfig, tokenizer: Any, *,
@@ -84,6 +97,7 @@ class Encoder:
     self.params = params
     self.tokenizer = tokenizer
     self._embed = _jitted_embed(self.config)
+    self._embed_packed = _jitted_embed_packed(self.config)
 
   @classmethod
   def from_hf(cls, path: str, pooling: str = "cls", normalize: bool = True, *,
@@ -121,11 +135,13 @@ class Encoder:
                           return_attention_mask=False, return_token_type_ids=False)["input_ids"]
 
   def encode(self, texts: str | Sequence[str], batch_size: int = 256, max_length: int = 512,
-             instruction: str | None = None, show_progress: bool | None = None) -> np.ndarray:
+             instruction: str | None = None, show_progress: bool | None = None,
+             pack: bool = True) -> np.ndarray:
     """[N, D] float32 embeddings in input order; `instruction` is prepended to every text.
 
     `max_length` is capped at the model's max_position_embeddings. `show_progress=None`
-    shows a progress bar when there is more than a few batches of work.
+    shows a progress bar when there is more than a few batches of work. `pack=False` gives
+    every text its own padded row (see the class docstring).
     """
     if isinstance(texts, str):
       texts = [texts]
@@ -157,18 +173,43 @@ class Encoder:
     depth = PIPELINE_DEPTH
     for start in starts:
       rows = order[start:start + batch_size]
-      length = bucket_for(max(len(ids[i]) for i in rows), buckets)
-      n_rows = min(batch_size, 1 << (len(rows) - 1).bit_length())
-      input_ids = np.full((n_rows, length), pad, np.int32)
-      mask = np.zeros((n_rows, length), np.int32)
-      for r, i in enumerate(rows):
-        input_ids[r, :len(ids[i])] = ids[i]
-        mask[r, :len(ids[i])] = 1
-      mask[len(rows):, 0] = 1  # filler rows: one visible token keeps their softmax finite
-      pending.append((rows, self._embed(self.params, input_ids=input_ids, attention_mask=mask)))
+      texts_ids = [ids[i] for i in rows]
+      if pack and min(len(x) for x in texts_ids) >= 2:
+        vectors = self._dispatch_packed(texts_ids, buckets, batch_size, pad)
+      else:
+        vectors = self._dispatch_padded(texts_ids, buckets, batch_size, pad)
+      pending.append((rows, vectors))
       if len(pending) > depth:
         done_rows, vectors = pending.pop(0)
         out[done_rows] = np.asarray(vectors)[:len(done_rows)]
     for done_rows, vectors in pending:
       out[done_rows] = np.asarray(vectors)[:len(done_rows)]
     return out
+
+  def _dispatch_padded(self, texts_ids: list[list[int]], buckets: tuple[int, ...],
+                       batch_size: int, pad: int) -> jax.Array:
+    """One text per row, padded to the bucket of the longest; power-of-two rows."""
+    length = bucket_for(max(len(x) for x in texts_ids), buckets)
+    n_rows = min(batch_size, 1 << (len(texts_ids) - 1).bit_length())
+    input_ids = np.full((n_rows, length), pad, np.int32)
+    mask = np.zeros((n_rows, length), np.int32)
+    for r, x in enumerate(texts_ids):
+      input_ids[r, :len(x)] = x
+      mask[r, :len(x)] = 1
+    mask[len(texts_ids):, 0] = 1  # filler rows: one visible token keeps their softmax finite
+    return self._embed(self.params, input_ids=input_ids, attention_mask=mask)
+
+  def _dispatch_packed(self, texts_ids: list[list[int]], buckets: tuple[int, ...],
+                       batch_size: int, pad: int) -> jax.Array:
+    """Texts packed several to a row, in the smallest (rows) x (bucket) shape, rows a power of two
+    or the padded path's row count; the output has the padded path's rows, texts first (filler
+    rows repeat text 0)."""
+    from bge_jax.data import packing
+    n = len(texts_ids)
+    n_out = min(batch_size, 1 << (n - 1).bit_length())  # the padded path's rows: one text each
+    rows, length, bins = packing.smallest_shape([len(x) for x in texts_ids], buckets, n_out)
+    packed = packing.fill(bins, texts_ids, rows, length, pad)
+    text_slot = np.zeros((n_out,), np.int32)
+    text_slot[:n] = packed["text_slot"]
+    return self._embed_packed(self.params, packed["input_ids"], packed["segment_ids"],
+                              packed["position_ids"], text_slot)

@@ -441,6 +441,7 @@ def bench_encode_preset(preset_name: str, shape: dict, args) -> dict:
   from bge_jax.config import preset
 
   from bge_jax import encoder as encoder_lib
+  from bge_jax.data import packing
   if args.buckets_per_octave:
     encoder_lib.BUCKETS_PER_OCTAVE = args.buckets_per_octave
   if args.min_bucket:
@@ -463,11 +464,20 @@ def bench_encode_preset(preset_name: str, shape: dict, args) -> dict:
   order = sorted(len(x) for x in ids)[::-1]
   buckets = encoder_lib.length_buckets(args.max_length, encoder_lib.MIN_BUCKET,
                                        encoder_lib.BUCKETS_PER_OCTAVE)
-  padded = sum(encoder_lib.bucket_for(order[i], buckets) * len(order[i:i + bs])
-               for i in range(0, len(order), bs))
+  pack = not args.no_encode_pack
+  padded = 0  # the tokens bge-jax computes, batch by batch as Encoder.encode cuts them
+  for i in range(0, len(order), bs):
+    chunk = order[i:i + bs]
+    n_out = min(bs, 1 << (len(chunk) - 1).bit_length())
+    if pack:
+      rows, length, _ = packing.smallest_shape(chunk, buckets, n_out)
+      padded += rows * length
+    else:
+      padded += n_out * encoder_lib.bucket_for(chunk[0], buckets)
 
   def run_jax():
-    return enc.encode(texts, batch_size=bs, max_length=args.max_length, show_progress=False)
+    return enc.encode(texts, batch_size=bs, max_length=args.max_length, show_progress=False,
+                      pack=pack)
 
   def run_torch():
     with torch.inference_mode():
@@ -483,7 +493,7 @@ def bench_encode_preset(preset_name: str, shape: dict, args) -> dict:
   model_flops = sum(flops.encode_flops(config, 1, len(x)) for x in ids)
   return _summary(times, real, model_flops, {
       "benchmark": "encode", "preset": preset_name, "batch": bs, "length": args.max_length,
-      "texts": len(texts), "max_abs_diff": diff, "compile_s": round(compile_s, 1),
+      "texts": len(texts), "pack": pack, "max_abs_diff": diff, "compile_s": round(compile_s, 1),
       "jax_padded_tokens": padded, "buckets": list(buckets),
       "pipeline_depth": encoder_lib.PIPELINE_DEPTH,
       "memory": _memory(run_jax, run_torch)}, cpu)
@@ -591,6 +601,8 @@ VARIANTS = [
      [], "stage1,stage2,encode"),
     ("pow2_buckets", "encode: power-of-two lengths from 16 (the old grid)", EIGEN_OFF,
      ["--buckets-per-octave", "1", "--min-bucket", "16"], "encode"),
+    ("no_encode_pack", "encode: one padded row per text (pack=False)", EIGEN_OFF,
+     ["--no-encode-pack"], "encode"),
     ("no_pipeline", "encode: fetch each batch before building the next", EIGEN_OFF,
      ["--pipeline-depth", "0"], "encode"),
     ("no_donate", "train state not donated", EIGEN_OFF, ["--no-donate"], "stage1,stage2"),
@@ -777,6 +789,9 @@ def main(argv=None):
   c.add_argument("--dense-mlm-head", action="store_true",
                  help="stage 1: the encoder MLM head on every position, as PyTorch does (default: "
                       "only the collator's bound of labelled positions per row)")
+  c.add_argument("--no-encode-pack", action="store_true",
+                 help="encode: one padded row per text (Encoder.encode(pack=False)); default: "
+                      "texts packed several to a row")
   c.add_argument("--buckets-per-octave", type=int, default=None,
                  help="encode: Encoder length grid (default bge_jax.encoder's; 1 = powers of 2)")
   c.add_argument("--min-bucket", type=int, default=None, help="encode: smallest padded length")

@@ -9,7 +9,7 @@ import pytest
 import transformers
 
 from bge_jax import checkpoint, config as config_lib
-from bge_jax.encoder import Encoder, length_buckets
+from bge_jax.encoder import Encoder, bucket_for, length_buckets
 from bge_jax.models import bert
 
 WORDS = ("the a man woman child dog cat plays runs reads quickly slowly under over bright dark "
@@ -43,14 +43,15 @@ def st_model(minilm_path):
 SENTENCES = _sentences(50, seed=0, max_words=45)
 
 
-def test_encode_matches_sentence_transformers(minilm_encoder, st_model):
+@pytest.mark.parametrize("pack", [True, False])
+def test_encode_matches_sentence_transformers(minilm_encoder, st_model, pack):
   lengths = [len(x) for x in minilm_encoder.tokenize(SENTENCES, 512)]
   assert min(lengths) <= 4 and max(lengths) > 32 and max(lengths) < st_model.max_seq_length
   ref = st_model.encode(SENTENCES, batch_size=16, convert_to_numpy=True)
-  got = minilm_encoder.encode(SENTENCES, batch_size=32)  # 2 batches, sorted by length
+  got = minilm_encoder.encode(SENTENCES, batch_size=32, pack=pack)  # 2 batches, by length
   assert got.shape == (50, 384) and got.dtype == np.float32
   delta = float(np.abs(got - ref).max())
-  print(f"\nEncoder vs sentence-transformers (MiniLM, mean pooling) max |delta|: {delta:.3g}")
+  print(f"\nEncoder (pack={pack}) vs sentence-transformers (MiniLM, mean) max |delta|: {delta:.3g}")
   assert delta <= 1e-5
   # In input order: each row is closest to its own reference row.
   assert (np.argmax(got @ ref.T, axis=1) == np.arange(50)).all()
@@ -115,11 +116,33 @@ def tiny_encoder(tmp_path_factory):
   return Encoder(params, config, tokenizer, pooling="mean")
 
 
+def _tiny_texts(n: int = 200, seed: int = 1, skewed: bool = False):
+  """Texts of 3..127 tokens with [CLS] and [SEP]: uniform, or long-tailed (most short, like
+  web text) when `skewed`."""
+  rng = np.random.RandomState(seed)
+  if skewed:
+    n_words = np.clip(np.round(rng.lognormal(2.5, 0.8, size=n)).astype(int), 1, 125)
+  else:
+    n_words = rng.randint(1, 125, size=n)
+  return [" ".join(f"w{i}" for i in rng.randint(5, 1024, size=k)) for k in n_words], n_words
+
+
+def _one_padded_batch(enc, texts):
+  """Reference: every text in one padded batch (no sorting, buckets, filler rows or packing)."""
+  ids = enc.tokenize(texts, 128)
+  input_ids = np.zeros((len(ids), 128), np.int32)
+  mask = np.zeros_like(input_ids)
+  for r, row in enumerate(ids):
+    input_ids[r, :len(row)] = row
+    mask[r, :len(row)] = 1
+  ref = jax.jit(bert.embed_sentences, static_argnames=("config", "pooling"))(
+      enc.params, enc.config, jnp.asarray(input_ids), jnp.asarray(mask), pooling="mean")
+  return np.asarray(ref), mask
+
+
 def test_compiled_shapes_stay_bounded_and_order_is_kept(tiny_encoder, monkeypatch):
   enc = tiny_encoder
-  rng = np.random.RandomState(1)
-  n_words = rng.randint(1, 125, size=200)  # 3..127 tokens with [CLS] and [SEP]
-  texts = [" ".join(f"w{i}" for i in rng.randint(5, 1024, size=k)) for k in n_words]
+  texts, n_words = _tiny_texts()
 
   seen = []
   embed = enc._embed
@@ -129,7 +152,7 @@ def test_compiled_shapes_stay_bounded_and_order_is_kept(tiny_encoder, monkeypatc
     return embed(params, input_ids=input_ids, attention_mask=attention_mask)
 
   monkeypatch.setattr(enc, "_embed", recording)
-  got = enc.encode(texts, batch_size=8, max_length=128, show_progress=False)
+  got = enc.encode(texts, batch_size=8, max_length=128, show_progress=False, pack=False)
   buckets = length_buckets(128)
   # Quarter-octave grid (bge_jax/encoder.py): padding past 32 tokens is at most 1/4 of a batch.
   assert buckets == (4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128)
@@ -142,17 +165,38 @@ def test_compiled_shapes_stay_bounded_and_order_is_kept(tiny_encoder, monkeypatc
   if hasattr(embed, "_cache_size"):
     assert embed._cache_size() == len(shapes)
 
-  # Reference: every text in one padded batch (no sorting, no buckets, no filler rows).
-  ids = enc.tokenize(texts, 128)
-  input_ids = np.zeros((len(ids), 128), np.int32)
-  mask = np.zeros_like(input_ids)
-  for r, row in enumerate(ids):
-    input_ids[r, :len(row)] = row
-    mask[r, :len(row)] = 1
+  ref, mask = _one_padded_batch(enc, texts)
   assert (mask.sum(1) == n_words + 2).all()
-  ref = jax.jit(bert.embed_sentences, static_argnames=("config", "pooling"))(
-      enc.params, enc.config, jnp.asarray(input_ids), jnp.asarray(mask), pooling="mean")
-  np.testing.assert_allclose(got, np.asarray(ref), rtol=0, atol=1e-5)
+  np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)
+
+
+def test_packed_encode_matches_padded_in_fewer_tokens(tiny_encoder, monkeypatch):
+  """The default packed path: the one-padded-batch reference, in bounded shapes, and far fewer
+  tokens than the padded path on long-tailed lengths (a sorted batch of 64 spans a wide range)."""
+  enc = tiny_encoder
+  texts, n_words = _tiny_texts(seed=2, skewed=True)
+  seen = []
+  embed = enc._embed_packed
+
+  def recording(params, input_ids, segment_ids, position_ids, text_slot):
+    seen.append((tuple(input_ids.shape), len(text_slot)))
+    return embed(params, input_ids, segment_ids, position_ids, text_slot)
+
+  monkeypatch.setattr(enc, "_embed_packed", recording)
+  got = enc.encode(texts, batch_size=64, max_length=128, show_progress=False)
+  buckets = length_buckets(128)
+  assert len(seen) == 4  # ceil(200 / 64) batches, every one packed
+  assert all(length in buckets and rows in (1, 2, 4, 8, 16, 32, 64) and out in (8, 64)
+             for (rows, length), out in seen)
+  packed_tokens = sum(rows * length for (rows, length), _ in seen)
+  order = sorted(n_words + 2)[::-1]
+  padded_tokens = sum(min(64, 1 << (len(order[i:i + 64]) - 1).bit_length())
+                      * bucket_for(order[i], buckets) for i in range(0, len(order), 64))
+  real = int((n_words + 2).sum())
+  print(f"\npacked encode: {packed_tokens} tokens for {real} real, padded {padded_tokens}")
+  assert real <= packed_tokens < 0.7 * padded_tokens
+  ref, _ = _one_padded_batch(enc, texts)
+  np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)
 
 
 def test_filler_rows_do_not_leak(tiny_encoder):

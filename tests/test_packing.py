@@ -75,3 +75,47 @@ def test_pack_sides_keeps_other_keys():
   assert set(out) == {"query_input_ids", "query_attention_mask", "teacher_scores"} | {
       f"passage_{k}" for k in packing.PACKED_SUFFIXES}
   assert packing.is_packed(out, "passage") and not packing.is_packed(out, "query")
+
+
+def _brute_force_tokens(lengths, row_lengths, row_counts):
+  """The fewest rows * length over every allowed shape that first-fit decreasing can fill."""
+  best = None
+  for r in row_counts:
+    for n in row_lengths:
+      if n >= max(lengths) and len(packing.first_fit_decreasing(lengths, n)) <= r:
+        best = r * n if best is None else min(best, r * n)
+  return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_smallest_shape_is_the_cheapest_fillable_shape(seed):
+  rng = np.random.RandomState(seed)
+  n = int(rng.randint(1, 40))
+  lengths = rng.randint(2, 60, size=n)
+  row_lengths = (8, 16, 24, 32, 48, 64, 96, 128)
+  max_rows = int(rng.choice([n, 16, 24]))
+  max_rows = max(max_rows, n)  # one text per row must stay possible
+  rows, length, bins = packing.smallest_shape(lengths, row_lengths, max_rows)
+  allowed = {1 << k for k in range(8) if 1 << k < max_rows} | {max_rows}
+  assert rows in allowed and length in row_lengths and len(bins) <= rows
+  assert sorted(i for b in bins for i in b) == list(range(n))
+  assert all(lengths[b].sum() <= length for b in bins)
+  assert rows * length == _brute_force_tokens(lengths, row_lengths, sorted(allowed))
+  assert rows * length >= lengths.sum()
+
+
+def test_fill_places_token_lists_and_smallest_shape_errors():
+  texts = [[2, 7, 3], [2, 3], [2, 9, 9, 9, 3]]
+  rows, length, bins = packing.smallest_shape([len(t) for t in texts], (4, 8, 12), 4)
+  assert (rows, length) == (1, 12)  # 10 tokens: one row of 12 beats 2 x 8 and 4 x 4 can't hold 5
+  out = packing.fill(bins, texts, rows, length, pad_id=0)
+  for i, t in enumerate(texts):
+    row, slot = divmod(int(out["text_slot"][i]), length // 2)
+    where = out["segment_ids"][row] == slot + 1
+    assert out["input_ids"][row][where].tolist() == t
+    assert out["position_ids"][row][where].tolist() == list(range(len(t)))
+  assert (out["input_ids"][out["segment_ids"] == 0] == 0).all()
+  with pytest.raises(ValueError, match=">= 2 tokens"):
+    packing.smallest_shape([2, 1], (4, 8), 2)
+  with pytest.raises(ValueError, match="more than the longest row 8"):
+    packing.smallest_shape([2, 9], (4, 8), 2)

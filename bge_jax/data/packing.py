@@ -82,21 +82,55 @@ def pack(input_ids: np.ndarray, attention_mask: np.ndarray, rows: int | None = N
   if max(len(t) for t in bins) > slots:
     raise ValueError(f"a packed row would hold more than {slots} texts (L // 2 slots); "
                      "texts need >= 2 tokens ([CLS] ... [SEP])")
-  ids = np.full((rows, length), pad_id, input_ids.dtype)
+  return fill(bins, [input_ids[i, :k] for i, k in enumerate(lengths)], rows, length, pad_id,
+              input_ids.dtype)
+
+
+def fill(bins: list[list[int]], texts: list, rows: int, length: int, pad_id: int = 0,
+         dtype=np.int32) -> dict[str, np.ndarray]:
+  """The packed arrays (module docstring, no side prefix) of `texts` (token id sequences) placed
+  by `bins` (text indices per row, e.g. from `first_fit_decreasing`) in `rows` rows of `length`."""
+  slots = length // 2
+  ids = np.full((rows, length), pad_id, dtype)
   segments = np.zeros((rows, length), np.int32)
   positions = np.zeros((rows, length), np.int32)
-  text_slot = np.zeros((n,), np.int32)
-  for r, texts in enumerate(bins):
+  text_slot = np.zeros((len(texts),), np.int32)
+  for r, row in enumerate(bins):
     start = 0
-    for s, i in enumerate(texts, 1):
-      k = int(lengths[i])
-      ids[r, start:start + k] = input_ids[i, :k]
+    for s, i in enumerate(row, 1):
+      k = len(texts[i])
+      ids[r, start:start + k] = texts[i]
       segments[r, start:start + k] = s
       positions[r, start:start + k] = np.arange(k)
       text_slot[i] = r * slots + s - 1
       start += k
   return {"input_ids": ids, "segment_ids": segments, "position_ids": positions,
           "text_slot": text_slot}
+
+
+def smallest_shape(lengths: np.ndarray, row_lengths: tuple[int, ...],
+                   max_rows: int) -> tuple[int, int, list[list[int]]]:
+  """(rows, row length, bins): the packed shape with the fewest tokens, rows * length, that holds
+  texts of these lengths, with rows a power of two below max_rows or max_rows itself and the
+  length one of `row_lengths` (ascending), so a corpus compiles a handful of shapes. Ties go to
+  the shorter rows (cheaper attention). Every text needs >= 2 tokens; the longest must fit a row.
+  """
+  lengths = np.asarray(lengths)
+  if lengths.size == 0 or lengths.min() < 2:
+    raise ValueError("smallest_shape needs texts of >= 2 tokens ([CLS] ... [SEP])")
+  if lengths.max() > row_lengths[-1]:
+    raise ValueError(f"a text has {int(lengths.max())} tokens, more than the longest row "
+                     f"{row_lengths[-1]}")
+  total, longest = int(lengths.sum()), int(lengths.max())
+  row_counts = {1 << k for k in range(max_rows.bit_length()) if 1 << k < max_rows} | {max_rows}
+  candidates = sorted((r * n, n, r) for r in row_counts
+                      for n in row_lengths if n >= longest and r * n >= total)
+  for _, n, r in candidates:  # the first that first-fit decreasing can fill; usually the first
+    bins = first_fit_decreasing(lengths, n)
+    if len(bins) <= r and max(len(b) for b in bins) <= n // 2:
+      return r, n, bins
+  raise ValueError(f"{lengths.size} texts of {total} tokens do not fit {max_rows} rows of "
+                   f"{row_lengths[-1]}")
 
 
 def rows_for(n: int, fraction: float, multiple: int = 1) -> int:
