@@ -472,3 +472,35 @@ def test_shared_finetune_data(shared_data, minilm_path):
   batch = ContrastiveBatcher([("zh", zh)], tokenizer, batch_size=4, group_size=2,
                              query_instruction=INSTRUCTIONS["zh"])(0)
   assert batch["query_attention_mask"].sum(1).min() > 5
+
+
+def test_prefetcher_close_joins_its_thread_and_reraises_errors():
+  import threading
+  import time
+
+  from bge_jax.train.loop import Prefetcher
+
+  def slow(step):
+    time.sleep(0.05)
+    return step * 10
+
+  before = threading.active_count()
+  prefetch = Prefetcher(slow, 3, depth=2)
+  assert [prefetch.next() for _ in range(3)] == [(3, 30), (4, 40), (5, 50)]
+  time.sleep(0.2)  # the thread now blocks on a full queue
+  prefetch.close()
+  assert not prefetch._thread.is_alive() and threading.active_count() == before
+
+  def failing(step):
+    if step == 1:
+      raise ValueError("bad row in step 1")
+    return step
+
+  prefetch = Prefetcher(failing, 0, depth=2)
+  try:
+    assert prefetch.next() == (0, 0)
+    with pytest.raises(ValueError, match="bad row in step 1"):
+      prefetch.next()
+  finally:
+    prefetch.close()
+  assert not prefetch._thread.is_alive()

@@ -171,8 +171,14 @@ class Prefetcher:
       raise error
     return step, batch
 
-  def close(self):
+  def close(self, timeout: float = 30.0) -> None:
+    """Stops the thread and waits for it (at most `timeout` s: it finishes the batch it is
+    building), so no batch work outlives the run."""
     self._stop.set()
+    self._thread.join(timeout)
+    if self._thread.is_alive():
+      log.warning("the prefetch thread is still building a batch after %.0f s; leaving it to "
+                  "finish in the background (a daemon thread)", timeout)
 
 
 # ---------------------------------------------------------------------------------------------
