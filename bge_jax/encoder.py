@@ -94,7 +94,8 @@ class Encoder:
     if pooling not in ("cls", "mean"):
       raise ValueError(f"pooling={pooling!r}; use 'cls' or 'mean'")
     self.config = config.replace(pooling=pooling, normalize=normalize)
-    self.params = params
+    # On the device once: numpy leaves would be copied to it again at every batch.
+    self.params = jax.device_put(params)
     self.tokenizer = tokenizer
     self._embed = _jitted_embed(self.config)
     self._embed_packed = _jitted_embed_packed(self.config)
