@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -104,6 +105,25 @@ def test_resume_matches_uninterrupted(corpus_and_tokenizer, tmp_path):
   assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
   a, b = losses(straight), losses(resumed)
   assert [b[s] for s in range(1, 7)] == [a[s] for s in range(1, 7)]
+
+
+def test_resume_with_another_process_count_warns(corpus_and_tokenizer, tmp_path, caplog):
+  from bge_jax.train.loop import train
+
+  corpus, tok = corpus_and_tokenizer
+  run = tmp_path / "run"
+  train(tiny_retromae(corpus, tok, 2, export=False, **{"checkpoint.every_steps": 2}), str(run))
+  info = json.loads((run / "run_info.json").read_text())
+  assert info["processes"] == 1
+  with caplog.at_level(logging.WARNING, logger="bge_jax.train"):
+    train(tiny_retromae(corpus, tok, 3, export=False, **{"checkpoint.every_steps": 2}), str(run))
+  assert not [r for r in caplog.records if "processes" in r.getMessage()]
+  (run / "run_info.json").write_text(json.dumps(dict(info, processes=2)))  # as if 2 hosts ran it
+  with caplog.at_level(logging.WARNING, logger="bge_jax.train"):
+    train(tiny_retromae(corpus, tok, 4, export=False, **{"checkpoint.every_steps": 2}), str(run))
+  warned = [r.getMessage() for r in caplog.records if "processes" in r.getMessage()]
+  assert len(warned) == 1 and "with 1 processes; the run so far had 2" in warned[0]
+  assert "resume with 2 processes" in warned[0]
 
 
 def test_grad_accumulation_matches_full_batch(corpus_and_tokenizer, tmp_path):

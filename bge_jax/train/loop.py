@@ -467,6 +467,8 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     compiled_step = jit_step.lower(state, global_batch(probe), jax.random.key(0)).compile()
   memory = compiled_step.memory_analysis()
   if is_main:
+    if start_step:
+      _warn_if_processes_changed(workdir, start_step)
     _write_run_info(workdir, config, model_config, origin, total_steps, batcher, memory)
 
   # --- Loop -----------------------------------------------------------------------------------
@@ -582,6 +584,22 @@ def _progress(enabled: bool, start: int, total: int):
     return None
   from tqdm.auto import tqdm
   return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+
+def _warn_if_processes_changed(workdir: str, start_step: int) -> None:
+  """Each process reads its own shard of the data, so the batches after a resume are the
+  uninterrupted run's only with the process count that run had (`run_info.json`)."""
+  try:
+    with open(os.path.join(workdir, "run_info.json")) as f:
+      before = json.load(f).get("processes")
+  except (OSError, ValueError):
+    return
+  if before is not None and before != jax.process_count():
+    log.warning(
+        "resuming at step %d with %d processes; the run so far had %d. Each process reads its "
+        "own shard of the data, so from here the batches differ from an uninterrupted run's "
+        "(examples may repeat or be skipped until the epoch ends); resume with %d processes "
+        "to continue it exactly.", start_step, jax.process_count(), before, before)
 
 
 def _write_run_info(workdir, config, model_config, origin, total_steps, batcher, memory) -> None:
