@@ -13,8 +13,10 @@ optimizer, and that only process 0 writes metrics.
 import json
 import os
 import socket
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -84,6 +86,49 @@ def overrides(stage, tmp_path):
                          "model.max_position_embeddings": 32, "batch_size": 16})
 
 
+def run_two_processes(stage, workdir, values, tmp_path, until=None):
+  """launch/train.py as 2 processes x 4 CPU devices over gloo; returns (procs, outputs).
+
+  until=(step, signal, process): send `signal` to that process once process 0's metrics.jsonl
+  shows `step`, as a preemption notice reaching one host would."""
+  port = free_port()
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4 "
+                                   "--xla_cpu_multi_thread_eigen=false",
+             BGE_JAX_COMPILATION_CACHE=str(tmp_path / "xla_cache"))
+  logs = [open(tmp_path / f"{workdir.name}.{i}.log", "w+") for i in range(2)]
+  procs = [subprocess.Popen(
+      [sys.executable, str(REPO / "launch" / "train.py"),
+       f"--config={REPO / 'configs' / f'{stage}.py'}:tiny", f"--workdir={workdir}",
+       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"]
+      + [f"--config.{k}={v}" for k, v in values.items()],
+      env=env, stdout=logs[i], stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  try:
+    if until is not None:
+      at_step, sig, target = until
+      metrics, deadline = workdir / "metrics.jsonl", time.time() + 600
+      while time.time() < deadline and all(p.poll() is None for p in procs):
+        if metrics.exists():
+          steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()
+                   if x.endswith("}")]
+          if steps and steps[-1] >= at_step:
+            break
+        time.sleep(0.005)
+      assert all(p.poll() is None for p in procs), "the run ended before it could be signalled"
+      procs[target].send_signal(sig)
+    for p in procs:
+      p.wait(timeout=900)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  outputs = []
+  for f in logs:
+    f.seek(0)
+    outputs.append(f.read())
+    f.close()
+  return procs, outputs
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["retromae", "contrastive"])
 def test_two_processes_reproduce_one_process_loss_curve(stage, tmp_path, monkeypatch):
@@ -94,24 +139,7 @@ def test_two_processes_reproduce_one_process_loss_curve(stage, tmp_path, monkeyp
   values = overrides(stage, tmp_path)
 
   workdir = tmp_path / "multi"
-  port = free_port()
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4 "
-                                   "--xla_cpu_multi_thread_eigen=false",
-             BGE_JAX_COMPILATION_CACHE=str(tmp_path / "xla_cache"))
-  procs = [subprocess.Popen(
-      [sys.executable, str(REPO / "launch" / "train.py"),
-       f"--config={REPO / 'configs' / f'{stage}.py'}:tiny", f"--workdir={workdir}",
-       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"]
-      + [f"--config.{k}={v}" for k, v in values.items()],
-      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  outputs = []
-  try:
-    for p in procs:
-      outputs.append(p.communicate(timeout=900)[0])
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
+  procs, outputs = run_two_processes(stage, workdir, values, tmp_path)
   for i, (p, out) in enumerate(zip(procs, outputs)):
     assert p.returncode == 0, f"process {i}:\n{out[-4000:]}"
   assert "process 1 of 2, 4 local / 8 devices" in outputs[1]
@@ -130,3 +158,38 @@ def test_two_processes_reproduce_one_process_loss_curve(stage, tmp_path, monkeyp
   assert sorted(multi) == sorted(single) == list(range(1, STEPS + 1))
   np.testing.assert_allclose([multi[s] for s in single], [single[s] for s in single],
                              rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_host_stops_both_at_one_step_and_resume_matches(tmp_path):
+  """A preemption notice reaching only process 1: jax's preemption sync picks one step, both
+  processes save it and exit 0; rerunning both continues to the uninterrupted 2-process run's
+  losses (bit for bit) and final step."""
+  from test_train import losses
+
+  steps = 24
+  values = dict(overrides("retromae", tmp_path), num_train_steps=steps,
+                **{"checkpoint.every_steps": 100})  # checkpoints only when preempted, and at the end
+  procs, outputs = run_two_processes("retromae", tmp_path / "reference", values, tmp_path)
+  assert all(p.returncode == 0 for p in procs), outputs[0][-3000:] + outputs[1][-3000:]
+  reference = losses(tmp_path / "reference")
+  assert sorted(reference) == list(range(1, steps + 1))
+
+  workdir = tmp_path / "preempted"
+  procs, outputs = run_two_processes("retromae", workdir, values, tmp_path,
+                                     until=(3, signal.SIGTERM, 1))
+  for i, (p, out) in enumerate(zip(procs, outputs)):
+    assert p.returncode == 0, f"process {i}:\n{out[-4000:]}"
+  saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  stopped = max(losses(workdir))
+  assert saved == [stopped] and 3 <= stopped < steps, (saved, stopped)
+  assert f"preempted (SIGTERM): saved step {stopped}" in outputs[0]
+
+  procs, outputs = run_two_processes("retromae", workdir, values, tmp_path)
+  for i, (p, out) in enumerate(zip(procs, outputs)):
+    assert p.returncode == 0, f"process {i}:\n{out[-4000:]}"
+  resumed = losses(workdir)
+  assert sorted(resumed) == list(range(1, steps + 1))
+  assert [resumed[s] for s in range(1, steps + 1)] == [reference[s] for s in range(1, steps + 1)]
+  saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  assert saved == [stopped, steps]
