@@ -485,3 +485,23 @@ def test_golden_regen_reports_a_difference(tmp_path, monkeypatch, capsys):
   assert regen_golden.main([]) == 0
   assert regen_golden.main(["--check"]) == 0
   assert stale.read_text() == regen_golden.dumps(regen_golden.golden_table())
+
+
+def test_dropout_masks_are_drawn_in_place_on_a_batch_sharded_mesh():
+  """`bert.Dropout` on activations sharded over 8 devices: the same mask as on one device, and
+  no collective in the program (each device draws its own rows' bits)."""
+  from jax.sharding import NamedSharding
+
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  x = jnp.asarray(np.random.RandomState(0).randn(16, 12, 64, 63).astype(np.float32))
+
+  def drop(x, key):
+    return bert.Dropout(0.1).apply({}, x, False, rngs={"dropout": key})
+
+  ref = jax.jit(drop)(x, jax.random.key(3))
+  on_mesh = jax.jit(drop, out_shardings=NamedSharding(mesh, P("data")))
+  xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+  np.testing.assert_array_equal(np.asarray(on_mesh(xs, jax.random.key(3))), np.asarray(ref))
+  hlo = on_mesh.lower(xs, jax.random.key(3)).compile().as_text()
+  assert not [op for op in ("all-gather", "all-reduce", "all-to-all", "collective-permute")
+              if op in hlo]

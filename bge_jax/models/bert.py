@@ -84,6 +84,35 @@ def gelu(x: Array) -> Array:
   return x * (0.5 + 0.5 * jax.lax.erf(x * math.sqrt(0.5)))
 
 
+class Dropout(nn.Module):
+  """Inverted dropout drawing 16 random bits per element instead of `nn.Dropout`'s 32.
+
+  Threefry makes 32-bit words, so two masks' worth come from one draw: half the generator's
+  work, which is most of dropout's cost on CPU (a `[8, 12, 128, 128]` mask: 4.0 vs 8.1 ms; the
+  bge-small train steps draw ~30M of them a step). The keep probability is rounded to a multiple
+  of 2^-16 (rate 0.1 -> 0.1000061) and the kept values are scaled by its inverse, so the layer
+  stays unbiased. Uses the "dropout" rng stream, like `nn.Dropout`.
+  """
+
+  rate: float
+
+  @nn.compact
+  def __call__(self, x: Array, deterministic: bool) -> Array:
+    if deterministic or self.rate == 0.0:
+      return x
+    threshold = round((1.0 - self.rate) * 65536)
+    if threshold >= 65536:  # a rate under 2^-17 rounds to no dropout
+      return x
+    if threshold == 0:
+      return jnp.zeros_like(x)
+    # Words over the leading dims as x has them, so a batch-sharded x draws its bits in place.
+    last = x.shape[-1]
+    words = jax.random.bits(self.make_rng("dropout"), x.shape[:-1] + (-(-last // 2),), jnp.uint32)
+    halves = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(*x.shape[:-1], -1)
+    keep = halves[..., :last] < threshold
+    return jnp.where(keep, x / jnp.asarray(threshold / 65536, x.dtype), jnp.zeros((), x.dtype))
+
+
 def padding_mask(attention_mask: Array) -> Array:
   """[B, L] 1/0 key mask -> boolean [B, 1, 1, L], broadcastable to attention logits [B, H, Q, K]."""
   return attention_mask.astype(bool)[:, None, None, :]
@@ -116,7 +145,7 @@ class BertEmbeddings(nn.Module):
     self.token_type_embeddings = _embed(c, c.type_vocab_size, (None, "embed"),
                                         "token_type_embeddings")
     self.norm = _layer_norm(c, "norm")
-    self.dropout = nn.Dropout(c.hidden_dropout)
+    self.dropout = Dropout(c.hidden_dropout)
 
   def __call__(self, input_ids: Array | None = None, token_type_ids: Array | None = None,
                position_ids: Array | None = None, inputs_embeds: Array | None = None,
@@ -165,7 +194,7 @@ class BertLayer(nn.Module):
     ctx = nn.with_logical_constraint(ctx, ("batch", "length", "heads", "kv"))
 
     attn = _dense(c, c.hidden_size, ("heads", "kv", "embed"), "attention_out", n_in=2)(ctx)
-    attn = nn.Dropout(c.hidden_dropout)(attn, deterministic=deterministic)
+    attn = Dropout(c.hidden_dropout)(attn, deterministic=deterministic)
     x = _layer_norm(c, "attention_norm")(attn + hq)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
@@ -173,7 +202,7 @@ class BertLayer(nn.Module):
     h = gelu(h)
     h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
     h = _dense(c, c.hidden_size, ("mlp", "embed"), "output")(h)
-    h = nn.Dropout(c.hidden_dropout)(h, deterministic=deterministic)
+    h = Dropout(c.hidden_dropout)(h, deterministic=deterministic)
     out = _layer_norm(c, "output_norm")(h + x)
     return nn.with_logical_constraint(out, ("batch", "length", "embed"))
 
@@ -189,7 +218,7 @@ class BertLayer(nn.Module):
     logits = jnp.einsum("bhqd,bhkd->bhqk", q, k) / jnp.sqrt(c.head_dim).astype(q.dtype)
     logits = jnp.where(mask, logits.astype(jnp.float32), jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
-    probs = nn.Dropout(c.attention_dropout)(probs, deterministic=False)
+    probs = Dropout(c.attention_dropout)(probs, deterministic=False)
     return jnp.swapaxes(jnp.einsum("bhqk,bhkd->bhqd", probs, v), 1, 2)
 
 
