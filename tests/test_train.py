@@ -115,15 +115,25 @@ def test_resume_with_another_process_count_warns(corpus_and_tokenizer, tmp_path,
   train(tiny_retromae(corpus, tok, 2, export=False, **{"checkpoint.every_steps": 2}), str(run))
   info = json.loads((run / "run_info.json").read_text())
   assert info["processes"] == 1
-  with caplog.at_level(logging.WARNING, logger="bge_jax.train"):
-    train(tiny_retromae(corpus, tok, 3, export=False, **{"checkpoint.every_steps": 2}), str(run))
-  assert not [r for r in caplog.records if "processes" in r.getMessage()]
   (run / "run_info.json").write_text(json.dumps(dict(info, processes=2)))  # as if 2 hosts ran it
   with caplog.at_level(logging.WARNING, logger="bge_jax.train"):
-    train(tiny_retromae(corpus, tok, 4, export=False, **{"checkpoint.every_steps": 2}), str(run))
+    train(tiny_retromae(corpus, tok, 3, export=False, **{"checkpoint.every_steps": 2}), str(run))
   warned = [r.getMessage() for r in caplog.records if "processes" in r.getMessage()]
-  assert len(warned) == 1 and "with 1 processes; the run so far had 2" in warned[0]
+  assert len(warned) == 1 and "at step 2 with 1 processes; the run so far had 2" in warned[0]
   assert "resume with 2 processes" in warned[0]
+  assert json.loads((run / "run_info.json").read_text())["processes"] == 1
+
+
+def test_process_count_check_is_quiet_when_unchanged_or_unknown(tmp_path, caplog):
+  from bge_jax.train.loop import _warn_if_processes_changed
+
+  with caplog.at_level(logging.WARNING, logger="bge_jax.train"):
+    _warn_if_processes_changed(str(tmp_path), 5)  # no run_info.json
+    (tmp_path / "run_info.json").write_text('{"processes": 1}')
+    _warn_if_processes_changed(str(tmp_path), 5)
+    (tmp_path / "run_info.json").write_text('{"processes": 1')  # torn
+    _warn_if_processes_changed(str(tmp_path), 5)
+  assert not caplog.records
 
 
 def test_grad_accumulation_matches_full_batch(corpus_and_tokenizer, tmp_path):
