@@ -146,3 +146,18 @@ def make_corpus(path: pathlib.Path, n: int, seed: int = 0, min_words: int = 5, m
       words = [WORDS[(start + 3 * i) % len(WORDS)] + ("s" if i % 4 == 3 else "") for i in range(length)]
       f.write(json.dumps({"text": " ".join(words) + "."}) + "\n")
   return path
+
+
+def wait_for_step(workdir: pathlib.Path, at_step: int, procs, timeout: float = 600) -> None:
+  """Returns once the run's metrics.jsonl shows `at_step`; fails if a process of it ends first."""
+  import json
+  import time
+
+  metrics, deadline = workdir / "metrics.jsonl", time.time() + timeout
+  while time.time() < deadline and all(p.poll() is None for p in procs):
+    if metrics.exists():
+      steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines() if x.endswith("}")]
+      if steps and steps[-1] >= at_step:
+        break
+    time.sleep(0.005)
+  assert all(p.poll() is None for p in procs), "the run ended before it could be interrupted"

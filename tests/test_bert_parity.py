@@ -162,6 +162,14 @@ def test_dropout_keeps_the_rate_unbiased_and_independent():
   np.testing.assert_array_equal(drop(1e-9), np.asarray(x))
   assert not drop(1.0).any()
   assert bert.Dropout(0.1).apply({}, x, True) is x  # deterministic: no rng needed
+  # bf16 activations: scaled in float32, then rounded, so the mean scale is 1 / keep; dividing by
+  # bf16(keep) = 0.8984 would scale every kept value 0.17% too much.
+  xb = jnp.asarray(np.random.RandomState(0).uniform(1, 2, x.shape), jnp.bfloat16)
+  y = np.asarray(drop(0.1, inputs=xb).astype(np.float32))
+  kept = y != 0
+  scale = (y[kept] / np.asarray(xb.astype(np.float32))[kept]).mean()
+  keep = round(0.9 * 65536) / 65536
+  assert abs(scale * keep - 1) < 3e-4, scale * keep
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,12 +16,11 @@ import socket
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
-from conftest import REPO, make_corpus, make_tokenizer
+from conftest import REPO, make_corpus, make_tokenizer, wait_for_step
 
 STEPS = 4
 
@@ -105,15 +104,7 @@ def run_two_processes(stage, workdir, values, tmp_path, until=None):
   try:
     if until is not None:
       at_step, sig, target = until
-      metrics, deadline = workdir / "metrics.jsonl", time.time() + 600
-      while time.time() < deadline and all(p.poll() is None for p in procs):
-        if metrics.exists():
-          steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()
-                   if x.endswith("}")]
-          if steps and steps[-1] >= at_step:
-            break
-        time.sleep(0.005)
-      assert all(p.poll() is None for p in procs), "the run ended before it could be signalled"
+      wait_for_step(workdir, at_step, procs)
       procs[target].send_signal(sig)
     for p in procs:
       p.wait(timeout=900)

@@ -14,13 +14,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from conftest import REPO, make_corpus, make_tokenizer
+from conftest import REPO, make_corpus, make_tokenizer, wait_for_step
 
 STEPS = 16
 EVERY = 2  # checkpoint interval of the runs below
@@ -101,17 +100,8 @@ def start_and_signal(data, workdir, at_step, sig):
   log_file = open(log_path, "w")
   proc = subprocess.Popen(command(data, workdir), env=environment(data), stdout=log_file,
                           stderr=subprocess.STDOUT, text=True)
-  metrics = workdir / "metrics.jsonl"
-  deadline = time.time() + 600
   try:
-    while time.time() < deadline and proc.poll() is None:
-      if metrics.exists():
-        steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()
-                 if x.endswith("}")]
-        if steps and steps[-1] >= at_step:
-          break
-      time.sleep(0.005)
-    assert proc.poll() is None, "the run ended before it could be interrupted"
+    wait_for_step(workdir, at_step, [proc])
     proc.send_signal(sig)
     proc.wait(timeout=600)
   finally:
