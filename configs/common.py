@@ -20,7 +20,8 @@ def base_config() -> ConfigDict:
   c.model.init_from = ""
   c.model.vocab_size = -1  # from scratch: -1 = the tokenizer's size
   # Overrides of the model config (unset = the preset's / the source's value).
-  c.model.dtype = placeholder(str)  # compute dtype: float32 | bfloat16
+  # Compute dtype: float32 | bfloat16; unset = bfloat16 on GPU/TPU (float32 params), float32 on CPU.
+  c.model.dtype = placeholder(str)
   c.model.param_dtype = placeholder(str)
   c.model.remat_policy = placeholder(str)  # none | full | dots | dots_no_batch
   c.model.attention_impl = placeholder(str)  # xla | cudnn

@@ -124,6 +124,22 @@ def test_resume_with_another_process_count_warns(corpus_and_tokenizer, tmp_path,
   assert json.loads((run / "run_info.json").read_text())["processes"] == 1
 
 
+@pytest.mark.parametrize("backend,dtype,expected", [
+    ("cpu", None, "float32"), ("gpu", None, "bfloat16"), ("tpu", None, "bfloat16"),
+    ("gpu", "float32", "float32"), ("cpu", "bfloat16", "bfloat16")])
+def test_compute_dtype_defaults_to_bf16_on_accelerators(corpus_and_tokenizer, monkeypatch,
+                                                         backend, dtype, expected):
+  from bge_jax.train import loop
+
+  corpus, tok = corpus_and_tokenizer
+  config = tiny_retromae(corpus, tok, 1)
+  if dtype is not None:
+    config.model.dtype = dtype
+  monkeypatch.setattr(loop.jax, "default_backend", lambda: backend)
+  model_config, _, _ = loop.model_config_and_weights(config, loop.load_tokenizer(config))
+  assert model_config.dtype == expected and model_config.param_dtype == "float32"
+
+
 def test_process_count_check_is_quiet_when_unchanged_or_unknown(tmp_path, caplog):
   from bge_jax.train.loop import _warn_if_processes_changed
 
