@@ -110,7 +110,7 @@ class Dropout(nn.Module):
     words = jax.random.bits(self.make_rng("dropout"), x.shape[:-1] + (-(-last // 2),), jnp.uint32)
     halves = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(*x.shape[:-1], -1)
     keep = halves[..., :last] < threshold
-    # The scale in float32: bf16 would round 1/0.9 to 1.109 and bias the layer by 0.2%.
+    # The scale in float32: a bf16 scale (1/0.9 -> 1.109) would bias every kept value by 0.2%.
     scaled = (x.astype(jnp.float32) * (65536 / threshold)).astype(x.dtype)
     return jnp.where(keep, scaled, jnp.zeros((), x.dtype))
 
