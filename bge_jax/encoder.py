@@ -49,6 +49,24 @@ def bucket_for(n: int, buckets: Sequence[int]) -> int:
   raise ValueError(f"length {n} exceeds the largest bucket {buckets[-1]}")
 
 
+def padded_rows(n: int, batch_size: int) -> int:
+  """Rows of a padded batch of n texts: the next power of two, at most batch_size."""
+  return min(batch_size, 1 << (n - 1).bit_length())
+
+
+def batch_shape(lengths: Sequence[int], batch_size: int, buckets: Sequence[int],
+                pack: bool) -> tuple[int, int, list[list[int]] | None]:
+  """(rows, length, bins) that `Encoder.encode` computes for one batch of texts of these token
+  lengths. Packed (`pack` and every text >= 2 tokens): `packing.smallest_shape` with at most the
+  padded rows; bins says which texts share a row. Padded (bins None): one text per row, a
+  power-of-two row count up to `batch_size`, the bucket of the longest text."""
+  from bge_jax.data import packing
+  rows = padded_rows(len(lengths), batch_size)
+  if pack and min(lengths) >= 2:
+    return packing.smallest_shape(lengths, tuple(buckets), rows)
+  return rows, bucket_for(max(lengths), buckets), None
+
+
 def _load_tokenizer(folder: str):
   from transformers import AutoTokenizer
   try:
@@ -175,10 +193,11 @@ class Encoder:
     for start in starts:
       rows = order[start:start + batch_size]
       texts_ids = [ids[i] for i in rows]
-      if pack and min(len(x) for x in texts_ids) >= 2:
-        vectors = self._dispatch_packed(texts_ids, buckets, batch_size, pad)
+      n_rows, length, bins = batch_shape([len(x) for x in texts_ids], batch_size, buckets, pack)
+      if bins is None:
+        vectors = self._dispatch_padded(texts_ids, n_rows, length, pad)
       else:
-        vectors = self._dispatch_padded(texts_ids, buckets, batch_size, pad)
+        vectors = self._dispatch_packed(texts_ids, n_rows, length, bins, batch_size, pad)
       pending.append((rows, vectors))
       if len(pending) > depth:
         done_rows, vectors = pending.pop(0)
@@ -187,11 +206,9 @@ class Encoder:
       out[done_rows] = np.asarray(vectors)[:len(done_rows)]
     return out
 
-  def _dispatch_padded(self, texts_ids: list[list[int]], buckets: tuple[int, ...],
-                       batch_size: int, pad: int) -> jax.Array:
-    """One text per row, padded to the bucket of the longest; power-of-two rows."""
-    length = bucket_for(max(len(x) for x in texts_ids), buckets)
-    n_rows = min(batch_size, 1 << (len(texts_ids) - 1).bit_length())
+  def _dispatch_padded(self, texts_ids: list[list[int]], n_rows: int, length: int,
+                       pad: int) -> jax.Array:
+    """One text per row of `length`; rows past the texts are fillers."""
     input_ids = np.full((n_rows, length), pad, np.int32)
     mask = np.zeros((n_rows, length), np.int32)
     for r, x in enumerate(texts_ids):
@@ -200,17 +217,14 @@ class Encoder:
     mask[len(texts_ids):, 0] = 1  # filler rows: one visible token keeps their softmax finite
     return self._embed(self.params, input_ids=input_ids, attention_mask=mask)
 
-  def _dispatch_packed(self, texts_ids: list[list[int]], buckets: tuple[int, ...],
-                       batch_size: int, pad: int) -> jax.Array:
-    """Texts packed several to a row, in the smallest (rows) x (bucket) shape, rows a power of two
-    or the padded path's row count; the output has the padded path's rows, texts first (filler
-    rows repeat text 0)."""
+  def _dispatch_packed(self, texts_ids: list[list[int]], n_rows: int, length: int,
+                       bins: list[list[int]], batch_size: int, pad: int) -> jax.Array:
+    """Texts packed by `bins` into n_rows rows of `length`; the output has the padded path's
+    rows, texts first (filler rows repeat text 0), so both paths return the same shape."""
     from bge_jax.data import packing
+    packed = packing.fill(bins, texts_ids, n_rows, length, pad)
     n = len(texts_ids)
-    n_out = min(batch_size, 1 << (n - 1).bit_length())  # the padded path's rows: one text each
-    rows, length, bins = packing.smallest_shape([len(x) for x in texts_ids], buckets, n_out)
-    packed = packing.fill(bins, texts_ids, rows, length, pad)
-    text_slot = np.zeros((n_out,), np.int32)
+    text_slot = np.zeros((padded_rows(n, batch_size),), np.int32)
     text_slot[:n] = packed["text_slot"]
     return self._embed_packed(self.params, packed["input_ids"], packed["segment_ids"],
                               packed["position_ids"], text_slot)

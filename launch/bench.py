@@ -441,7 +441,6 @@ def bench_encode_preset(preset_name: str, shape: dict, args) -> dict:
   from bge_jax.config import preset
 
   from bge_jax import encoder as encoder_lib
-  from bge_jax.data import packing
   if args.buckets_per_octave:
     encoder_lib.BUCKETS_PER_OCTAVE = args.buckets_per_octave
   if args.min_bucket:
@@ -467,13 +466,8 @@ def bench_encode_preset(preset_name: str, shape: dict, args) -> dict:
   pack = not args.no_encode_pack
   padded = 0  # the tokens bge-jax computes, batch by batch as Encoder.encode cuts them
   for i in range(0, len(order), bs):
-    chunk = order[i:i + bs]
-    n_out = min(bs, 1 << (len(chunk) - 1).bit_length())
-    if pack:
-      rows, length, _ = packing.smallest_shape(chunk, buckets, n_out)
-      padded += rows * length
-    else:
-      padded += n_out * encoder_lib.bucket_for(chunk[0], buckets)
+    rows, length, _ = encoder_lib.batch_shape(order[i:i + bs], bs, buckets, pack)
+    padded += rows * length
 
   def run_jax():
     return enc.encode(texts, batch_size=bs, max_length=args.max_length, show_progress=False,
