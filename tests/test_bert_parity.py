@@ -172,6 +172,29 @@ def test_dropout_keeps_the_rate_unbiased_and_independent():
   assert abs(scale * keep - 1) < 3e-4, scale * keep
 
 
+def test_threefry_bits_equal_jax_random_bits_without_a_loop():
+  """`threefry.bits32` (the rounds as element-wise ops) returns `jax.random.bits`' words, bit for
+  bit, for any shape and key; its CPU program has no `while` (JAX's CPU lowering rolls the rounds
+  into one, which is what made dropout slow); other PRNG implementations are passed through."""
+  from bge_jax.models import threefry
+
+  shapes = [(), (1,), (5,), (3, 7), (2, 3, 5, 64), (8, 12, 128, 64)]
+  keys = [jax.random.key(0), jax.random.fold_in(jax.random.key(12345), 7),
+          jax.random.split(jax.random.key(2**31 - 1), 3)[2]]
+  bits = jax.jit(threefry.bits32, static_argnums=1)
+  for key in keys:
+    for shape in shapes:
+      ours, ref = bits(key, shape), jax.random.bits(key, shape, jnp.uint32)
+      assert ours.dtype == jnp.uint32 and ours.shape == shape
+      np.testing.assert_array_equal(np.asarray(ours), np.asarray(ref), err_msg=str(shape))
+  assert " while(" not in bits.lower(keys[0], (64, 64)).compile().as_text()
+  assert " while(" in jax.jit(lambda k: jax.random.bits(k, (64, 64), jnp.uint32)).lower(
+      keys[0]).compile().as_text()  # the lowering this module replaces (rolled on CPU)
+  rbg = jax.random.key(5, impl="rbg")
+  np.testing.assert_array_equal(np.asarray(threefry.bits32(rbg, (4, 9))),
+                                np.asarray(jax.random.bits(rbg, (4, 9), jnp.uint32)))
+
+
 # ---------------------------------------------------------------------------------------------
 # Real weights: all-MiniLM-L6-v2
 # ---------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Sharded forward / MLM logits / gradients on 8 fake CPU devices equal the single-device ones."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -499,6 +500,15 @@ def test_dropout_masks_are_drawn_in_place_on_a_batch_sharded_mesh():
     return bert.Dropout(0.1).apply({}, x, False, rngs={"dropout": key})
 
   ref = jax.jit(drop)(x, jax.random.key(3))
+  # The mask from JAX's own generator: 16-bit halves of `jax.random.bits` below 0.9 * 2^16.
+  class Key(nn.Module):  # the key a root module's first make_rng("dropout") returns
+    def __call__(self):
+      return self.make_rng("dropout")
+
+  key = Key().apply({}, rngs={"dropout": jax.random.key(3)})
+  words = jax.random.bits(key, (16, 12, 64, 32), jnp.uint32)
+  halves = np.asarray(words).view(np.uint16).reshape(16, 12, 64, 64)[..., :63]
+  np.testing.assert_array_equal(np.asarray(ref) != 0, halves < round(0.9 * 65536))
   on_mesh = jax.jit(drop, out_shardings=NamedSharding(mesh, P("data")))
   xs = jax.device_put(x, NamedSharding(mesh, P("data")))
   np.testing.assert_array_equal(np.asarray(on_mesh(xs, jax.random.key(3))), np.asarray(ref))

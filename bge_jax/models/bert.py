@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from bge_jax.config import BertConfig
+from bge_jax.models import threefry
 
 Array = jax.Array
 LP = nn.with_logical_partitioning
@@ -107,7 +108,7 @@ class Dropout(nn.Module):
       return jnp.zeros_like(x)
     # Words over the leading dims as x has them, so a batch-sharded x draws its bits in place.
     last = x.shape[-1]
-    words = jax.random.bits(self.make_rng("dropout"), x.shape[:-1] + (-(-last // 2),), jnp.uint32)
+    words = threefry.bits32(self.make_rng("dropout"), x.shape[:-1] + (-(-last // 2),))
     halves = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(*x.shape[:-1], -1)
     keep = halves[..., :last] < threshold
     # The scale in float32: a bf16 scale (1/0.9 -> 1.109) would bias every kept value by 0.2%.
