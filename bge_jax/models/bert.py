@@ -85,6 +85,37 @@ def gelu(x: Array) -> Array:
   return x * (0.5 + 0.5 * jax.lax.erf(x * math.sqrt(0.5)))
 
 
+@jax.custom_vjp
+def tied_logits(x: Array, table: Array, bias: Array) -> Array:
+  """`x @ table^T + bias`, x [..., E], table [V, E], bias [V]: the MLM heads' vocab projection
+  on the tied word embeddings, with a VJP written for XLA:CPU.
+
+  Autodiff's VJP sums the logits gradient over its rows for the bias (a column reduction that
+  XLA:CPU runs at ~0.3G elements/s: 55 ms of the bge-small stage-1 step for the decoder's
+  [512, 30522]) and, for the table, transposes that gradient before its GEMM (a 62 MB copy,
+  53 ms). Here, with the leading dims flattened, the bias gradient is a vector-matrix product
+  and the table gradient one GEMM that contracts the rows in place: the head's gradient
+  235 -> 194 ms at those shapes. Same math, products in x's dtype as autodiff's are.
+  """
+  return jnp.dot(x, table.T) + bias
+
+
+def _tied_logits_fwd(x, table, bias):
+  return tied_logits(x, table, bias), (x, table)
+
+
+def _tied_logits_bwd(residuals, g):
+  x, table = residuals
+  g2 = g.reshape(-1, g.shape[-1])
+  dx = jnp.dot(g2, table).reshape(x.shape)
+  dtable = jax.lax.dot_general(g2, x.reshape(-1, x.shape[-1]), (((0,), (0,)), ((), ())))
+  dbias = jnp.dot(jnp.ones(g2.shape[:1], g.dtype), g2)
+  return dx, dtable, dbias
+
+
+tied_logits.defvjp(_tied_logits_fwd, _tied_logits_bwd)
+
+
 class Dropout(nn.Module):
   """Inverted dropout drawing 16 random bits per element instead of `nn.Dropout`'s 32.
 
@@ -165,9 +196,11 @@ class BertEmbeddings(nn.Module):
     x = self.dropout(self.norm(x), deterministic=deterministic)
     return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
-  def attend(self, x: Array) -> Array:
-    """x @ word_embeddings^T: the tied MLM output projection."""
-    return self.word_embeddings.attend(x)
+  def attend(self, x: Array, bias: Array) -> Array:
+    """x @ word_embeddings^T + bias: the tied MLM output projection (`tied_logits`)."""
+    dtype = self.config.dtype
+    return tied_logits(x.astype(dtype), self.word_embeddings.embedding.astype(dtype),
+                       bias.astype(dtype))
 
 
 class BertLayer(nn.Module):
@@ -248,7 +281,7 @@ class BertMLMHead(nn.Module):
     x = _layer_norm(c, "transform_norm")(gelu(x))
     bias = self.param("bias", LP(nn.initializers.zeros_init(), ("vocab",)), (c.vocab_size,),
                       c.param_dtype)
-    logits = embeddings.attend(x) + bias.astype(c.dtype)
+    logits = embeddings.attend(x, bias)
     return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
 
 
