@@ -172,6 +172,24 @@ def test_dropout_keeps_the_rate_unbiased_and_independent():
   assert abs(scale * keep - 1) < 3e-4, scale * keep
 
 
+def test_tied_logits_vjp_equals_autodiff():
+  """`bert.tied_logits`' hand-written VJP (bias gradient as a vector-matrix product, the table's
+  as one GEMM over the flattened rows) against autodiff of the plain expression, for 2-D and
+  3-D inputs."""
+  rs = np.random.RandomState(0)
+  table = jnp.asarray(rs.randn(97, 16).astype(np.float32))
+  bias = jnp.asarray(rs.randn(97).astype(np.float32))
+  for shape in [(7, 16), (3, 5, 16)]:
+    x = jnp.asarray(rs.randn(*shape).astype(np.float32))
+    g = jnp.asarray(rs.randn(*shape[:-1], 97).astype(np.float32))
+    out, vjp = jax.vjp(bert.tied_logits, x, table, bias)
+    ref_out, ref_vjp = jax.vjp(lambda x, t, b: x @ t.T + b, x, table, bias)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref_out), rtol=1e-6, atol=1e-6)
+    for ours, ref in zip(vjp(g), ref_vjp(g)):
+      assert ours.shape == ref.shape
+      np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=1e-5, atol=1e-5)
+
+
 def test_threefry_bits_equal_jax_random_bits_without_a_loop():
   """`threefry.bits32` (the rounds as element-wise ops) returns `jax.random.bits`' words, bit for
   bit, for any shape and key; its CPU program has no `while` (JAX's CPU lowering rolls the rounds
