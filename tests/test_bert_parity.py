@@ -198,7 +198,7 @@ def test_threefry_bits_equal_jax_random_bits_without_a_loop():
 
   shapes = [(), (1,), (5,), (3, 7), (2, 3, 5, 64), (8, 12, 128, 64)]
   keys = [jax.random.key(0), jax.random.fold_in(jax.random.key(12345), 7),
-          jax.random.split(jax.random.key(2**31 - 1), 3)[2]]
+          jax.random.split(jax.random.key(2**31 - 1), 3)[2], jax.random.PRNGKey(9)]  # raw too
   bits = jax.jit(threefry.bits32, static_argnums=1)
   for key in keys:
     for shape in shapes:

@@ -11,8 +11,9 @@ JAX already unrolls the rounds, and the result is the same program.
 `bits32` returns exactly `jax.random.bits(key, shape, jnp.uint32)`: the same hash of the same
 counters (the flat index of each element, as `jax_threefry_partitionable` lays them out; the
 default since JAX 0.5). It builds the counters from per-dimension iotas, so a sharded consumer
-draws its shard's bits in place with no communication. Keys of another implementation
-(`rbg`, `unsafe_rbg`) or the non-partitionable layout go to `jax.random.bits` unchanged.
+draws its shard's bits in place with no communication. Typed Threefry keys and raw `PRNGKey`s
+(while Threefry is the default) take this path; keys of another implementation (`rbg`,
+`unsafe_rbg`) and the non-partitionable layout go to `jax.random.bits` unchanged.
 """
 
 from __future__ import annotations
@@ -47,21 +48,26 @@ def threefry2x32(k1: jax.Array, k2: jax.Array, x1: jax.Array, x2: jax.Array,
   return x1, x2
 
 
-def _is_threefry(key: jax.Array) -> bool:
-  return (jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
-          and str(jax.random.key_impl(key)) == "threefry2x32")
+def _threefry_words(key: jax.Array) -> jax.Array | None:
+  """The uint32[2] words of a scalar Threefry key: a typed one, or a raw `PRNGKey` while
+  Threefry is the default implementation; None for any other key."""
+  if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+    threefry = not key.shape and str(jax.random.key_impl(key)) == "threefry2x32"
+    return jax.random.key_data(key) if threefry else None
+  raw = key.dtype == jnp.uint32 and key.shape == (2,)
+  return key if raw and jax.config.jax_default_prng_impl == "threefry2x32" else None
 
 
 def bits32(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  """`jax.random.bits(key, shape, jnp.uint32)` for a scalar typed key, as fusible ops."""
-  size = math.prod(shape)
-  if (not _is_threefry(key) or key.shape or not jax.config.jax_threefry_partitionable
-      or size >= 2**32):
+  """`jax.random.bits(key, shape, jnp.uint32)`, as fusible ops for a Threefry key."""
+  words = _threefry_words(key)
+  # A JAX without the flag has only the partitionable layout.
+  partitionable = getattr(jax.config, "jax_threefry_partitionable", True)
+  if words is None or not partitionable or math.prod(shape) >= 2**32:
     return jax.random.bits(key, shape, jnp.uint32)
-  k = jax.random.key_data(key)
   # The flat index of each element (its low counter word; the high word is 0 below 2^32).
   strides = np.cumprod((shape[1:] + (1,))[::-1])[::-1]
   index = sum(jax.lax.broadcasted_iota(jnp.uint32, shape, d) * np.uint32(s)
               for d, s in enumerate(strides)) if shape else jnp.zeros((), jnp.uint32)
-  hi, lo = threefry2x32(k[0], k[1], jnp.zeros((), jnp.uint32), index)
+  hi, lo = threefry2x32(words[0], words[1], jnp.zeros((), jnp.uint32), index)
   return hi ^ lo
