@@ -68,14 +68,21 @@ def _encode_program(c):
 
 
 def _retromae_program(c, k=None):
-  """k: the sparse encoder MLM head's positions per row (None: every position)."""
+  """k: the sparse encoder MLM head's positions per row (None: every position).
+
+  The expected count adds, to the model FLOPs, the bias gradients of the two MLM heads, which
+  `bert.tied_logits` computes as vector-matrix products (ones[N] . dlogits[N, V]: a sum written
+  as a matmul because XLA:CPU runs that column sum slowly), not model FLOPs."""
   c = c.replace(add_mlm_head=True, add_decoder=True)
   params = bert.abstract_init(c)[0]
   batch = {k: _i32(B, L) for k in retromae.BATCH_KEYS}
   batch["decoder_attention_mask"] = _i32(B, L, L)
   grad = jax.grad(lambda p, b: retromae.loss(p, c, b, max_encoder_predictions=k)["loss"])
-  return jax.jit(grad).lower(params, batch), flops.retromae_step_flops(c, B, L,
-                                                                       encoder_predictions=k)
+  expected = flops.retromae_step_flops(c, B, L, encoder_predictions=k)
+  bias_grads = 2 * c.vocab_size * (B * (L if k is None else k) + B * L)
+  return jax.jit(grad).lower(params, batch), types.SimpleNamespace(
+      model=expected.model, recompute=expected.recompute,
+      hardware=expected.hardware + bias_grads)
 
 
 def _retromae_sparse_program(c):
