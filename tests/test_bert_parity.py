@@ -188,6 +188,16 @@ def test_tied_logits_vjp_equals_autodiff():
     for ours, ref in zip(vjp(g), ref_vjp(g)):
       assert ours.shape == ref.shape
       np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=1e-5, atol=1e-5)
+  # bf16 compute: gradients in bf16, within bf16 rounding of the float32 ones.
+  x = jnp.asarray(rs.randn(300, 16).astype(np.float32))
+  g = jnp.asarray(rs.randn(300, 97).astype(np.float32))
+  ref = jax.vjp(bert.tied_logits, x, table, bias)[1](g)
+  low = [t.astype(jnp.bfloat16) for t in (x, table, bias, g)]
+  ours = jax.vjp(bert.tied_logits, *low[:3])[1](low[3])
+  for o, r in zip(ours, ref):
+    assert o.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(o, np.float32), np.asarray(r), rtol=2e-2,
+                               atol=2e-2 * float(jnp.abs(r).max()))
 
 
 def test_threefry_bits_equal_jax_random_bits_without_a_loop():

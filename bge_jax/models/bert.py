@@ -109,7 +109,9 @@ def _tied_logits_bwd(residuals, g):
   g2 = g.reshape(-1, g.shape[-1])
   dx = jnp.dot(g2, table).reshape(x.shape)
   dtable = jax.lax.dot_general(g2, x.reshape(-1, x.shape[-1]), (((0,), (0,)), ((), ())))
-  dbias = jnp.dot(jnp.ones(g2.shape[:1], g.dtype), g2)
+  # Summed in float32 whatever the compute dtype (bf16 sums over thousands of rows drift).
+  dbias = jnp.dot(jnp.ones(g2.shape[:1], g.dtype), g2,
+                  preferred_element_type=jnp.float32).astype(g.dtype)
   return dx, dtable, dbias
 
 
