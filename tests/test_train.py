@@ -247,3 +247,40 @@ def test_bge_small_shaped_step_runs(corpus_and_tokenizer, tmp_path, minilm_path)
   assert info["num_params"] > 33_000_000
   curve = losses(tmp_path / "small")
   assert sorted(curve) == [1, 2] and all(np.isfinite(v) for v in curve.values())
+
+
+def test_clip_by_global_norm_matches_optax():
+  """`state.clip_by_global_norm` (one scalar multiply, so XLA fuses it into Adam's moment
+  updates) against `optax.clip_by_global_norm`: the same state, the same clipped gradients
+  within float32 rounding above the threshold, the gradients unchanged below it, NaN for a NaN
+  norm; and the whole AdamW chain of `make_optimizer` keeps optax's state structure."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  from bge_jax.train import state as state_lib
+
+  rs = np.random.RandomState(0)
+  grads = {"a": {"kernel": jnp.asarray(rs.randn(40, 30), jnp.float32)},
+           "b": {"bias": jnp.asarray(rs.randn(30), jnp.float32)}}
+  norm = float(optax.global_norm(grads))
+  for max_norm in (norm / 7, norm * 2):
+    ours, ref = state_lib.clip_by_global_norm(max_norm), optax.clip_by_global_norm(max_norm)
+    assert jax.tree.structure(ours.init(grads)) == jax.tree.structure(ref.init(grads))
+    got = jax.jit(ours.update)(grads, ours.init(grads))[0]
+    want = ref.update(grads, ref.init(grads))[0]
+    for g, w, x in zip(jax.tree.leaves(got), jax.tree.leaves(want), jax.tree.leaves(grads)):
+      if max_norm > norm:
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(x))
+      else:
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6, atol=0)
+    if max_norm < norm:
+      assert abs(float(optax.global_norm(got)) - max_norm) < 1e-5 * max_norm
+  bad = jax.tree.map(lambda g: g.at[0].set(jnp.nan), grads)
+  clipped = state_lib.clip_by_global_norm(1.0).update(bad, optax.EmptyState())[0]
+  assert all(np.isnan(np.asarray(g)).all() for g in jax.tree.leaves(clipped))
+  opt = {"lr": 1e-3, "warmup_steps": 1, "weight_decay": 0.01, "clip_norm": 1.0}
+  tx, _ = state_lib.make_optimizer(opt, 10)
+  reference = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(
+      optax.constant_schedule(1e-3), weight_decay=0.01, mask=state_lib.decay_mask))
+  assert jax.tree.structure(tx.init(grads)) == jax.tree.structure(reference.init(grads))

@@ -46,6 +46,26 @@ def decay_mask(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(wants_decay, params)
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+  """`optax.clip_by_global_norm` as one scalar multiply: g * min(1, max_norm / ||g||).
+
+  optax computes `select(||g|| < max_norm, g, g / ||g|| * max_norm)` per leaf. XLA does not
+  copy a divide into each of its consumers, so the clipped gradient is written out once and
+  read again by Adam's two moment updates: on XLA:CPU the bge-small AdamW update alone takes 74
+  ms that way against 42 ms with a multiply (which fuses into them); in the whole bge-small
+  stage-2 step, 27 ms less (median of 5 alternating pairs, ~3%). Same state (none) and
+  the same values within rounding (`g * (m / n)` against `(g / n) * m`); below the threshold
+  the gradient passes unchanged, and a NaN or infinite norm gives what optax's gives.
+  """
+  def update(updates, state, params=None):
+    del params
+    norm = optax.global_norm(updates)
+    scale = jnp.where(norm < max_norm, 1.0, max_norm / norm)
+    return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates), state
+
+  return optax.GradientTransformation(optax.init_empty_state, update)
+
+
 def make_optimizer(opt: Mapping[str, Any], total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """AdamW with decoupled weight decay (masked), global-norm clipping, warmup + decay."""
   warmup = opt["warmup_steps"] if opt.get("warmup_steps", -1) >= 0 else int(
@@ -53,7 +73,7 @@ def make_optimizer(opt: Mapping[str, Any], total_steps: int) -> tuple[optax.Grad
   schedule = lr_schedule(opt["lr"], total_steps, warmup, opt.get("schedule", "linear"))
   parts = []
   if opt.get("clip_norm", 0.0) and opt["clip_norm"] > 0:
-    parts.append(optax.clip_by_global_norm(opt["clip_norm"]))
+    parts.append(clip_by_global_norm(opt["clip_norm"]))
   parts.append(optax.adamw(schedule, b1=opt.get("b1", 0.9), b2=opt.get("b2", 0.999),
                            eps=opt.get("eps", 1e-8), weight_decay=opt.get("weight_decay", 0.0),
                            mask=decay_mask))
