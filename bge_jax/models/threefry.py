@@ -55,7 +55,8 @@ def _threefry_words(key: jax.Array) -> jax.Array | None:
     threefry = not key.shape and str(jax.random.key_impl(key)) == "threefry2x32"
     return jax.random.key_data(key) if threefry else None
   raw = key.dtype == jnp.uint32 and key.shape == (2,)
-  return key if raw and jax.config.jax_default_prng_impl == "threefry2x32" else None
+  default = getattr(jax.config, "jax_default_prng_impl", None)
+  return key if raw and default == "threefry2x32" else None
 
 
 def bits32(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
