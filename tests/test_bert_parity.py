@@ -175,7 +175,7 @@ def test_dropout_keeps_the_rate_unbiased_and_independent():
 def test_tied_logits_vjp_equals_autodiff():
   """`bert.tied_logits`' hand-written VJP (bias gradient as a vector-matrix product, the table's
   as one GEMM over the flattened rows) against autodiff of the plain expression, for 2-D and
-  3-D inputs."""
+  3-D inputs, in reverse and forward mode."""
   rs = np.random.RandomState(0)
   table = jnp.asarray(rs.randn(97, 16).astype(np.float32))
   bias = jnp.asarray(rs.randn(97).astype(np.float32))
@@ -188,6 +188,10 @@ def test_tied_logits_vjp_equals_autodiff():
     for ours, ref in zip(vjp(g), ref_vjp(g)):
       assert ours.shape == ref.shape
       np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=1e-5, atol=1e-5)
+    tangents = (x, table * 0.5, bias * 2.0)
+    ours_t = jax.jvp(bert.tied_logits, (x, table, bias), tangents)[1]
+    ref_t = jax.jvp(lambda x, t, b: x @ t.T + b, (x, table, bias), tangents)[1]
+    np.testing.assert_allclose(np.asarray(ours_t), np.asarray(ref_t), rtol=1e-5, atol=1e-5)
   # bf16 compute: gradients in bf16, within bf16 rounding of the float32 ones.
   x = jnp.asarray(rs.randn(300, 16).astype(np.float32))
   g = jnp.asarray(rs.randn(300, 97).astype(np.float32))
