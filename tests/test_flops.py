@@ -32,7 +32,7 @@ _DOT = re.compile(r"stablehlo\.dot_general .*contracting_dims = \[([\d, ]*)\] x 
 
 
 def _dots(lowered):
-  """(lhs shape, output shape, contracted size) of every dot_general of a lowered program.
+  """(is it a row sum, 2 x |output| x |contracted dims|) of every dot_general of a lowered program.
 
   Refuses programs with dots outside `main` (called functions or loop bodies may run several
   times, which the text does not say).
