@@ -161,3 +161,8 @@ def wait_for_step(workdir: pathlib.Path, at_step: int, procs, timeout: float = 6
         break
     time.sleep(0.005)
   assert all(p.poll() is None for p in procs), "the run ended before it could be interrupted"
+
+
+def saved_steps(workdir: pathlib.Path) -> list[int]:
+  """The steps a run's workdir holds checkpoints of, ascending."""
+  return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())

@@ -20,7 +20,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, make_corpus, make_tokenizer, wait_for_step
+from conftest import REPO, make_corpus, make_tokenizer, saved_steps, wait_for_step
 
 STEPS = 4
 
@@ -137,7 +137,7 @@ def test_two_processes_reproduce_one_process_loss_curve(stage, tmp_path, monkeyp
   assert f"[bge-jax] stage={stage}" in outputs[0] and "[bge-jax]" not in outputs[1]
   info = json.loads((workdir / "run_info.json").read_text())
   assert info["processes"] == 2 and info["devices"] == 8
-  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
+  assert saved_steps(workdir) == [2, 4]
   multi = losses(workdir)
 
   real = loop.get_stage(stage)
@@ -171,7 +171,7 @@ def test_sigterm_to_one_host_stops_both_at_one_step_and_resume_matches(tmp_path)
                                      until=(3, signal.SIGTERM, 1))
   for i, (p, out) in enumerate(zip(procs, outputs)):
     assert p.returncode == 0, f"process {i}:\n{out[-4000:]}"
-  saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  saved = saved_steps(workdir)
   stopped = max(losses(workdir))
   assert saved == [stopped] and 3 <= stopped < steps, (saved, stopped)
   assert f"preempted (SIGTERM): saved step {stopped}" in outputs[0]
@@ -182,5 +182,5 @@ def test_sigterm_to_one_host_stops_both_at_one_step_and_resume_matches(tmp_path)
   resumed = losses(workdir)
   assert sorted(resumed) == list(range(1, steps + 1))
   assert [resumed[s] for s in range(1, steps + 1)] == [reference[s] for s in range(1, steps + 1)]
-  saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  saved = saved_steps(workdir)
   assert saved == [stopped, steps]

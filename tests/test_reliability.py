@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from conftest import REPO, make_corpus, make_tokenizer, wait_for_step
+from conftest import REPO, make_corpus, make_tokenizer, saved_steps, wait_for_step
 
 STEPS = 16
 EVERY = 2  # checkpoint interval of the runs below
@@ -120,7 +120,7 @@ def test_sigkill_at_random_steps_then_resume_is_bitwise(data, reference, tmp_pat
     workdir = tmp_path / f"killed_at_{at}"
     code, _ = start_and_signal(data, workdir, at, signal.SIGKILL)
     assert code == -signal.SIGKILL
-    saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    saved = saved_steps(workdir)
     assert not saved or saved[-1] < STEPS, (at, saved)
     resumed = run(data, workdir)
     if saved:
@@ -134,7 +134,7 @@ def test_sigterm_saves_the_current_step_and_exits_0(data, reference, tmp_path):
   workdir = tmp_path / "preempted"
   code, out = start_and_signal(data, workdir, 5, signal.SIGTERM)
   assert code == 0, out[-3000:]
-  saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  saved = saved_steps(workdir)
   stopped = loss_rows(workdir)[-1][0]
   assert saved[-1] == stopped and stopped < STEPS, (saved, stopped)
   assert f"preempted (SIGTERM): saved step {stopped}" in out
@@ -185,8 +185,7 @@ def test_nonfinite_steps_stop_or_are_skipped(data, tmp_path):
   assert "NaN/inf loss or gradient" in stop.stderr and "skip_nonfinite_updates" in stop.stderr
   assert "Traceback" not in stop.stderr
   rows = [json.loads(x) for x in (tmp_path / "stop" / "metrics.jsonl").read_text().splitlines()]
-  saved = sorted(int(p.name) for p in (tmp_path / "stop" / "checkpoints").iterdir()
-                 if p.name.isdigit())
+  saved = saved_steps(tmp_path / "stop")
   assert rows and saved == [r["step"] for r in rows], (saved, rows)  # one per checked good step
   assert all(np.isfinite(r["loss"]) and r["nonfinite_steps"] == 0 for r in rows)
   bad_step = saved[-1] + 1
