@@ -18,6 +18,7 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from bge_jax.config import BertConfig
@@ -189,6 +190,22 @@ def loss(params: Any, config: BertConfig, batch: Mapping[str, Any], *, temperatu
 # Stage wiring for the trainer (stage 2 "contrastive" and stage 3 "finetune" share it).
 # ---------------------------------------------------------------------------------------------
 
+def max_over_processes(need: Mapping[str, int], process_count: int) -> dict[str, int]:
+  """The element-wise max of every process's `need` ({side: rows}), so that all processes pack
+  to the same rows (a host all-gather; `need` itself on one process)."""
+  if process_count == 1:
+    return dict(need)
+  if jax.process_count() != process_count:
+    raise ValueError(f"sizing packed rows for {process_count} processes needs them running "
+                     f"(jax.process_count() is {jax.process_count()}); pass "
+                     "config.data.pack_rows_fraction instead")
+  from jax.experimental import multihost_utils
+
+  sides = list(need)  # the same order on every process: the same code built it
+  every = multihost_utils.process_allgather(np.array([need[s] for s in sides], np.int64))
+  return {s: int(v) for s, v in zip(sides, np.max(np.reshape(every, (-1, len(sides))), axis=0))}
+
+
 class ContrastiveStage:
   """Stage 2 (unlabeled pairs, in-batch negatives) and stage 3 (hard negatives, instructions)."""
 
@@ -230,40 +247,44 @@ class ContrastiveStage:
         process_index=process_index, process_count=process_count,
         no_in_batch_datasets=tuple(no_in_batch), use_teacher_scores=d.use_teacher_scores)
     if d.get("pack", False):
-      batcher.enable_packing(self._packed_rows(config, batcher, process_count))
+      rows, multiple = self._packed_rows(config, batcher, process_count)
+      batcher.enable_packing(rows, grow_multiple=multiple if process_count == 1 else None)
     return batcher
 
   @staticmethod
-  def _packed_rows(config, batcher, process_count: int) -> dict[str, int]:
-    """Rows per process of each packed side: data.pack_rows_fraction of the texts, or (0 =
-    auto, one process only) the most the first PACK_CALIBRATION_STEPS batches need plus 5%,
-    rounded up to a multiple of the local devices and of the GradCache parts."""
+  def _packed_rows(config, batcher, process_count: int) -> tuple[dict[str, int], int]:
+    """(rows per process of each packed side, the multiple they are rounded to).
+
+    The rows are data.pack_rows_fraction of the texts, or (0 = auto) the most the first
+    PACK_CALIBRATION_STEPS batches need on any process plus 5%; rounded up to a multiple of the
+    local devices and of the GradCache parts.
+    """
     d = config.data
     if config.get("grad_accum_steps", 1) > 1:
       raise ValueError(f"config.data.pack=True with config.grad_accum_steps="
                        f"{config.grad_accum_steps}: packed rows do not split into micro-batches; "
                        "use loss.gradcache_chunk for memory instead, or data.pack=False.")
     fraction = float(d.get("pack_rows_fraction", 0.0))
-    if fraction == 0.0 and process_count > 1:
-      raise ValueError("config.data.pack=True on several processes needs an explicit "
-                       "config.data.pack_rows_fraction (every process must pack to the same "
-                       "shape): e.g. 0.75, or the `packed rows needed` a one-process run logs.")
     local = {"query": batcher.batch_size, "passage": batcher.batch_size * batcher.group_size}
-    need = (batcher.packed_rows_needed(range(PACK_CALIBRATION_STEPS)) if fraction == 0.0
-            else None)
+    need = None
+    if fraction == 0.0:
+      need = max_over_processes(batcher.packed_rows_needed(range(PACK_CALIBRATION_STEPS)),
+                                process_count)
     chunk = config.loss.gradcache_chunk
-    rows = {}
+    rows, multiples = {}, set()
     for side, n in local.items():
       total = n * process_count
       parts = total // chunk if 0 < chunk < total else 1
       multiple = math.lcm(jax.local_device_count(), parts)
+      multiples.add(multiple)
       if need is not None:
         fraction = min(1.0, (need[side] + max(1, math.ceil(0.05 * need[side]))) / n)
       rows[side] = packing.rows_for(n, fraction, multiple)
     log.info("data.pack: %s packed rows per process for %s texts (%s)", rows, local,
              f"needed at most {need} over the first {PACK_CALIBRATION_STEPS} batches"
+             + (f" of {process_count} processes" if process_count > 1 else "")
              if need is not None else f"pack_rows_fraction={fraction}")
-    return rows
+    return rows, math.lcm(*multiples)
 
   def export(self, params, model_config, tokenizer, out_dir, config):
     """An HF BertModel + sentence-transformers folder (the loss's pooling, Normalize)."""

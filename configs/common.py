@@ -106,8 +106,9 @@ def contrastive_config(stage: str, arg: str) -> ConfigDict:
   c.data.use_teacher_scores = False  # distil from pos_scores / neg_scores when present
   c.data.prefetch = 2
   # Packing: several texts per row (block-diagonal attention), so padding is not computed.
-  # Rows per process = pack_rows_fraction x the texts (0 = sized from the first 16 batches,
-  # one process only); a batch that does not fit stops the run and names this key.
+  # Rows per process = pack_rows_fraction x the texts (0 = sized from the first 16 batches of
+  # every process, plus 5%). A batch that does not fit takes more rows on one process (another
+  # compiled step, logged); with several processes it stops the run and names this key.
   c.data.pack = False
   c.data.pack_rows_fraction = 0.0
 

@@ -60,8 +60,24 @@ class SimulatedProcesses:
 
   def batcher(self, config, tokenizer, model_config, process_index, process_count):
     assert (process_index, process_count) == (0, 1)
-    return ConcatBatcher([self.stage.batcher(config, tokenizer, model_config, i, self.count)
-                          for i in range(self.count)])
+    from unittest import mock
+
+    from bge_jax import contrastive
+
+    def parts():
+      return [self.stage.batcher(config, tokenizer, model_config, i, self.count)
+              for i in range(self.count)]
+
+    # Packed rows sized from the processes' first batches: their all-gather, in one process.
+    needs = []
+    with mock.patch.object(contrastive, "max_over_processes",
+                           lambda need, count: needs.append(need) or need):
+      parts()
+    if not needs:
+      return ConcatBatcher(parts())
+    agreed = {side: max(n[side] for n in needs) for side in needs[0]}
+    with mock.patch.object(contrastive, "max_over_processes", lambda need, count: agreed):
+      return ConcatBatcher(parts())
 
 
 def free_port() -> int:
@@ -121,13 +137,21 @@ def run_two_processes(stage, workdir, values, tmp_path, until=None):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["retromae", "contrastive"])
+@pytest.mark.parametrize("stage", ["retromae", "contrastive", "contrastive packed"])
 def test_two_processes_reproduce_one_process_loss_curve(stage, tmp_path, monkeypatch):
+  """`contrastive packed`: data.pack with rows sized from both processes' first batches (an
+  all-gather); no dropout, whose masks depend on the rows, which the one-process reference
+  rounds to its 8 devices, not 4."""
   from test_train import load_config, losses, override
 
   from bge_jax.train import loop
 
+  stage, packed = stage.split()[0], stage.endswith("packed")
   values = overrides(stage, tmp_path)
+  if packed:  # passages of 1-6 words: each process's first batches need their own rows
+    from test_train_contrastive import _rows_of_length
+    values.update({"data.pack": True, "dropout": False, "data.query_max_length": 16,
+                   "data.train": str(_rows_of_length(tmp_path / "ragged.jsonl", 128, (1, 6)))})
 
   workdir = tmp_path / "multi"
   procs, outputs = run_two_processes(stage, workdir, values, tmp_path)
@@ -138,6 +162,18 @@ def test_two_processes_reproduce_one_process_loss_curve(stage, tmp_path, monkeyp
   info = json.loads((workdir / "run_info.json").read_text())
   assert info["processes"] == 2 and info["devices"] == 8
   assert saved_steps(workdir) == [2, 4]
+  if packed:  # both processes pack to the rows the larger of their needs asks for (here the
+    # two needs may be equal: test_max_over_processes_takes_every_process_need checks the max)
+    import types
+
+    from bge_jax import contrastive
+    unpacked = override(load_config(stage, "tiny"), **{**values, "data.pack": False})
+    own = [contrastive.CONTRASTIVE.batcher(
+        unpacked, loop.load_tokenizer(unpacked), types.SimpleNamespace(max_position_embeddings=32),
+        i, 2).packed_rows_needed(range(contrastive.PACK_CALIBRATION_STEPS)) for i in range(2)]
+    agreed = {side: max(n[side] for n in own) for side in own[0]}
+    for out in outputs:
+      assert f"needed at most {agreed} over the first 16 batches of 2 processes" in out, agreed
   multi = losses(workdir)
 
   real = loop.get_stage(stage)
@@ -184,3 +220,29 @@ def test_sigterm_to_one_host_stops_both_at_one_step_and_resume_matches(tmp_path)
   assert [resumed[s] for s in range(1, steps + 1)] == [reference[s] for s in range(1, steps + 1)]
   saved = saved_steps(workdir)
   assert saved == [stopped, steps]
+
+
+_MAX_OVER_PROCESSES = """
+import sys
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+i = int(sys.argv[2])
+jax.distributed.initialize(sys.argv[1], 2, i)
+from bge_jax.contrastive import max_over_processes
+print("agreed", max_over_processes({"query": 3 + i, "passage": 9 - 4 * i}, 2), flush=True)
+"""
+
+
+def test_max_over_processes_takes_every_process_need(tmp_path):
+  """Two processes with different packed-row needs both get the element-wise max (the
+  all-gather `data.pack` sizes its rows with), in the order the sides were given."""
+  address = f"127.0.0.1:{free_port()}"
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             PYTHONPATH=str(REPO))
+  procs = [subprocess.Popen([sys.executable, "-c", _MAX_OVER_PROCESSES, address, str(i)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-3000:]
+    assert "agreed {'query': 4, 'passage': 9}" in out, out[-3000:]

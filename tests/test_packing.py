@@ -50,6 +50,22 @@ def test_pack_to_a_fixed_row_count_and_the_overflow_error():
     packing.pack(ids, mask, rows=2)
 
 
+def test_a_batch_that_outgrows_its_rows_takes_the_next_of_a_few_shapes():
+  ids, mask = _batch([8, 3, 5, 2, 4, 6], 8)  # needs 4 rows of 8
+  out = packing.pack(ids, mask, rows=2, grow_multiple=1)
+  assert out["input_ids"].shape == (4, 8)  # eighths of 6 texts, rounded up: 1, 2, 3, 3, 4, ...
+  np.testing.assert_array_equal(out["input_ids"], packing.pack(ids, mask, rows=4)["input_ids"])
+  assert packing.pack(ids, mask, rows=2, grow_multiple=4)["input_ids"].shape == (4, 8)
+  assert packing.pack(ids, mask, rows=5, grow_multiple=4)["input_ids"].shape == (5, 8)  # fits
+  # Every need maps to one of at most 8 row counts, the largest holding any batch of n texts.
+  grown = {packing.grown_rows(need, 64, multiple=8) for need in range(1, 65)}
+  assert grown == {8, 16, 24, 32, 40, 48, 56, 64}
+  assert all(packing.grown_rows(need, 64, 8) >= need for need in range(1, 65))
+  assert packing.grown_rows(60, 60, multiple=8) == 64  # n rounded up to the shards
+  with pytest.raises(ValueError, match="needed=0 rows for 64 texts"):
+    packing.grown_rows(0, 64)
+
+
 def test_pack_refuses_left_padding_and_empty_texts():
   ids, mask = _batch([3, 4], 6)
   with pytest.raises(ValueError, match="right-padded"):

@@ -105,8 +105,8 @@ def test_stage3_hard_negatives_with_gradcache_matches_plain(data, tmp_path):
 
 
 def test_pack_refusals(data):
-  """data.pack needs an explicit fraction on several processes, no grad accumulation, and a
-  batch that does not fit its rows stops with the key to raise."""
+  """data.pack refuses grad accumulation; sizing rows for several processes needs them running
+  (or an explicit fraction); there a batch that does not fit stops with the key to raise."""
   from bge_jax import contrastive
   from bge_jax.train.loop import load_tokenizer
 
@@ -115,18 +115,61 @@ def test_pack_refusals(data):
   tokenizer = load_tokenizer(config)
   stage = contrastive.FINETUNE
   model = types.SimpleNamespace(max_position_embeddings=32)
-  with pytest.raises(ValueError, match=r"several processes needs an explicit "
+  with pytest.raises(ValueError, match=r"for 2 processes needs them running .* pass "
                                        r"config\.data\.pack_rows_fraction"):
-    stage.batcher(config, tokenizer, model, 0, 2)
+    stage.batcher(config, tokenizer, model, 0, 2)  # one real process: no all-gather to do
   with pytest.raises(ValueError, match=r"grad_accum_steps=2"):
     stage.batcher(override(config.copy_and_resolve_references(), grad_accum_steps=2), tokenizer,
                   model, 0, 1)
-  batcher = stage.batcher(override(config, **{"data.pack_rows_fraction": 0.125}), tokenizer,
-                          model, 0, 1)
-  assert batcher.pack_rows == {"query": 8, "passage": 8}  # 1/8 of 16 and 64, 8 devices
+  small = override(config, **{"data.pack_rows_fraction": 0.125})
+  batcher = stage.batcher(small, tokenizer, model, 1, 2)
+  assert batcher.pack_rows == {"query": 8, "passage": 8}  # 1/8 of 8 and 32, 8 devices
   with pytest.raises(ValueError, match=r"step 0 .*more than the 8 allowed; raise "
-                                       r"data\.pack_rows_fraction"):
+                                       r"data\.pack_rows_fraction.*2 processes .* cannot grow"):
     batcher(0)
+  with pytest.raises(ValueError, match="one process only"):
+    batcher.enable_packing(batcher.pack_rows, grow_multiple=8)
+
+
+def _rows_of_length(path, n, words: tuple[int, int], seed=0):
+  """FlagEmbedding rows whose passages have words[0]..words[1] words."""
+  rng = random.Random(seed)
+  with open(path, "w") as f:
+    for _ in range(n):
+      text = lambda: " ".join(rng.sample(WORDS, rng.randint(*words)))  # noqa: E731
+      f.write(json.dumps({"query": " ".join(rng.sample(WORDS, 3)), "pos": [text()],
+                          "neg": [text()]}) + "\n")
+  return path
+
+
+def test_packed_batches_that_outgrow_their_rows_grow_on_one_process(data, tmp_path, caplog):
+  """With one process, a batch needing more packed rows than budgeted gets more (another
+  compiled step) instead of stopping the run: the losses stay the padded run's."""
+  import logging
+
+  from bge_jax import contrastive
+  from bge_jax.data import packing
+  from bge_jax.train.loop import load_tokenizer, train
+
+  _, tok = data
+  # Two datasets (a batch comes from one): short passages pack ~3 to a row, long ones 1.
+  rows = ",".join(str(_rows_of_length(tmp_path / f"{name}.jsonl", 64, words, seed))
+                  for seed, (name, words) in enumerate([("short", (1, 2)), ("long", (9, 12))]))
+  common = {"data.group_size": 2, "dropout": False, "export": False}
+  config = tiny("finetune", rows, tok, 4, **common)
+  probe = contrastive.FINETUNE.batcher(config, load_tokenizer(config), types.SimpleNamespace(
+      max_position_embeddings=32), 0, 1)
+  need = [probe.packed_rows_needed([s])["passage"] for s in range(4)]
+  budget = packing.rows_for(32, min(need) / 32, multiple=8)  # some steps fit, some do not
+  assert max(need) > budget, (need, budget)
+  caplog.set_level(logging.WARNING)
+  train(tiny("finetune", rows, tok, 4, **common, **{
+      "data.pack": True, "data.pack_rows_fraction": budget / 32}), str(tmp_path / "packed"))
+  assert "compiling the train step for new batch shapes" in caplog.text
+  assert "more than the {'query': " in caplog.text  # the batcher's warning names the budget
+  train(tiny("finetune", rows, tok, 4, **common), str(tmp_path / "padded"))
+  a, b = losses(tmp_path / "padded"), losses(tmp_path / "packed")
+  np.testing.assert_allclose([b[s] for s in range(1, 5)], [a[s] for s in range(1, 5)], rtol=1e-5)
 
 
 def test_stage2_from_stage1_export(data, tmp_path):

@@ -14,7 +14,9 @@ The packed arrays of one side (`query` or `passage`) of a batch:
   {side}_text_slot     [N]     row * (L // 2) + s - 1 for text i: where its vector is pooled
 
 R is a static shape: pass `rows` (e.g. from `packed_rows`) so every batch compiles to the same
-program; a batch whose texts do not fit raises, naming the fix.
+program. A batch whose texts do not fit raises, naming the fix, unless the caller lets it grow
+(`grow_multiple`, one process only): it then takes the next of a few larger row counts
+(`grown_rows`), one more compiled shape each.
 """
 
 from __future__ import annotations
@@ -57,11 +59,12 @@ def packed_rows(lengths: np.ndarray, capacity: int) -> int:
 
 
 def pack(input_ids: np.ndarray, attention_mask: np.ndarray, rows: int | None = None,
-         pad_id: int = 0) -> dict[str, np.ndarray]:
+         pad_id: int = 0, grow_multiple: int | None = None) -> dict[str, np.ndarray]:
   """Pack a right-padded batch [N, L] into `rows` rows of length L (default: as few as fit).
 
   Returns the arrays of the module docstring without the side prefix. Texts keep their tokens
-  and order within a row; the real tokens of each row come first.
+  and order within a row; the real tokens of each row come first. Texts that need more than
+  `rows` rows raise, or with `grow_multiple` get `grown_rows(needed, N, grow_multiple)` rows.
   """
   input_ids = np.asarray(input_ids)
   attention_mask = np.asarray(attention_mask).astype(bool)
@@ -74,6 +77,8 @@ def pack(input_ids: np.ndarray, attention_mask: np.ndarray, rows: int | None = N
   bins = first_fit_decreasing(lengths, length)
   if rows is None:
     rows = len(bins)
+  if len(bins) > rows and grow_multiple is not None:
+    rows = grown_rows(len(bins), n, grow_multiple)
   if len(bins) > rows:
     raise ValueError(
         f"{n} texts of {int(lengths.sum())} tokens need {len(bins)} packed rows of {length}, "
@@ -142,14 +147,25 @@ def rows_for(n: int, fraction: float, multiple: int = 1) -> int:
   return min(-(-r // multiple) * multiple, -(-n // multiple) * multiple)
 
 
+def grown_rows(needed: int, n: int, multiple: int = 1, steps: int = 8) -> int:
+  """Rows for n texts that need `needed` rows, more than their budget: the smallest of
+  rows_for(n, k / steps, multiple), k = 1..steps, that holds them. Overflowing batches thus share
+  at most `steps` shapes, and the largest (n rows rounded up) holds any batch."""
+  if not 0 < needed <= n:
+    raise ValueError(f"needed={needed} rows for {n} texts: expected 1..{n}")
+  return next(r for r in (rows_for(n, k / steps, multiple) for k in range(1, steps + 1))
+              if r >= needed)
+
+
 def pack_sides(batch: Mapping[str, np.ndarray], rows: Mapping[str, int | None],
-               pad_id: int = 0) -> dict[str, np.ndarray]:
-  """The batch with each side in `rows` ({"query": R_q, "passage": R_p}) packed; other keys
-  (teacher scores, flags) unchanged."""
+               pad_id: int = 0, grow_multiple: int | None = None) -> dict[str, np.ndarray]:
+  """The batch with each side in `rows` ({"query": R_q, "passage": R_p}) packed (`pack`, with
+  `grow_multiple`); other keys (teacher scores, flags) unchanged."""
   out = {k: v for k, v in batch.items()
          if not any(k.startswith(f"{side}_") for side in rows)}
   for side, r in rows.items():
-    packed = pack(batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"], r, pad_id)
+    packed = pack(batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"], r, pad_id,
+                  grow_multiple)
     out.update({f"{side}_{k}": v for k, v in packed.items()})
   return out
 

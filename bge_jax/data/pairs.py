@@ -43,6 +43,7 @@ from __future__ import annotations
 import collections
 import gzip
 import json
+import logging
 import math
 import os
 import re
@@ -58,6 +59,7 @@ from bge_jax.data.sources import DataError
 from bge_jax.data.tokenizer import private_copy
 
 Spec = Union[str, os.PathLike]
+log = logging.getLogger(__name__)
 
 INSTRUCTIONS = {
     "zh": "为这个句子生成表示以用于检索相关文章：",
@@ -560,6 +562,8 @@ class ContrastiveBatcher:
     self.use_teacher_scores = use_teacher_scores
     self.global_batch = batch_size * process_count
     self.pack_rows: dict[str, int] | None = None  # enable_packing
+    self.pack_grow_multiple: int | None = None
+    self.grown_batches = 0  # packed batches that needed more rows than pack_rows
 
     slots = []
     for name, src in datasets:
@@ -743,19 +747,40 @@ class ContrastiveBatcher:
     if self.pack_rows is None:
       return batch
     try:
-      batch = packing.pack_sides(batch, self.pack_rows, self.tokenizer.pad_token_id)
+      batch = packing.pack_sides(batch, self.pack_rows, self.tokenizer.pad_token_id,
+                                 self.pack_grow_multiple)
     except ValueError as e:
-      raise ValueError(f"step {step} (dataset {self.dataset_at(step)!r}): {e}") from None
+      fix = ("" if self.process_count == 1 else
+             f" Every one of the {self.process_count} processes packs to the same rows, so a "
+             "batch cannot grow; the checkpoints so far are kept: resume with a larger "
+             "fraction.")
+      raise ValueError(f"step {step} (dataset {self.dataset_at(step)!r}): {e}.{fix}") from None
+    rows = {side: batch[f"{side}_input_ids"].shape[0] for side in self.pack_rows}
+    if rows != self.pack_rows:
+      self.grown_batches += 1
+      if self.grown_batches == 1 or self.grown_batches % 100 == 0:
+        log.warning("step %d: the packed batch takes %s rows, more than the %s budgeted (%d "
+                    "grown batches so far); each new shape compiles another step: raise "
+                    "data.pack_rows_fraction to avoid that", step, rows, self.pack_rows,
+                    self.grown_batches)
     # Slots index the global array: this process's rows come after the lower processes'.
-    for side, rows in self.pack_rows.items():
+    for side, r in rows.items():
       length = batch[f"{side}_input_ids"].shape[1]
-      batch[f"{side}_text_slot"] += np.int32(self.process_index * rows * (length // 2))
+      batch[f"{side}_text_slot"] += np.int32(self.process_index * r * (length // 2))
     return batch
 
-  def enable_packing(self, rows: Mapping[str, int]) -> None:
+  def enable_packing(self, rows: Mapping[str, int], grow_multiple: int | None = None) -> None:
     """Pack each side of every batch into rows[side] rows per process (`bge_jax.data.packing`);
-    the same counts on every process (the global array is their concatenation)."""
+    the same counts on every process (the global array is their concatenation).
+
+    grow_multiple (one process only): a batch whose texts need more rows takes
+    `packing.grown_rows` rows, a multiple of this (the batch shards), instead of raising.
+    """
+    if grow_multiple is not None and self.process_count > 1:
+      raise ValueError("packed rows can grow on one process only: every process must pack "
+                       "to the same shape")
     self.pack_rows = {side: int(rows[side]) for side in ("query", "passage")}
+    self.pack_grow_multiple = grow_multiple
 
   def packed_rows_needed(self, steps: Sequence[int]) -> dict[str, int]:
     """The most rows first-fit decreasing needs per side over these steps' batches."""

@@ -455,9 +455,8 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   step_fn = state_lib.make_train_step(loss_fn, tx, schedule, config.grad_accum_steps,
                                       skip_nonfinite=skip_nonfinite)
   probe = batcher(start_step)
-  # Analytic model FLOPs per step (PaLM convention, remat/GradCache recompute not counted) and the
-  # device peak for MFU: config.peak_tflops per device, or the detected accelerator's (none on CPU).
-  step_flops = flops.train_step_flops(config, model_config, probe, jax.process_count()).model
+  # The device peak for MFU: config.peak_tflops per device, or the detected accelerator's (none
+  # on CPU).
   peak = float(config.get("peak_tflops", 0.0) or 0.0) * 1e12 or flops.peak_flops()
   # Batch-major arrays split over (data, fsdp); 0-d flags (e.g. in_batch_negatives) replicated.
   batch_sh = {k: sharding.batch_sharding(mesh, v.ndim) if v.ndim else repl
@@ -468,10 +467,25 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   def global_batch(local):
     return {k: jax.make_array_from_process_local_data(batch_sh[k], v) for k, v in local.items()}
 
-  # Compiled once, ahead of time: the memory analysis is printed before the first step.
-  with sharding.activate(mesh):
-    compiled_step = jit_step.lower(state, global_batch(probe), jax.random.key(0)).compile()
-  memory = compiled_step.memory_analysis()
+  programs: dict[tuple, tuple[Any, float]] = {}
+
+  def program(local) -> tuple[Any, float]:
+    """(the step compiled for this batch's shapes, its analytic model FLOPs: PaLM convention,
+    remat/GradCache recompute not counted). Every batch has the probe's shapes, except packed
+    ones that outgrew their rows (one process only, `ContrastiveBatcher.enable_packing`)."""
+    shapes = tuple((k, np.shape(v)) for k, v in sorted(local.items()))
+    if shapes not in programs:
+      if programs:
+        log.warning("compiling the train step for new batch shapes: %s",
+                    {k: s for k, s in shapes if s != np.shape(probe[k])})
+      with sharding.activate(mesh):
+        compiled = jit_step.lower(state, global_batch(local), jax.random.key(0)).compile()
+      programs[shapes] = (compiled, flops.train_step_flops(config, model_config, local,
+                                                           jax.process_count()).model)
+    return programs[shapes]
+
+  # Compiled ahead of the loop: the memory analysis is printed before the first step.
+  memory = program(probe)[0].memory_analysis()
   if is_main:
     if start_step:
       _warn_if_processes_changed(workdir, start_step)
@@ -498,14 +512,17 @@ def train(config: Any, workdir: str) -> dict[str, float]:
 
   if start_step == 0:
     run_eval(0)
-  window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
+  window_tokens, window_flops, window_start = 0, 0.0, time.perf_counter()
   checked = start_step  # steps up to here had a finite loss and gradient (or were skipped)
   preempted_at = None
   try:
     for step in range(start_step, total_steps):
       local = probe if step == start_step else prefetch.next()[1]
+      t = time.perf_counter()
+      compiled_step, step_flops = program(local)
+      window_start += time.perf_counter() - t  # a compile for new shapes is not step time
       window_tokens += batcher.real_tokens(local) * jax.process_count()
-      window_steps += 1
+      window_flops += step_flops
       with sharding.activate(mesh):
         state, metrics = compiled_step(state, global_batch(local), rng)
       done = step + 1
@@ -531,11 +548,10 @@ def train(config: Any, workdir: str) -> dict[str, float]:
         checked = done
         elapsed = time.perf_counter() - window_start
         values["tokens_per_sec"] = window_tokens / max(elapsed, 1e-9)
-        values["model_tflops_per_sec"] = step_flops * window_steps / max(elapsed, 1e-9) / 1e12
+        values["model_tflops_per_sec"] = window_flops / max(elapsed, 1e-9) / 1e12
         if peak:
-          values["mfu"] = flops.mfu(step_flops * window_steps, max(elapsed, 1e-9), peak,
-                                    jax.device_count())
-        window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
+          values["mfu"] = flops.mfu(window_flops, max(elapsed, 1e-9), peak, jax.device_count())
+        window_tokens, window_flops, window_start = 0, 0.0, time.perf_counter()
         if should_log:
           writer.write(done, values)
           last = values
