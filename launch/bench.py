@@ -4,6 +4,7 @@
   python launch/bench.py fastpath [--preset tiny] [--variants default,eigen_threads,...]
   python launch/bench.py encode [--model PATH] [--n 512] [--batch-size 64] [--repeats 5]
   python launch/bench.py gradcache [--preset tiny] [--batches 256,1024,4096] [--chunks 0,128] [--run]
+  python launch/bench.py gemm [--preset bge-small-en] [--threads 1,2] [--dtypes float32,bfloat16]
 
 `compare`: for each model shape, three benchmarks on the same batch, dtype (float32) and thread
 count in both frameworks, with the same random weights (bge-jax params converted to the HF
@@ -28,6 +29,13 @@ Threads: JAX:CPU runs on every core the process may use (sched_getaffinity); tor
 same count. XLA_FLAGS is read from the environment (default --xla_cpu_multi_thread_eigen=false,
 the project's setting; see README "Benchmarks" for the measured effect of each flag).
 
+`gemm`: the train steps' matmul shapes alone, XLA (jitted `jnp.dot`/`lax.dot_general`) vs
+PyTorch (`torch.matmul`: MKL/oneDNN), in each orientation a layer's forward and gradients use
+(NN forward, NT input gradient, TN weight gradient); medians over blocks of calls, each library
+and thread count in its own child process pinned to that many cores (sched_setaffinity before
+the library starts; in one process, either library's idle threads slow the other's next short
+call): how much of a step ratio is each library's GEMM speed on this machine.
+
 `encode`: bge-jax `Encoder.encode` vs sentence-transformers `encode` (PyTorch) on the same texts,
 batch size, max length and thread count; medians, the time ratio (JAX / PyTorch; < 1 = JAX is
 faster) and real (non-pad) tokens/s. Default model: all-MiniLM-L6-v2 from the PyPI package
@@ -42,6 +50,7 @@ import ctypes
 import gc
 import importlib.util
 import json
+import math
 import os
 import pathlib
 import platform
@@ -742,6 +751,106 @@ def gradcache_table(r: dict) -> str:
   return "\n".join(lines)
 
 
+def gemm_cases(preset_name: str, tokens: int) -> list[tuple[str, tuple[int, int, int], str]]:
+  """(layer, (M, K, N), orientation) of a layer's matmuls at `tokens` rows: NN = x . W (forward),
+  NT = g . W^T (input gradient), TN = x^T . g (weight gradient)."""
+  from bge_jax.config import preset
+  c = preset(preset_name)
+  h, f = c.hidden_size, c.intermediate_size
+  return [("FFN in", (tokens, h, f), "NN"), ("FFN in", (tokens, f, h), "NT"),
+          ("FFN in", (h, tokens, f), "TN"), ("projection", (tokens, h, h), "NN"),
+          ("projection", (tokens, h, h), "NT"), ("projection", (h, tokens, h), "TN")]
+
+
+def _gemm_child(args) -> list[dict]:
+  """One library (args.child), one process pinned by the parent: each case's median time."""
+  import numpy as np
+
+  threads = len(os.sched_getaffinity(0))
+  if args.child == "torch":
+    import torch
+    torch.set_num_threads(threads)
+  else:
+    import jax
+    import jax.numpy as jnp
+  rows = []
+  for dtype in args.dtypes.split(","):
+    for layer, (m, k, n), orient in gemm_cases(args.preset, args.tokens):
+      rng = np.random.default_rng(0)
+      # Operands stored as the step stores them: activations [rows, features], kernels [in, out].
+      a_shape, b_shape = {"NN": ((m, k), (k, n)), "NT": ((m, k), (n, k)),
+                          "TN": ((k, m), (k, n))}[orient]
+      a, b = (rng.standard_normal(s_, dtype=np.float32) for s_ in (a_shape, b_shape))
+      inputs, _, accumulate = dtype.partition("-")  # "bfloat16-f32acc": an f32 result
+      if args.child == "torch":  # its bf16 GEMMs accumulate in f32 and return bf16 either way
+        ta, tb = (torch.from_numpy(x).to(getattr(torch, inputs)) for x in (a, b))
+        fn = {"NN": lambda: ta @ tb, "NT": lambda: ta @ tb.T, "TN": lambda: ta.T @ tb}[orient]
+      else:
+        contract = {"NN": ((1,), (0,)), "NT": ((1,), (1,)), "TN": ((0,), (0,))}[orient]
+        out = jnp.float32 if accumulate == "f32acc" else None
+        dot = jax.jit(lambda x, y, c=contract: jax.lax.dot_general(
+            x, y, (c, ((), ())), preferred_element_type=out))
+        ja, jb = (jnp.asarray(x, jnp.dtype(inputs)) for x in (a, b))
+        fn = lambda: dot(ja, jb).block_until_ready()  # noqa: E731
+      warm = time.perf_counter() + 0.3  # compiles, then runs long enough to settle the clocks
+      while time.perf_counter() < warm:
+        fn()
+      inner = max(1, int(0.05 / max(timed(fn), 1e-6)))  # blocks of ~50 ms
+      times = [timed(fn, inner) / inner for _ in range(args.repeats)]
+      rows.append({"threads": threads, "dtype": dtype, "layer": layer, "orientation": orient,
+                   "mkn": [m, k, n], "median_s": statistics.median(times)})
+  return rows
+
+
+def timed(fn, calls: int = 1) -> float:
+  """Seconds for `calls` calls of fn, each result dropped before the next call (a list of them
+  would hold every output buffer alive and time fresh allocations)."""
+  t = time.perf_counter()
+  for _ in range(calls):
+    fn()
+  return time.perf_counter() - t
+
+
+def bench_gemm(args) -> dict:
+  """`gemm` (module docstring): one pinned child process per library and thread count."""
+  cpus = sorted(os.sched_getaffinity(0))
+  rows = []
+  for t in [int(x) for x in args.threads.split(",")]:
+    if not 0 < t <= len(cpus):
+      raise SystemExit(f"--threads {t}: this process may use {len(cpus)} cores")
+    got = {}
+    for library in ("jax", "torch"):
+      cmd = [sys.executable, __file__, "gemm", "--child", library, "--preset", args.preset,
+             "--tokens", str(args.tokens), "--dtypes", args.dtypes, "--repeats", str(args.repeats)]
+      out = subprocess.run(cmd, check=True, capture_output=True, text=True,
+                           preexec_fn=lambda t=t: os.sched_setaffinity(0, cpus[:t])).stdout
+      got[library] = json.loads(out.strip().splitlines()[-1])
+    for j, p in zip(got["jax"], got["torch"]):
+      flop = 2 * math.prod(j["mkn"])
+      med = {"jax": j["median_s"], "torch": p["median_s"]}
+      rows.append({**j, "median_s": med,
+                   "gflops": {name: flop / v / 1e9 for name, v in med.items()},
+                   "ratio_jax_over_torch": med["jax"] / med["torch"]})
+  return {"benchmark": "gemm", "preset": args.preset, "tokens": args.tokens, "rows": rows,
+          "machine": machine(), "load_average": load_average()}
+
+
+def gemm_table(r: dict) -> str:
+  m = r["machine"]
+  lines = [f"{r['preset']} matmul shapes at {r['tokens']} rows, XLA:CPU (jax {m['jax']}) vs "
+           f"PyTorch {m['torch']} on {m['cpu']} (XLA_FLAGS='{m['xla_flags']}'); median over "
+           "blocks of calls; each library and thread count in its own pinned process.", "",
+           "| threads | dtype | layer | orientation | M x K x N | XLA ms | PyTorch ms | "
+           "XLA GFLOP/s | PyTorch GFLOP/s | XLA/PT time |", "|---|---|---|---|---|---|---|---|---|---|"]
+  for row in r["rows"]:
+    lines.append(
+        f"| {row['threads']} | {row['dtype']} | {row['layer']} | {row['orientation']} | "
+        f"{' x '.join(map(str, row['mkn']))} | {row['median_s']['jax'] * 1e3:.2f} | "
+        f"{row['median_s']['torch'] * 1e3:.2f} | {row['gflops']['jax']:.0f} | "
+        f"{row['gflops']['torch']:.0f} | **{row['ratio_jax_over_torch']:.2f}** |")
+  return "\n".join(lines)
+
+
 def table(r: dict) -> str:
   return "\n".join([
       "| benchmark | texts | real tokens | batch | bge-jax s | PyTorch s | ratio (JAX/PT) | JAX tok/s | PT tok/s |",
@@ -821,7 +930,25 @@ def main(argv=None):
   g.add_argument("--remat", default="none")
   g.add_argument("--run", action="store_true", help="also execute the step (timed, device peak)")
   g.add_argument("--out", default=None)
+  gm = sub.add_parser("gemm", help="the steps' matmul shapes alone: XLA vs PyTorch, per thread count")
+  gm.add_argument("--preset", default="bge-small-en", help=f"model shape, from {list(SHAPES)}")
+  gm.add_argument("--tokens", type=int, default=1024,
+                  help="rows of the activations (1024 = the bge-small stage-2 batch's passages)")
+  gm.add_argument("--threads", default="1,2", help="comma-separated thread (core) counts")
+  gm.add_argument("--dtypes", default="float32",
+                  help="comma-separated: float32, bfloat16, bfloat16-f32acc (XLA returns the "
+                       "float32 accumulator: preferred_element_type; PyTorch as bfloat16)")
+  gm.add_argument("--repeats", type=int, default=15, help="timed blocks of ~50 ms each")
+  gm.add_argument("--child", choices=("jax", "torch"), help=argparse.SUPPRESS)
+  gm.add_argument("--out", default=None, help="write OUT.json and OUT.md")
   args = parser.parse_args(argv)
+  if args.cmd == "gemm":
+    if args.child:
+      print(json.dumps(_gemm_child(args)))
+      return
+    result = bench_gemm(args)
+    write_result(args.out, result, gemm_table(result))
+    return
   if args.cmd == "compare":
     result = bench_compare(args)
     write_result(args.out, result, compare_table(result))

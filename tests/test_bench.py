@@ -97,3 +97,26 @@ def test_gpu_bench_smoke_runs_on_cpu(gpu_bench, tmp_path):
   assert row["model_flops_per_step"] > 0
   assert (row["mfu"] is None) == (row["peak_flops"] is None)
   assert "| stage2 | tiny | 8 x 16+64 |" in out.with_suffix(".md").read_text()
+
+
+def test_gemm_cases_are_a_layers_three_orientations(bench):
+  cases = bench.gemm_cases("bge-small-en", 1024)
+  # x [1024, 384] . W [384, 1536]; g [1024, 1536] . W^T; x^T . g: one FLOP count, three forms.
+  assert cases[:3] == [("FFN in", (1024, 384, 1536), "NN"), ("FFN in", (1024, 1536, 384), "NT"),
+                       ("FFN in", (384, 1024, 1536), "TN")]
+  assert {np.prod(mkn) for _, mkn, _ in cases[:3]} == {1024 * 384 * 1536}
+
+
+@pytest.mark.slow
+def test_gemm_runs_each_library_in_its_own_pinned_process(bench, tmp_path):
+  out = tmp_path / "gemm"
+  bench.main(["gemm", "--preset", "tiny", "--tokens", "64", "--threads", "1",
+              "--dtypes", "float32,bfloat16-f32acc", "--repeats", "2", "--out", str(out)])
+  result = json.loads(out.with_suffix(".json").read_text())
+  assert len(result["rows"]) == 2 * len(bench.gemm_cases("tiny", 64))
+  for row in result["rows"]:
+    assert row["threads"] == 1  # the child saw one usable core
+    for lib in ("jax", "torch"):
+      assert row["gflops"][lib] == pytest.approx(2 * np.prod(row["mkn"]) / row["median_s"][lib] / 1e9)
+    assert row["ratio_jax_over_torch"] == pytest.approx(row["median_s"]["jax"] / row["median_s"]["torch"])
+  assert "| 1 | bfloat16-f32acc | FFN in | TN | 64 x 64 x 128 |" in out.with_suffix(".md").read_text()
