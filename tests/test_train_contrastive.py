@@ -125,7 +125,8 @@ def test_pack_refusals(data):
   batcher = stage.batcher(small, tokenizer, model, 1, 2)
   assert batcher.pack_rows == {"query": 8, "passage": 8}  # 1/8 of 8 and 32, 8 devices
   with pytest.raises(ValueError, match=r"step 0 .*more than the 8 allowed; raise "
-                                       r"data\.pack_rows_fraction.*2 processes .* cannot grow"):
+                                       r"data\.pack_rows_fraction.*2 processes .* cannot grow"
+                                       r".* data\.pack_rows_fraction of at least 1\.0 "):
     batcher(0)
   with pytest.raises(ValueError, match="one process only"):
     batcher.enable_packing(batcher.pack_rows, grow_multiple=8)

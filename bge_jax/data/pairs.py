@@ -750,10 +750,14 @@ class ContrastiveBatcher:
       batch = packing.pack_sides(batch, self.pack_rows, self.tokenizer.pad_token_id,
                                  self.pack_grow_multiple)
     except ValueError as e:
-      fix = ("" if self.process_count == 1 else
-             f" Every one of the {self.process_count} processes packs to the same rows, so a "
-             "batch cannot grow; the checkpoints so far are kept: resume with a larger "
-             "fraction.")
+      fix = ""
+      if self.process_count > 1:
+        texts = {side: batch[f"{side}_attention_mask"] for side in self.pack_rows}
+        fits = max(packing.packed_rows(m.sum(1), m.shape[1]) / len(m) for m in texts.values())
+        fix = (f" Every one of the {self.process_count} processes packs to the same rows, so a "
+               "batch cannot grow; the checkpoints so far are kept: resume with "
+               f"data.pack_rows_fraction of at least {math.ceil(fits * 100) / 100} (this "
+               "batch's need).")
       raise ValueError(f"step {step} (dataset {self.dataset_at(step)!r}): {e}.{fix}") from None
     rows = {side: batch[f"{side}_input_ids"].shape[0] for side in self.pack_rows}
     if rows != self.pack_rows:
