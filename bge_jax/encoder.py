@@ -121,9 +121,14 @@ class Encoder:
   @classmethod
   def from_hf(cls, path: str, pooling: str = "cls", normalize: bool = True, *,
               tokenizer: Any = None, **config_overrides: Any) -> "Encoder":
-    """From a Hugging Face / sentence-transformers folder, or a bge-jax checkpoint folder."""
+    """From a Hugging Face / sentence-transformers folder, or a bge-jax checkpoint folder.
+
+    config_overrides: BertConfig fields, e.g. dtype="bfloat16" for faster, less exact encoding
+    on an accelerator (default float32, the numbers of the PyTorch model).
+    """
     if os.path.isdir(path) and checkpoint.is_checkpoint(path):
-      return cls.from_checkpoint(path, pooling, normalize, tokenizer=tokenizer)
+      return cls.from_checkpoint(path, pooling, normalize, tokenizer=tokenizer,
+                                 **config_overrides)
     config, params = convert.load_hf(path, **config_overrides)
     if config.hf_family == "sentence_transformers" and config.pooling != pooling:
       log.warning("%s declares %s pooling; encoding with pooling=%r as requested.",
@@ -135,8 +140,16 @@ class Encoder:
 
   @classmethod
   def from_checkpoint(cls, path: str, pooling: str = "cls", normalize: bool = True, *,
-                      tokenizer: Any = None) -> "Encoder":
+                      tokenizer: Any = None, **config_overrides: Any) -> "Encoder":
+    """From a bge-jax checkpoint folder. It computes in float32 unless `config_overrides` say
+    otherwise (dtype="bfloat16"): the checkpoint's config records the compute dtype its
+    training run used (bf16 on accelerators), and encodings should not depend on where the
+    same weights were saved (a checkpoint and its HF export encode alike)."""
     config, params = checkpoint.load_params(path)
+    try:
+      config = config.replace(**{"dtype": "float32", **config_overrides})
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"Encoder.from_checkpoint({path!r}): {e}") from e
     if tokenizer is None:
       folder = checkpoint.tokenizer_dir(path)
       if folder is None:

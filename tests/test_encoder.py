@@ -98,6 +98,27 @@ def test_encoder_from_project_checkpoint(minilm_path, minilm_encoder, tmp_path):
     assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_encoder_from_a_bf16_run_checkpoint_computes_in_float32(minilm_path, minilm_encoder,
+                                                                tmp_path):
+  """A checkpoint records its training run's compute dtype (bf16 on accelerators); encoding
+  it gives the float32 embeddings of the same weights unless asked for bf16."""
+  bf16 = minilm_encoder.config.replace(dtype="bfloat16")
+  folder = checkpoint.save_params(str(tmp_path / "ckpt"), minilm_encoder.params, bf16,
+                                  tokenizer=minilm_path)
+  texts = SENTENCES[:5]
+  enc = Encoder.from_hf(folder, pooling="mean")
+  assert enc.config.dtype == "float32"
+  np.testing.assert_allclose(enc.encode(texts, batch_size=8),
+                             minilm_encoder.encode(texts, batch_size=8), rtol=0, atol=1e-6)
+  fast = Encoder.from_hf(folder, pooling="mean", dtype="bfloat16")  # passed on to the checkpoint
+  assert fast.config.dtype == "bfloat16"
+  got = fast.encode(texts, batch_size=8)
+  assert np.abs(got - minilm_encoder.encode(texts, batch_size=8)).max() > 1e-4  # really bf16
+  np.testing.assert_allclose(got, minilm_encoder.encode(texts, batch_size=8), atol=5e-2)
+  with pytest.raises(ValueError, match=r"from_checkpoint\(.*dtype"):
+    Encoder.from_checkpoint(folder, dtype="float13")
+
+
 # ---------------------------------------------------------------------------------------------
 # Bucketing: bounded compiled shapes, input order, padding invariance (tiny random model)
 # ---------------------------------------------------------------------------------------------

@@ -140,6 +140,29 @@ def test_compute_dtype_defaults_to_bf16_on_accelerators(corpus_and_tokenizer, mo
   assert model_config.dtype == expected and model_config.param_dtype == "float32"
 
 
+@pytest.mark.parametrize("backend,expected", [("cpu", "float32"), ("gpu", "bfloat16")])
+def test_init_from_a_checkpoint_takes_the_platforms_compute_dtype(
+    corpus_and_tokenizer, tmp_path, monkeypatch, backend, expected):
+  """A checkpoint's config records the compute dtype of the run that saved it (bf16 from a GPU
+  run); a run initialised from it follows its own platform's default, not that record."""
+  import jax
+
+  from bge_jax import checkpoint
+  from bge_jax.config import preset
+  from bge_jax.models import bert
+  from bge_jax.train import loop
+
+  corpus, tok = corpus_and_tokenizer
+  config = tiny_retromae(corpus, tok, 1)
+  saved = preset("tiny", vocab_size=len(loop.load_tokenizer(config)), dtype="bfloat16",
+                 add_mlm_head=True, add_decoder=True, hf_family="retromae")
+  params, _ = bert.init(saved, jax.random.key(0))
+  config.model.init_from = checkpoint.save_params(str(tmp_path / "ckpt"), params, saved)
+  monkeypatch.setattr(loop.jax, "default_backend", lambda: backend)
+  model_config, loaded, _ = loop.model_config_and_weights(config, loop.load_tokenizer(config))
+  assert model_config.dtype == expected and loaded is not None
+
+
 def test_process_count_check_is_quiet_when_unchanged_or_unknown(tmp_path, caplog):
   from bge_jax.train.loop import _warn_if_processes_changed
 

@@ -85,12 +85,15 @@ def model_config_and_weights(config: Any, tokenizer: Any) -> tuple[BertConfig, d
   """(model config, host params loaded from init_from or None, a description of the origin)."""
   m = config.model
   overrides = {k: m[k] for k in MODEL_OVERRIDES if k in m and m[k] is not None}
-  if "dtype" not in overrides and jax.default_backend() != "cpu":
+  if "dtype" not in overrides:
     # Mixed precision on accelerators, as BGE was trained (AMP): bf16 compute, float32
-    # parameters and optimizer state. CPUs have no fast bf16 matmul: float32 there.
-    overrides["dtype"] = "bfloat16"
-    log.info("config.model.dtype unset: bfloat16 compute on %s (float32 parameters); "
-             "--config.model.dtype=float32 for full precision", jax.default_backend())
+    # parameters and optimizer state. XLA:CPU has no fast bf16 matmul (README "Benchmarks"):
+    # float32 there. Set here even for init_from checkpoints, whose config records the compute
+    # dtype of the run that saved them, not a property of the weights.
+    overrides["dtype"] = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    if overrides["dtype"] == "bfloat16":
+      log.info("config.model.dtype unset: bfloat16 compute on %s (float32 parameters); "
+               "--config.model.dtype=float32 for full precision", jax.default_backend())
   if m.init_from:
     path = m.init_from
     if project_checkpoint.is_checkpoint(path):
