@@ -54,8 +54,9 @@ def run_workdir(tmp_path_factory):
   tok = make_tokenizer(root / "tok")
   workdir = root / "run"
   workdir.mkdir()
-  (workdir / "run_info.json").write_text(json.dumps({"stage": "contrastive",
-                                                     "model": CONFIG.to_dict()}))
+  # The run's model config as a GPU run records it: bf16 compute.
+  (workdir / "run_info.json").write_text(json.dumps({
+      "stage": "contrastive", "model": {**CONFIG.to_dict(), "dtype": "bfloat16"}}))
   (workdir / "config.json").write_text(json.dumps({"tokenizer": str(tok),
                                                    "model": {"init_from": ""}}))
   manager = loop.open_checkpoints(str(workdir / "checkpoints"), keep=3)
@@ -95,12 +96,19 @@ def test_run_workdir_newest_and_chosen_step_agree_with_sts_spearman(run_workdir,
   assert mteb_adapter.is_run_workdir(workdir) and mteb_adapter.run_steps(workdir) == [3, 7]
   monkeypatch.chdir(workdir.parent)  # a relative workdir (orbax itself needs absolute paths)
   step, config, params = mteb_adapter.load_run_params(workdir.name)
-  assert step == 7 and config == CONFIG
+  assert step == 7 and config == CONFIG.replace(dtype="bfloat16")
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(saved[7])):
     np.testing.assert_array_equal(np.asarray(a), b)
 
   s1, s2, gold = read_sts(sts_file)
   tokenizer = AutoTokenizer.from_pretrained(tok)
+  # The encoder computes in float32 whatever the run recorded: the saved params' float32 vectors.
+  encoder = mteb_adapter.load_encoder(workdir.name, "mean")
+  assert encoder.config.dtype == "float32"
+  np.testing.assert_allclose(
+      encoder.encode(s1[:8], max_length=32),
+      Encoder(saved[7], CONFIG, tokenizer, pooling="mean").encode(s1[:8], max_length=32),
+      rtol=0, atol=1e-6)
   scores = {}
   for step in (3, 7):
     argv = ["--model", str(workdir), "--data", str(sts_file), "--split", "", "--check",

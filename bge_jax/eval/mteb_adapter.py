@@ -345,8 +345,9 @@ def load_run_params(workdir: str | os.PathLike, step: int | None = None) -> tupl
 
 def load_encoder(path: str | os.PathLike, pooling: str | None = None,
                  normalize: bool | None = None, *, step: int | None = None,
-                 tokenizer: Any = None) -> Any:
-  """A `bge_jax.Encoder` for any model path this example evaluates.
+                 tokenizer: Any = None, dtype: str = "float32") -> Any:
+  """A `bge_jax.Encoder` for any model path this example evaluates, computing in `dtype`
+  (float32 by default, whatever compute dtype a training run recorded).
 
   * a trainer workdir (`is_run_workdir`): its newest committed checkpoint (or `step`), with the
     run's model config (pooling and normalisation of the loss) and tokenizer;
@@ -364,7 +365,8 @@ def load_encoder(path: str | os.PathLike, pooling: str | None = None,
     _, config, params = load_run_params(path, step)
     if tokenizer is None:
       tokenizer = _load_tokenizer(_run_tokenizer_folder(path))
-    return Encoder(params, config, tokenizer, pooling=pooling or config.pooling,
+    return Encoder(params, config.replace(dtype=dtype), tokenizer,
+                   pooling=pooling or config.pooling,
                    normalize=config.normalize if normalize is None else normalize)
   if step is not None:
     raise convert.ConversionError(f"{path}: step={step} is for trainer workdirs (with "
@@ -376,7 +378,8 @@ def load_encoder(path: str | os.PathLike, pooling: str | None = None,
     own_pooling, own_normalize = convert.resolve(path)[2:4]
   return Encoder.from_hf(path, pooling=pooling or own_pooling or "cls",
                          normalize=(own_normalize if own_normalize is not None else True)
-                         if normalize is None else normalize, tokenizer=tokenizer)
+                         if normalize is None else normalize, tokenizer=tokenizer,
+                         dtype=dtype)
 
 
 def main_score(result: Any, task_name: str | None = None) -> float:
