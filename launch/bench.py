@@ -221,13 +221,6 @@ def _summary(times, real_tokens: int, model_flops: float | dict, extra: dict,
   }
 
 
-def _ragged_lengths(rng, rows: int, length: int, shortest: int):
-  import numpy as np
-  n = rng.randint(shortest, length + 1, size=rows)
-  n[0] = length  # the padded length is really used
-  return n, np.arange(length)[None, :] < n[:, None]
-
-
 def s1_predictions(length: int) -> int:
   """Encoder MLM labels per row at most: the collator's bound at BGE's 30% (the trainer's
   sparse MLM head runs on these positions only)."""
@@ -236,41 +229,17 @@ def s1_predictions(length: int) -> int:
 
 
 def retromae_batch(rng, rows: int, length: int, vocab: int) -> dict:
-  """A RetroMAE batch with the collator's names and SPEC's invariants: ragged rows (padding on
-  the tail), ~30% encoder MLM labels (at most s1_predictions per row), a decoder mask showing
-  ~half the real columns (always column 0, never the row itself), decoder labels on every real
-  token but [CLS] and the last."""
-  import numpy as np
-  n, real = _ragged_lengths(rng, rows, length, length // 4)
-  ids = np.where(real, rng.randint(5, vocab, size=(rows, length)), 0)
-  ids[:, 0] = 2
-  masked = real & (rng.rand(rows, length) < 0.3)
-  masked[:, 0] = False
-  masked[:, 1] = True  # every row has a label
-  masked &= np.cumsum(masked, axis=1) <= s1_predictions(length)  # the collator's bound
-  visible = (rng.rand(rows, length, length) < 0.5) & real[:, None, :] & real[:, :, None]
-  visible[:, :, 0] = real
-  visible[:, np.arange(length), np.arange(length)] = False
-  dec_labels = np.where(real, ids, -100)
-  dec_labels[:, 0] = -100
-  dec_labels[np.arange(rows), n - 1] = -100
-  i32 = lambda x: np.asarray(x, np.int32)  # noqa: E731
-  return {"encoder_input_ids": i32(np.where(masked, 4, ids)), "encoder_attention_mask": i32(real),
-          "encoder_labels": i32(np.where(masked, ids, -100)), "decoder_input_ids": i32(ids),
-          "decoder_attention_mask": i32(visible), "decoder_labels": i32(dec_labels)}
+  """The benchmark's RetroMAE batch: ragged rows from length // 4 tokens, one full
+  (`bge_jax.testing.batches.retromae_batch`)."""
+  from bge_jax.testing import batches
+  return batches.retromae_batch(rng, rows, length, vocab, shortest=length // 4)
 
 
 def pair_batch(rng, rows: int, vocab: int) -> dict:
-  """Stage-2 queries [rows, 32] and passages [rows, 128], ragged, right-padded."""
-  import numpy as np
-  out = {}
-  for side, length in (("query", Q_LEN), ("passage", P_LEN)):
-    _, real = _ragged_lengths(rng, rows, length, 4)
-    ids = np.where(real, rng.randint(5, vocab, size=(rows, length)), 0)
-    ids[:, 0] = 2
-    out[f"{side}_input_ids"] = ids.astype(np.int32)
-    out[f"{side}_attention_mask"] = real.astype(np.int32)
-  return out
+  """Stage-2 queries [rows, 32] and passages [rows, 128], ragged from 4 tokens, right-padded
+  (`bge_jax.testing.batches.pair_batch`)."""
+  from bge_jax.testing import batches
+  return batches.pair_batch(rng, rows, vocab, q_len=Q_LEN, p_len=P_LEN, shortest=4)
 
 
 def _torch_state(params, config):

@@ -5,7 +5,8 @@
 
 Why a separate script from launch/bench.py: it runs on a bare CUDA JAX image (jax, flax, optax,
 transformers; no ml_collections, grain, tfds, torch), so it imports only bge_jax's model, loss,
-step and FLOPs modules, none of which import those at module level, and it needs no network.
+step and FLOPs modules and its numpy-only synthetic batches (`bge_jax.testing.batches`), none of
+which import those at module level, and it needs no network.
 
 Per stage: random bge-base weights (bf16 compute, float32 params and AdamW state), full-length
 synthetic batches already on the device (the input pipeline is not measured), the step compiled
@@ -40,35 +41,8 @@ from bge_jax import contrastive, flops, retromae  # noqa: E402
 from bge_jax.data.masking import max_predictions  # noqa: E402
 from bge_jax.config import preset  # noqa: E402
 from bge_jax.models import bert  # noqa: E402
+from bge_jax.testing import batches  # noqa: E402
 from bge_jax.train import state as state_lib  # noqa: E402
-
-
-def stage2_batch(rng: np.random.RandomState, pairs: int, q_len: int, p_len: int, vocab: int):
-  ids = lambda n, l: rng.randint(5, vocab, size=(n, l)).astype(np.int32)  # noqa: E731
-  return {"query_input_ids": ids(pairs, q_len), "query_attention_mask": np.ones((pairs, q_len), np.int32),
-          "passage_input_ids": ids(pairs, p_len),
-          "passage_attention_mask": np.ones((pairs, p_len), np.int32)}
-
-
-def stage1_batch(rng: np.random.RandomState, rows: int, length: int, vocab: int):
-  """Full-length rows; 30% encoder MLM labels (at most the collator's bound per row); a decoder
-  mask showing ~half the columns (column 0 always, never the row itself); decoder labels on all
-  but [CLS] and the last."""
-  ids = rng.randint(5, vocab, size=(rows, length)).astype(np.int32)
-  masked = rng.rand(rows, length) < 0.3
-  masked[:, 0] = False
-  masked[:, 1] = True  # every row has a label
-  masked &= np.cumsum(masked, axis=1) <= max_predictions(length, 0.3)
-  visible = rng.rand(rows, length, length) < 0.5
-  visible[:, :, 0] = True
-  visible[:, np.arange(length), np.arange(length)] = False
-  dec_labels = ids.copy()
-  dec_labels[:, 0] = dec_labels[:, -1] = -100
-  return {"encoder_input_ids": np.where(masked, 4, ids).astype(np.int32),
-          "encoder_attention_mask": np.ones((rows, length), np.int32),
-          "encoder_labels": np.where(masked, ids, -100).astype(np.int32),
-          "decoder_input_ids": ids, "decoder_attention_mask": visible.astype(np.int32),
-          "decoder_labels": dec_labels}
 
 
 def _bytes_needed(compiled) -> int | None:
@@ -186,7 +160,8 @@ def main(argv=None) -> int:
           prm, c, b, temperature=0.02, group_size=1, rng=rng)
       rows.append(run_stage(
           "stage2", config, loss_fn,
-          lambda rng, n, c=config: stage2_batch(rng, n, args.query_len, args.seq, c.vocab_size),
+          lambda rng, n, c=config: batches.pair_batch(rng, n, c.vocab_size, q_len=args.query_len,
+                                                       p_len=args.seq),
           args.stage2_pairs,
           lambda n, c=config: flops.contrastive_step_flops(c, n, args.query_len, args.seq), args))
     elif stage == "1":
@@ -196,7 +171,7 @@ def main(argv=None) -> int:
           prm, c, b, rng, max_encoder_predictions=k)
       rows.append(run_stage(
           "stage1", config, loss_fn,
-          lambda rng, n, c=config: stage1_batch(rng, n, args.seq, c.vocab_size),
+          lambda rng, n, c=config: batches.retromae_batch(rng, n, args.seq, c.vocab_size),
           args.stage1_batch,
           lambda n, c=config: flops.retromae_step_flops(c, n, args.seq, encoder_predictions=k),
           args))

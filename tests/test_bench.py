@@ -43,10 +43,17 @@ def test_bench_retromae_batch_meets_spec(bench):
   assert (batch["encoder_labels"] != -100).sum(1).max() <= bench.s1_predictions(24)
 
 
-def test_gpu_bench_retromae_batch_meets_spec(gpu_bench):
-  batch = gpu_bench.stage1_batch(np.random.RandomState(0), 3, 16, vocab=300)
+def test_full_length_retromae_batch_meets_spec():
+  """launch/gpu_bench.py's stage-1 batch: every row full."""
+  from bge_jax.data.masking import max_predictions
+  from bge_jax.testing import batches
+
+  batch = batches.retromae_batch(np.random.RandomState(0), 3, 16, vocab=300)
   assert_spec_invariants(batch)
-  assert (batch["encoder_labels"] != -100).sum(1).max() <= gpu_bench.max_predictions(16, 0.3)
+  assert (batch["encoder_attention_mask"] == 1).all()
+  assert (batch["encoder_labels"] != -100).sum(1).max() <= max_predictions(16, 0.3)
+  pairs = batches.pair_batch(np.random.RandomState(0), 4, 300, q_len=8, p_len=16)
+  assert pairs["passage_input_ids"].shape == (4, 16) and pairs["query_attention_mask"].all()
 
 
 def test_pair_batch_is_ragged_right_padded(bench):

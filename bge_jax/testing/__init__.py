@@ -1,1 +1,2 @@
-"""Reference implementations for tests and benchmarks (import torch; never imported by bge_jax itself)."""
+"""References and synthetic data for tests and benchmarks, never imported by bge_jax itself:
+`torch_reference` (PyTorch models; needs torch), `batches` (numpy only)."""
