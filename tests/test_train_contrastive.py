@@ -226,3 +226,74 @@ def test_packed_process_shards_assemble_the_global_batch(data):
   got = float(contrastive.loss(params, model, glue(packed), **kw)["loss"])
   assert abs(got - want) <= 1e-5 * abs(want), (got, want)
   assert shards[0].real_tokens(packed[0]) == shards[0].real_tokens(padded[0])
+
+
+def test_micro_batches_keep_whole_examples():
+  """split_micro_batches: micro-batch i holds examples i, i+k, ... with all their rows (a query
+  and its group of passages), and 0-d flags in every micro-batch."""
+  from bge_jax.train.state import split_micro_batches
+
+  n, g, k = 6, 3, 2
+  batch = {"query_input_ids": np.arange(n)[:, None] * np.ones((1, 4), int),
+           "passage_input_ids": np.repeat(np.arange(n), g)[:, None] * np.ones((1, 5), int),
+           "teacher_scores": np.arange(n * g, dtype=float).reshape(n, g),
+           "in_batch_negatives": np.asarray(1, np.int32)}
+  micro = split_micro_batches(batch, k)
+  for i in range(k):
+    queries = np.asarray(micro["query_input_ids"][i][:, 0])
+    np.testing.assert_array_equal(queries, np.arange(i, n, k))
+    # Each query's g passages follow it, in order: the loss's reshape (b, g, d) finds its group.
+    np.testing.assert_array_equal(np.asarray(micro["passage_input_ids"][i][:, 0]),
+                                  np.repeat(queries, g))
+    np.testing.assert_array_equal(micro["teacher_scores"][i], batch["teacher_scores"][i::k])
+    assert int(micro["in_batch_negatives"][i]) == 1
+  # One row per example (a RetroMAE batch): the rows i, i+k, ... as before.
+  rows = split_micro_batches({"x": np.arange(8)}, 2)["x"]
+  np.testing.assert_array_equal(rows, [[0, 2, 4, 6], [1, 3, 5, 7]])
+  with pytest.raises(ValueError, match="does not split into 4 micro-batches"):
+    split_micro_batches(batch, 4)
+
+
+def test_grad_accumulation_in_stage3_matches_the_micro_batches_losses(data, tmp_path):
+  """Stage 3 with grad_accum_steps=2 runs (the batch's 0-d flag split too) and keeps each query
+  with its own hard negatives: scored within groups only, the losses are the whole batch's; with
+  in-batch negatives the step's loss is the mean of the micro-batches' `contrastive.loss`."""
+  import jax
+  import optax
+
+  from bge_jax import contrastive
+  from bge_jax.config import preset
+  from bge_jax.models import bert
+  from bge_jax.train import state as state_lib
+  from bge_jax.train.loop import train
+
+  rows, tok = data
+  common = {"data.group_size": 4, "dropout": False, "export": False,
+            "data.no_in_batch_datasets": str(rows)}  # group-only scores: a per-query loss
+  train(tiny("finetune", rows, tok, 3, **common), str(tmp_path / "one"))
+  train(tiny("finetune", rows, tok, 3, grad_accum_steps=2, **common), str(tmp_path / "two"))
+  a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+  np.testing.assert_allclose([b[s] for s in (1, 2, 3)], [a[s] for s in (1, 2, 3)], rtol=1e-5)
+
+  model = preset("tiny", vocab_size=64, max_position_embeddings=32)
+  params, _ = bert.init(model, jax.random.key(0))
+  rng = np.random.RandomState(0)
+  n, g, k = 8, 3, 2
+  batch = {"query_input_ids": rng.randint(5, 64, (n, 6)).astype(np.int32),
+           "query_attention_mask": np.ones((n, 6), np.int32),
+           "passage_input_ids": rng.randint(5, 64, (n * g, 10)).astype(np.int32),
+           "passage_attention_mask": np.ones((n * g, 10), np.int32),
+           "in_batch_negatives": np.asarray(1, np.int32)}
+  kw = dict(temperature=0.05, group_size=g)
+  loss_fn = lambda p, bt, r: contrastive.loss(p, model, bt, **kw)  # noqa: E731
+  step = state_lib.make_train_step(loss_fn, optax.sgd(0.0), optax.constant_schedule(0.0), k)
+  _, metrics = jax.jit(step)(state_lib.init_state(params, optax.sgd(0.0)), batch,
+                             jax.random.key(0))
+  want = []
+  for i in range(k):  # the micro-batch by hand: queries i, i+k, ... and their passages
+    q = np.arange(i, n, k)
+    p = (q[:, None] * g + np.arange(g)).ravel()
+    part = {key: (v[p] if key.startswith("passage") else v[q]) if v.ndim else v
+            for key, v in batch.items()}
+    want.append(float(contrastive.loss(params, model, part, **kw)["loss"]))
+  assert abs(float(metrics["loss"]) - np.mean(want)) <= 1e-5 * abs(np.mean(want))

@@ -86,14 +86,42 @@ def init_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
                     nonfinite_steps=jnp.zeros((), jnp.int32))
 
 
+def split_micro_batches(batch: Any, k: int) -> Any:
+  """The batch as k micro-batches: every leaf gets a leading axis of k.
+
+  The batch holds n examples, n the smallest leading dim of its arrays; an array with n * m
+  rows holds m consecutive rows per example (a contrastive batch's passages: its group of m =
+  group_size). Micro-batch i takes examples i, i+k, i+2k, ... with all their rows, so a query
+  keeps its whole group, and each device's contiguous block of the data-sharded batch holds
+  examples of every micro-batch: the split moves no data. 0-d leaves (flags such as
+  `in_batch_negatives`) go to every micro-batch.
+  """
+  leading = [x.shape[0] for x in jax.tree.leaves(batch) if jnp.ndim(x)]
+  n = min(leading)
+  if n % k or any(m % n for m in leading):
+    raise ValueError(f"grad_accum_steps={k}: a batch of {n} examples with arrays of "
+                     f"{sorted(set(leading))} rows does not split into {k} micro-batches of whole "
+                     "examples")
+
+  def split(x):
+    if not jnp.ndim(x):
+      return jnp.broadcast_to(x, (k,))
+    m = x.shape[0] // n
+    x = x.reshape((n // k, k, m) + x.shape[1:])
+    return jnp.swapaxes(x, 0, 1).reshape((k, (n // k) * m) + x.shape[3:])
+
+  return jax.tree.map(split, batch)
+
+
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     grad_accum_steps: int = 1, skip_nonfinite: bool = False,
                     ) -> Callable[[TrainState, Any, jax.Array], tuple[TrainState, dict]]:
   """A pure `(state, batch, rng) -> (state, metrics)`; the batch's leading dim is the global batch.
 
-  With grad_accum_steps=k the batch is split into k micro-batches, run in sequence by `lax.scan`
-  (activations of one micro-batch live at a time), and their gradients averaged: the same update
-  as one step on the whole batch for per-example losses.
+  With grad_accum_steps=k the batch is split into k micro-batches (`split_micro_batches`), run
+  in sequence by `lax.scan` (activations of one micro-batch live at a time), and their gradients
+  averaged: the same update as one step on the whole batch for per-example losses. A contrastive
+  loss scores each micro-batch's queries against that micro-batch's passages only.
 
   A step whose loss or gradient norm is NaN/inf increments `state.nonfinite_steps`. With
   skip_nonfinite=True its update is also dropped inside the compiled step (an elementwise
@@ -113,12 +141,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule:
     if grad_accum_steps == 1:
       (_, metrics), grads = grad_fn(state.params, batch, rng)
     else:
-      # Micro-batch i takes rows i, i+k, i+2k, ...: each device's contiguous block of the
-      # data-sharded batch holds rows of every micro-batch, so the split moves no data.
-      micro = jax.tree.map(
-          lambda x: jnp.swapaxes(
-              x.reshape((x.shape[0] // grad_accum_steps, grad_accum_steps) + x.shape[1:]), 0, 1),
-          batch)
+      micro = split_micro_batches(batch, grad_accum_steps)
 
       def body(carry, inputs):
         i, mb = inputs
