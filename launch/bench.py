@@ -783,8 +783,10 @@ def timed(fn, calls: int = 1) -> float:
 def bench_gemm(args) -> dict:
   """`gemm` (module docstring): one pinned child process per library and thread count."""
   cpus = sorted(os.sched_getaffinity(0))
+  counts = ([int(x) for x in args.threads.split(",")] if args.threads
+            else sorted({1, len(cpus)}))
   rows = []
-  for t in [int(x) for x in args.threads.split(",")]:
+  for t in counts:
     if not 0 < t <= len(cpus):
       raise SystemExit(f"--threads {t}: this process may use {len(cpus)} cores")
     got = {}
@@ -903,7 +905,8 @@ def main(argv=None):
   gm.add_argument("--preset", default="bge-small-en", help=f"model shape, from {list(SHAPES)}")
   gm.add_argument("--tokens", type=int, default=1024,
                   help="rows of the activations (1024 = the bge-small stage-2 batch's passages)")
-  gm.add_argument("--threads", default="1,2", help="comma-separated thread (core) counts")
+  gm.add_argument("--threads", default=None,
+                  help="comma-separated thread (core) counts (default: 1 and every usable core)")
   gm.add_argument("--dtypes", default="float32",
                   help="comma-separated: float32, bfloat16, bfloat16-f32acc (XLA returns the "
                        "float32 accumulator: preferred_element_type; PyTorch as bfloat16)")
