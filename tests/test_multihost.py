@@ -233,6 +233,7 @@ print("agreed", max_over_processes({"query": 3 + i, "passage": 9 - 4 * i}, 2), f
 """
 
 
+@pytest.mark.slow
 def test_max_over_processes_takes_every_process_need(tmp_path):
   """Two processes with different packed-row needs both get the element-wise max (the
   all-gather `data.pack` sizes its rows with), in the order the sides were given."""
