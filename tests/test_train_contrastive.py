@@ -2,6 +2,7 @@
 
 import json
 import random
+import re
 import types
 
 import numpy as np
@@ -167,6 +168,8 @@ def test_packed_batches_that_outgrow_their_rows_grow_on_one_process(data, tmp_pa
   train(tiny("finetune", rows, tok, 4, **common, **{
       "data.pack": True, "data.pack_rows_fraction": budget / 32}), str(tmp_path / "packed"))
   assert "compiling the train step for new batch shapes" in caplog.text
+  assert re.search(r"that step needs \d+\.\d MiB per device .* the first one: \d+\.\d MiB",
+                   caplog.text)
   assert "more than the {'query': " in caplog.text  # the batcher's warning names the budget
   train(tiny("finetune", rows, tok, 4, **common), str(tmp_path / "padded"))
   a, b = losses(tmp_path / "padded"), losses(tmp_path / "packed")

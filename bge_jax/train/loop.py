@@ -483,6 +483,9 @@ def train(config: Any, workdir: str) -> dict[str, float]:
                     {k: s for k, s in shapes if s != np.shape(probe[k])})
       with sharding.activate(mesh):
         compiled = jit_step.lower(state, global_batch(local), jax.random.key(0)).compile()
+      if programs:
+        log.warning("that step needs %s per device (temporaries + arguments; the first "
+                    "one: %s)", _step_mib(compiled), _step_mib(next(iter(programs.values()))[0]))
       programs[shapes] = (compiled, flops.train_step_flops(config, model_config, local,
                                                            jax.process_count()).model)
     return programs[shapes]
@@ -625,6 +628,13 @@ def _warn_if_processes_changed(workdir: str, start_step: int) -> None:
         "own shard of the data, so from here the batches differ from an uninterrupted run's "
         "(examples may repeat or be skipped until the epoch ends); resume with %d processes "
         "to continue it exactly.", start_step, jax.process_count(), before, before)
+
+
+def _step_mib(compiled) -> str:
+  m = compiled.memory_analysis()
+  if m is None:
+    return "an unknown amount"
+  return f"{(m.temp_size_in_bytes + m.argument_size_in_bytes) / 2**20:.1f} MiB"
 
 
 def _write_run_info(workdir, config, model_config, origin, total_steps, batcher, memory) -> None:
