@@ -104,10 +104,13 @@ def retromae_step_flops(config: BertConfig, batch: int, length: int, training: b
 def contrastive_step_flops(config: BertConfig, queries: int, q_len: int, p_len: int,
                            group_size: int = 1, gradcache_chunk: int = 0,
                            training: bool = True, query_rows: int | None = None,
-                           passage_rows: int | None = None) -> StepFlops:
+                           passage_rows: int | None = None,
+                           micro_batches: int = 1) -> StepFlops:
   """Stages 2-3: encoder on queries [B, Lq] and passages [B*G, Lp], the in-batch score matrix
   q.p^T [B, B*G] and the group scores [B, G]; x3 when `training`. Packed batches run the
-  encoder on `query_rows` / `passage_rows` rows instead (default: one text per row).
+  encoder on `query_rows` / `passage_rows` rows instead (default: one text per row). With
+  `micro_batches` = k (grad_accum_steps) the score matrices are the micro-batches': k of
+  [B/k, B*G/k].
 
   GradCache (`gradcache_chunk` > 0 and smaller than the batch) recomputes both encoder forwards
   in the backward pass: that is recompute, on top of the remat policy's (which then applies to
@@ -118,13 +121,13 @@ def contrastive_step_flops(config: BertConfig, queries: int, q_len: int, p_len: 
   p_rows = passages if passage_rows is None else passage_rows
   d = config.hidden_size
   enc = encoder_flops(config, q_rows, q_len) + encoder_flops(config, p_rows, p_len)
-  scores = 2 * queries * passages * d + 2 * queries * group_size * d
+  scores = 2 * queries * passages * d // micro_batches + 2 * queries * group_size * d
   forward = enc + scores
   if not training:
     return StepFlops(forward)
   recompute = (_remat_recompute(config, q_rows, q_len)
                + _remat_recompute(config, p_rows, p_len))
-  chunked = lambda texts: 0 < gradcache_chunk < texts  # noqa: E731
+  chunked = lambda texts: 0 < gradcache_chunk < texts // micro_batches  # noqa: E731
   if chunked(queries):
     recompute += encoder_flops(config, q_rows, q_len)
   if chunked(passages):
@@ -137,7 +140,7 @@ def train_step_flops(config: Any, model_config: BertConfig, batch: Mapping[str, 
   """FLOPs of one trainer step from the run config and one (process-local) batch's shapes.
 
   `config`: the run ConfigDict (reads `stage`, `data.encoder_mlm_probability`,
-  `loss.gradcache_chunk`);
+  `loss.gradcache_chunk`, `grad_accum_steps`);
   `batch`: arrays (or anything with `.shape`) named as the stage's collator names them; the
   global batch is `process_count` times the local one.
   """
@@ -157,7 +160,8 @@ def train_step_flops(config: Any, model_config: BertConfig, batch: Mapping[str, 
     return contrastive_step_flops(model_config, b * process_count, q_len, p_len, passages // b,
                                   gradcache_chunk=config.loss.gradcache_chunk,
                                   query_rows=q_rows * process_count,
-                                  passage_rows=p_rows * process_count)
+                                  passage_rows=p_rows * process_count,
+                                  micro_batches=getattr(config, "grad_accum_steps", 1))
   raise ValueError(f"config.stage={stage!r}: no FLOPs formula; known stages: retromae, "
                    "contrastive, finetune")
 

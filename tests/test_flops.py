@@ -182,6 +182,32 @@ def test_train_step_flops_reads_run_config_and_batch():
     flops.train_step_flops(run, c, batch)
 
 
+def test_micro_batches_score_their_own_passages():
+  """grad_accum_steps=2: the formula equals the matmuls of the two micro-batches' gradients
+  written out (`state.split_micro_batches`, then one loss each; no loop for the counter)."""
+  from bge_jax.train.state import split_micro_batches
+
+  c = _config()
+  params = bert.abstract_init(c)[0]
+  batch = {"query_input_ids": _i32(B, Q_LEN), "query_attention_mask": _i32(B, Q_LEN),
+           "passage_input_ids": _i32(B * G, L), "passage_attention_mask": _i32(B * G, L)}
+
+  def two_micro_batches(p, b):
+    micro = split_micro_batches(b, 2)
+    return sum(contrastive.loss(p, c, jax.tree.map(lambda x: x[i], micro), temperature=0.02,
+                                group_size=G)["loss"] for i in range(2))
+
+  lowered = jax.jit(jax.grad(two_micro_batches)).lower(params, batch)
+  want = flops.contrastive_step_flops(c, B, Q_LEN, L, G, micro_batches=2)
+  assert hlo_dot_flops(lowered) == want.model
+  assert want.model < flops.contrastive_step_flops(c, B, Q_LEN, L, G).model
+  run = types.SimpleNamespace(stage="finetune", loss=types.SimpleNamespace(gradcache_chunk=0),
+                              grad_accum_steps=2)
+  got = flops.train_step_flops(run, c, {"query_input_ids": jnp.zeros((B, Q_LEN)),
+                                        "passage_input_ids": jnp.zeros((B * G, L))})
+  assert got == want
+
+
 def test_train_step_flops_of_a_packed_batch_counts_rows_for_the_encoder():
   c = _config()
   run = types.SimpleNamespace(stage="finetune", loss=types.SimpleNamespace(gradcache_chunk=0))
