@@ -515,3 +515,27 @@ def test_dropout_masks_are_drawn_in_place_on_a_batch_sharded_mesh():
   hlo = on_mesh.lower(xs, jax.random.key(3)).compile().as_text()
   assert not [op for op in ("all-gather", "all-reduce", "all-to-all", "collective-permute")
               if op in hlo]
+
+
+def test_micro_batch_split_moves_no_data():
+  """`state.split_micro_batches` on a contrastive batch sharded over 8 devices: no collective,
+  and every micro-batch stays sharded over the batch axis (each device's block holds whole
+  examples of every micro-batch)."""
+  from jax.sharding import NamedSharding
+
+  from bge_jax.train.state import split_micro_batches
+
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  n, g = 32, 4
+  batch = {"query_input_ids": np.arange(n * 8).reshape(n, 8),
+           "passage_input_ids": np.arange(n * g * 16).reshape(n * g, 16),
+           "in_batch_negatives": np.asarray(1)}
+  shard = {k: NamedSharding(mesh, P("data") if v.ndim else P()) for k, v in batch.items()}
+  split = jax.jit(lambda b: split_micro_batches(b, 2), in_shardings=(shard,))
+  hlo = split.lower(batch).compile().as_text()
+  assert not [op for op in ("all-gather", "all-reduce", "all-to-all", "collective-permute")
+              if op in hlo]
+  out = split(jax.device_put(batch, shard))
+  assert out["passage_input_ids"].sharding.spec == P(None, "data")
+  np.testing.assert_array_equal(np.asarray(out["passage_input_ids"]),
+                                np.asarray(split_micro_batches(batch, 2)["passage_input_ids"]))
