@@ -752,8 +752,8 @@ class ContrastiveBatcher:
     except ValueError as e:
       fix = ""
       if self.process_count > 1:
-        texts = {side: batch[f"{side}_attention_mask"] for side in self.pack_rows}
-        fits = max(packing.packed_rows(m.sum(1), m.shape[1]) / len(m) for m in texts.values())
+        fits = max(rows / len(batch[f"{side}_input_ids"])
+                   for side, rows in self._rows_needed(batch).items())
         fix = (f" Every one of the {self.process_count} processes packs to the same rows, so a "
                "batch cannot grow; the checkpoints so far are kept: resume with "
                f"data.pack_rows_fraction of at least {math.ceil(fits * 100) / 100} (this "
@@ -786,15 +786,19 @@ class ContrastiveBatcher:
     self.pack_rows = {side: int(rows[side]) for side in ("query", "passage")}
     self.pack_grow_multiple = grow_multiple
 
+  @staticmethod
+  def _rows_needed(batch: Mapping[str, np.ndarray]) -> dict[str, int]:
+    """The rows first-fit decreasing needs per side of a padded batch."""
+    return {side: packing.packed_rows(batch[f"{side}_attention_mask"].sum(1),
+                                      batch[f"{side}_input_ids"].shape[1])
+            for side in ("query", "passage")}
+
   def packed_rows_needed(self, steps: Sequence[int]) -> dict[str, int]:
     """The most rows first-fit decreasing needs per side over these steps' batches."""
     need = {"query": 0, "passage": 0}
     for step in steps:
-      batch = self.padded(step)
-      for side in need:
-        length = batch[f"{side}_input_ids"].shape[1]
-        need[side] = max(need[side], packing.packed_rows(
-            batch[f"{side}_attention_mask"].sum(1), length))
+      for side, rows in self._rows_needed(self.padded(step)).items():
+        need[side] = max(need[side], rows)
     return need
 
   def real_tokens(self, batch: Mapping[str, np.ndarray]) -> int:
