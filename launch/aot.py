@@ -55,6 +55,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
+from bge_jax import memory as memory_lib  # noqa: E402  (after the environment above)
+
 GIB = 2 ** 30
 # HBM per chip (GiB), by topology prefix.
 HBM_GIB = {"v5e": 16, "v5litepod": 16, "v5p": 95, "v4": 32, "v6e": 32}
@@ -119,11 +121,7 @@ class Result:
 
   @property
   def peak(self) -> int | None:
-    if self.memory is None:
-      return None
-    m = self.memory
-    return (m["argument_size_in_bytes"] + m["output_size_in_bytes"] - m["alias_size_in_bytes"]
-            + m["temp_size_in_bytes"] + m["generated_code_size_in_bytes"])
+    return memory_lib.peak_bytes(self.memory)
 
 
 def load_run_config(stage: str, preset: str):
@@ -242,13 +240,11 @@ def compile_step(config, devices, mesh_shape: tuple[int, int, int]):
   return compiled, state_sh, model_config
 
 
-MEMORY_FIELDS = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
-                 "temp_size_in_bytes", "generated_code_size_in_bytes")
-
-
 def memory_dict(compiled) -> dict[str, int]:
-  m = compiled.memory_analysis()
-  return {k: int(getattr(m, k)) for k in MEMORY_FIELDS}
+  m = memory_lib.analysis(compiled)
+  if m is None:
+    raise RuntimeError("the TPU compiler returned no memory analysis for this step")
+  return m
 
 
 def gradcache_chunk(batch: int, chips: int, rows_per_chip: int) -> int:

@@ -648,15 +648,15 @@ def fastpath_table(result: dict) -> str:
 def bench_gradcache(args) -> dict:
   """Stage-2 train-step memory vs global batch, with and without GradCache.
 
-  Per configuration the step is compiled ahead of time and XLA's memory analysis read (bytes
-  of temporaries + arguments per device: the peak the step needs). With --run the step also
+  Per configuration the step is compiled ahead of time and XLA's memory analysis read
+  (`bge_jax.memory.peak_bytes`: the bytes per device the step needs while it runs). With --run the step also
   executes (twice; the second is timed) and the device's peak_bytes_in_use is reported where
   the backend tracks it (GPU/TPU).
   """
   import jax
   import jax.numpy as jnp
 
-  from bge_jax import contrastive
+  from bge_jax import contrastive, memory
   from bge_jax.config import preset
   from bge_jax.models import bert
   from bge_jax.train import state as state_lib
@@ -681,11 +681,11 @@ def bench_gradcache(args) -> dict:
       t = time.perf_counter()
       compiled = step.lower(state, batch, key).compile()
       compile_s = time.perf_counter() - t
-      mem = compiled.memory_analysis()
-      need = (mem.temp_size_in_bytes + mem.argument_size_in_bytes) if mem is not None else None
+      mem = memory.analysis(compiled)
+      need = memory.peak_bytes(mem)
       row = {"batch": b, "gradcache_chunk": chunk, "compile_s": round(compile_s, 1),
-             "step_bytes": need, "temp_bytes": getattr(mem, "temp_size_in_bytes", None)}
-      limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+             "step_bytes": need, "temp_bytes": None if mem is None else mem["temp_size_in_bytes"]}
+      limit = memory.device_limit()
       row["fits"] = None if (limit is None or need is None) else bool(need <= limit)
       if args.run and row["fits"] is False:
         row["skipped"] = f"needs {need / 2**30:.1f} GiB > device limit {limit / 2**30:.1f} GiB"

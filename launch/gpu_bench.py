@@ -37,20 +37,12 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bge_jax import contrastive, flops, retromae  # noqa: E402
+from bge_jax import contrastive, flops, memory, retromae  # noqa: E402
 from bge_jax.data.masking import max_predictions  # noqa: E402
 from bge_jax.config import preset  # noqa: E402
 from bge_jax.models import bert  # noqa: E402
 from bge_jax.testing import batches  # noqa: E402
 from bge_jax.train import state as state_lib  # noqa: E402
-
-
-def _bytes_needed(compiled) -> int | None:
-  m = compiled.memory_analysis()
-  if m is None:
-    return None
-  return m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes - \
-      m.alias_size_in_bytes
 
 
 def _shrink(rows: int) -> int:
@@ -62,7 +54,7 @@ def run_stage(name: str, config, loss_fn, make_batch, rows: int, flops_fn, args)
   """Compile (shrinking `rows` until XLA's memory analysis and the first step fit the
   device), then time steps."""
   device = jax.devices()[0]
-  limit = (device.memory_stats() or {}).get("bytes_limit")
+  limit = memory.device_limit(device)
   tx, schedule = state_lib.make_optimizer(
       {"lr": 1e-5, "warmup_steps": 1, "clip_norm": 1.0, "weight_decay": 0.01}, 1000)
   step = jax.jit(state_lib.make_train_step(loss_fn, tx, schedule), donate_argnums=(0,))
@@ -74,7 +66,7 @@ def run_stage(name: str, config, loss_fn, make_batch, rows: int, flops_fn, args)
     t = time.perf_counter()
     compiled = step.lower(state, batch, key).compile()
     compile_s = time.perf_counter() - t
-    need = _bytes_needed(compiled)
+    need = memory.peak_bytes(compiled)
     print(f"[{name}] rows={rows}: compiled in {compile_s:.1f} s, XLA needs "
           f"{'n/a' if need is None else f'{need / 2**30:.1f} GiB'} of "
           f"{'n/a' if limit is None else f'{limit / 2**30:.1f} GiB'}", flush=True)
@@ -111,7 +103,7 @@ def run_stage(name: str, config, loss_fn, make_batch, rows: int, flops_fn, args)
          "model_flops_per_step": model.model, "recompute_flops_per_step": model.recompute,
          "model_tflops_per_s": model.model / step_s / 1e12,
          "mfu": None if peak is None else flops.mfu(model.model, step_s, peak),
-         "peak_flops": peak, "xla_bytes": _bytes_needed(compiled),
+         "peak_flops": peak, "xla_bytes": memory.peak_bytes(compiled),
          "device_peak_bytes": stats.get("peak_bytes_in_use"), "final_loss": loss}
   print(json.dumps(row), flush=True)
   del state, compiled

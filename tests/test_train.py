@@ -4,6 +4,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -161,6 +162,32 @@ def test_init_from_a_checkpoint_takes_the_platforms_compute_dtype(
   monkeypatch.setattr(loop.jax, "default_backend", lambda: backend)
   model_config, loaded, _ = loop.model_config_and_weights(config, loop.load_tokenizer(config))
   assert model_config.dtype == expected and loaded is not None
+
+
+def test_a_step_larger_than_the_device_is_refused_before_it_runs(corpus_and_tokenizer, tmp_path,
+                                                                 monkeypatch):
+  """Where the device reports a memory limit (GPU, TPU), a compiled step that XLA says needs more
+  is refused with both sizes and the config keys that shrink it, before any step runs."""
+  from bge_jax import memory
+  from bge_jax.train.loop import train
+
+  corpus, tok = corpus_and_tokenizer
+  monkeypatch.setattr(memory, "device_limit", lambda device=None: 2**20)  # a 1 MiB device
+  with pytest.raises(MemoryError) as e:
+    train(tiny_retromae(corpus, tok, 2, export=False), str(tmp_path / "run"))
+  msg = str(e.value)
+  assert re.search(r"the train step needs \d+\.\d MiB per device .* the device has 1\.0 MiB",
+                   msg), msg
+  for key in ("config.batch_size (now 8)", "config.model.remat_policy='full'",
+              "config.loss.gradcache_chunk", "config.mesh.fsdp"):
+    assert key in msg, (key, msg)
+  assert not (tmp_path / "run" / "metrics.jsonl").exists()
+  ckpts = tmp_path / "run" / "checkpoints"
+  assert not ckpts.exists() or not any(p.name.isdigit() for p in ckpts.iterdir())
+  # The same run on a device with room for it trains.
+  monkeypatch.setattr(memory, "device_limit", lambda device=None: 2**40)
+  train(tiny_retromae(corpus, tok, 2, export=False), str(tmp_path / "run"))
+  assert sorted(losses(tmp_path / "run")) == [1, 2]
 
 
 def test_process_count_check_is_quiet_when_unchanged_or_unknown(tmp_path, caplog):

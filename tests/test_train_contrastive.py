@@ -144,7 +144,8 @@ def _rows_of_length(path, n, words: tuple[int, int], seed=0):
   return path
 
 
-def test_packed_batches_that_outgrow_their_rows_grow_on_one_process(data, tmp_path, caplog):
+def test_packed_batches_that_outgrow_their_rows_grow_on_one_process(data, tmp_path, caplog,
+                                                                    monkeypatch):
   """With one process, a batch needing more packed rows than budgeted gets more (another
   compiled step) instead of stopping the run: the losses stay the padded run's."""
   import logging
@@ -168,12 +169,30 @@ def test_packed_batches_that_outgrow_their_rows_grow_on_one_process(data, tmp_pa
   train(tiny("finetune", rows, tok, 4, **common, **{
       "data.pack": True, "data.pack_rows_fraction": budget / 32}), str(tmp_path / "packed"))
   assert "compiling the train step for new batch shapes" in caplog.text
-  assert re.search(r"that step needs \d+\.\d MiB per device .* the first one: \d+\.\d MiB",
+  assert re.search(r"that step needs \d+\.\d MiB per device \(the first one: \d+\.\d MiB",
                    caplog.text)
   assert "more than the {'query': " in caplog.text  # the batcher's warning names the budget
   train(tiny("finetune", rows, tok, 4, **common), str(tmp_path / "padded"))
   a, b = losses(tmp_path / "padded"), losses(tmp_path / "packed")
   np.testing.assert_allclose([b[s] for s in range(1, 5)], [a[s] for s in range(1, 5)], rtol=1e-5)
+
+  # On a device with room for the first step's shapes only (a GPU sized to the budget), a step
+  # compiled for new shapes is refused with its size and the packing keys; the checkpoints of
+  # the steps before it stay.
+  from bge_jax import memory
+  limits = iter([None])  # the first compiled step: no limit reported; then a 1 MiB device
+  monkeypatch.setattr(memory, "device_limit", lambda device=None: next(limits, 2**20))
+  with pytest.raises(MemoryError) as e:
+    train(tiny("finetune", rows, tok, 4, **common, **{
+        "data.pack": True, "data.pack_rows_fraction": budget / 32, "checkpoint.every_steps": 1}),
+        str(tmp_path / "small_device"))
+  msg = str(e.value)
+  assert re.search(r"compiled for a new packed batch shape .* needs \d+\.\d MiB per device "
+                   r".* the device has 1\.0 MiB", msg), msg
+  assert "config.data.pack_rows_fraction" in msg and "checkpoints saved so far are kept" in msg
+  saved = sorted(int(p.name) for p in (tmp_path / "small_device" / "checkpoints").iterdir()
+                 if p.name.isdigit())
+  assert saved and saved == list(range(1, len(saved) + 1)) and len(saved) < 4, saved
 
 
 def test_stage2_from_stage1_export(data, tmp_path):

@@ -39,6 +39,7 @@ from jax.experimental import multihost_utils
 
 from bge_jax import checkpoint as project_checkpoint
 from bge_jax import convert, flops, sharding
+from bge_jax import memory as memory_lib
 from bge_jax.config import BertConfig, preset
 from bge_jax.models import bert
 from bge_jax.train import state as state_lib
@@ -484,14 +485,15 @@ def train(config: Any, workdir: str) -> dict[str, float]:
       with sharding.activate(mesh):
         compiled = jit_step.lower(state, global_batch(local), jax.random.key(0)).compile()
       if programs:
-        log.warning("that step needs %s per device (temporaries + arguments; the first "
-                    "one: %s)", _step_mib(compiled), _step_mib(next(iter(programs.values()))[0]))
+        log.warning("that step needs %s per device (the first one: %s)", _step_mib(compiled),
+                    _step_mib(next(iter(programs.values()))[0]))
+      _check_fits(compiled, config, grown=bool(programs))
       programs[shapes] = (compiled, flops.train_step_flops(config, model_config, local,
                                                            jax.process_count()).model)
     return programs[shapes]
 
   # Compiled ahead of the loop: the memory analysis is printed before the first step.
-  memory = program(probe)[0].memory_analysis()
+  memory = memory_lib.analysis(program(probe)[0])
   if is_main:
     if start_step:
       _warn_if_processes_changed(workdir, start_step)
@@ -631,10 +633,29 @@ def _warn_if_processes_changed(workdir: str, start_step: int) -> None:
 
 
 def _step_mib(compiled) -> str:
-  m = compiled.memory_analysis()
-  if m is None:
-    return "an unknown amount"
-  return f"{(m.temp_size_in_bytes + m.argument_size_in_bytes) / 2**20:.1f} MiB"
+  need = memory_lib.peak_bytes(compiled)
+  return "an unknown amount" if need is None else f"{need / 2**20:.1f} MiB"
+
+
+def _check_fits(compiled, config, grown: bool) -> None:
+  """Refuses a compiled step that needs more memory per device than the device has (GPU, TPU;
+  CPU reports no limit), before it runs out of memory with XLA's allocator error."""
+  over = memory_lib.over_limit(compiled)
+  if over is None:
+    return
+  need, limit = over
+  what = ("the train step compiled for a new packed batch shape (config.data.pack gives a batch "
+          "that outgrows its rows more rows)" if grown else "the train step")
+  fixes = ("set config.data.pack_rows_fraction to the fraction that the first steps used, or "
+           "config.data.pack=False; or, as for any step: " if grown else "")
+  raise MemoryError(
+      f"{what} needs {memory_lib.describe(need)} per device (XLA's memory analysis: arguments + "
+      f"outputs - donated buffers + temporaries) but the device has {memory_lib.describe(limit)}. "
+      f"To fit it, {fixes}lower config.batch_size (now {config.batch_size}), set "
+      "config.model.remat_policy='full' (recomputes each layer in the backward pass), "
+      "config.loss.gradcache_chunk (stages 2 and 3: the memory of one chunk of the batch), or "
+      "shard the parameters and optimizer state over more devices with config.mesh.fsdp."
+      + (" The checkpoints saved so far are kept." if grown else ""))
 
 
 def _write_run_info(workdir, config, model_config, origin, total_steps, batcher, memory) -> None:
@@ -646,10 +667,7 @@ def _write_run_info(workdir, config, model_config, origin, total_steps, batcher,
       "processes": jax.process_count(),
   }
   if memory is not None:
-    info["compiled_step_bytes"] = {
-        k: int(getattr(memory, k)) for k in ("argument_size_in_bytes", "output_size_in_bytes",
-                                             "temp_size_in_bytes", "generated_code_size_in_bytes")
-        if hasattr(memory, k)}
+    info["compiled_step_bytes"] = dict(memory, peak=memory_lib.peak_bytes(memory))
   with open(os.path.join(workdir, "run_info.json"), "w") as f:
     json.dump(info, f, indent=2)
   with open(os.path.join(workdir, "config.json"), "w") as f:
