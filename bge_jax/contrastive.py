@@ -160,7 +160,9 @@ def loss(params: Any, config: BertConfig, batch: Mapping[str, Any], *, temperatu
 
   batch: query_input_ids, query_attention_mask [B, Lq]; passage_input_ids,
   passage_attention_mask [B*G, Lp]; optional teacher_scores [B, G] (distillation) and
-  in_batch_negatives (a scalar flag that overrides the argument). Embeddings are pooled
+  in_batch_negatives (a scalar flag: 0 for a dataset scored within its groups). A query is
+  scored against the whole batch's passages only where both the argument and the batch's flag
+  allow it (`loss.in_batch_negatives=False` turns them off for every batch). Embeddings are pooled
   (`cls` | `mean`) and L2-normalised; without normalisation the temperature is 1 (as
   FlagEmbedding). rng=None: no dropout. chunk_size > 0: GradCache (see module docstring).
   A side given as packed rows (`bge_jax.data.packing.pack_sides`) is embedded packed.
@@ -180,7 +182,8 @@ def loss(params: Any, config: BertConfig, batch: Mapping[str, Any], *, temperatu
   kw = dict(pooling=pooling, normalize=normalize, chunk_size=chunk_size)
   q = _side_embeddings(params, config, batch, "query", q_rng, **kw)
   p = _side_embeddings(params, config, batch, "passage", p_rng, **kw)
-  flag = batch.get("in_batch_negatives", in_batch_negatives)
+  flag = jnp.logical_and(jnp.asarray(in_batch_negatives, bool),
+                         jnp.asarray(batch.get("in_batch_negatives", True), bool))
   teacher = batch.get("teacher_scores") if use_teacher_scores else None
   return info_nce(q, p, temperature=temperature, group_size=group_size, in_batch_negatives=flag,
                   teacher_scores=teacher)
@@ -238,6 +241,11 @@ class ContrastiveStage:
                          f"max_position_embeddings={model_config.max_position_embeddings}.")
     datasets = [(spec, open_contrastive_data(spec, kind=d.kind, on_error=d.on_error))
                 for spec in specs]
+    if not config.loss.in_batch_negatives and d.group_size == 1:
+      raise ValueError("config.loss.in_batch_negatives=False with config.data.group_size=1 "
+                       "leaves each query its positive alone: the loss is 0 and nothing trains. "
+                       "Raise config.data.group_size (hard negatives) or set "
+                       "config.loss.in_batch_negatives=True.")
     no_in_batch = [s.strip() for s in d.no_in_batch_datasets.split(",") if s.strip()]
     batcher = ContrastiveBatcher(
         datasets, tokenizer, batch_size=config.batch_size // process_count,

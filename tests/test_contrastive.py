@@ -305,7 +305,7 @@ def test_parity_unnormalized(loaded, report, seed, caplog):
 
 @pytest.mark.parametrize("flag", [1, 0])
 def test_traced_flag_matches_python_bool(loaded, report, flag):
-  """batch["in_batch_negatives"] (traced) overrides the argument and equals the Python bool."""
+  """batch["in_batch_negatives"] (traced) equals the Python bool (the argument left True)."""
   seed = SEEDS[0]
   value, grads = check_parity(loaded, seed, report, "traced in-batch flag, G=4",
                               group_size=4, flag=flag)
@@ -319,6 +319,20 @@ def test_traced_flag_matches_python_bool(loaded, report, flag):
   family = "traced flag vs Python bool (JAX)"
   _note(report, family, "rel loss", rel, f"flag {flag}")
   _note(report, family, "rel grad", worst[0], f"flag {flag}, {worst[1]}")
+
+
+def test_in_batch_negatives_off_wins_over_the_batchs_flag(loaded):
+  """loss.in_batch_negatives=False holds for every batch, though the batcher's flag says 1: the
+  loss is the group-only one, not the in-batch one."""
+  config, params, _ = loaded[SEEDS[0]]
+  batch = make_batch(config.vocab_size, SEEDS[0], 4)
+  kw = dict(temperature=TEMPERATURE, group_size=4)
+  within = contrastive.loss(params, config, batch, in_batch_negatives=False, **kw)["loss"]
+  batch["in_batch_negatives"] = np.asarray(1, np.int32)
+  off = contrastive.loss(params, config, batch, in_batch_negatives=False, **kw)["loss"]
+  on = contrastive.loss(params, config, batch, in_batch_negatives=True, **kw)["loss"]
+  np.testing.assert_allclose(float(off), float(within), rtol=1e-6)
+  assert float(on) > float(off) + 0.1, (float(on), float(off))  # more negatives: a larger loss
 
 
 # ---------------------------------------------------------------------------------------------

@@ -420,6 +420,11 @@ def test_in_batch_negatives_flag(tmp_path, tok):
   assert all(int(custom(s)["in_batch_negatives"]) == 1 for s in range(2))
   with pytest.raises(ValueError, match="not datasets"):
     ContrastiveBatcher(data, tok, batch_size=8, group_size=2, no_in_batch_datasets=["nope"])
+  # Within-group scoring with groups of one passage: a loss of 0, refused by name.
+  with pytest.raises(ValueError, match=r"dataset 'named' is scored within its groups only .* "
+                                       r"group_size=1"):
+    ContrastiveBatcher(data[:3], tok, batch_size=8, group_size=1)
+  assert ContrastiveBatcher(data[:1], tok, batch_size=8, group_size=1)(0)["in_batch_negatives"]
 
 
 def test_bad_options(tmp_path, tok):

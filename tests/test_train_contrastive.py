@@ -105,6 +105,21 @@ def test_stage3_hard_negatives_with_gradcache_matches_plain(data, tmp_path):
   assert info["stage"] == "finetune"
 
 
+def test_no_negatives_at_all_is_refused(data):
+  """in_batch_negatives=False with groups of one passage: every query's loss would be 0."""
+  from bge_jax import contrastive
+  from bge_jax.train.loop import load_tokenizer
+
+  rows, tok = data
+  config = tiny("contrastive", rows, tok, 1, **{"loss.in_batch_negatives": False})
+  model = types.SimpleNamespace(max_position_embeddings=32)
+  with pytest.raises(ValueError, match=r"config\.loss\.in_batch_negatives=False with "
+                                       r"config\.data\.group_size=1 .* loss is 0"):
+    contrastive.CONTRASTIVE.batcher(config, load_tokenizer(config), model, 0, 1)
+  ok = override(config, **{"data.group_size": 2})
+  contrastive.CONTRASTIVE.batcher(ok, load_tokenizer(ok), model, 0, 1)
+
+
 def test_pack_refusals(data):
   """data.pack refuses grad accumulation; sizing rows for several processes needs them running
   (or an explicit fraction); there a batch that does not fit stops with the key to raise."""

@@ -584,6 +584,13 @@ class ContrastiveBatcher:
     self._always_no_ibn = [name in set(no_in_batch_datasets) or src.no_in_batch_neg
                            for name, src in datasets]
     self._no_ibn_rows = [np.array([r.type in no_types for r in src], bool) for src in self.sources]
+    for (name, _), alone in zip(datasets, self._always_no_ibn):
+      if alone and self.group_size == 1:
+        raise ValueError(
+            f"dataset {name!r} is scored within its groups only (no in-batch negatives: "
+            "no_in_batch_datasets or a *no_in_batch_neg name) but group_size=1 leaves each "
+            "query its positive alone: its loss is 0 and it trains nothing. Raise group_size "
+            "(hard negatives) or let the dataset use in-batch negatives.")
     self._pools: list[list[str] | None] = []
     for name, src in datasets:
       self._pools.append(self._check_dataset(name, src))
