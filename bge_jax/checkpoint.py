@@ -8,6 +8,9 @@ Layout of a checkpoint folder::
 
 Written atomically (temporary folder, then rename). `load_params` restores onto the default
 device, or straight into given shardings (no unsharded copy is made).
+
+A trainer's workdir (`run_info.json` + `checkpoints/<step>/`) is read for its params too
+(`load_run_params`): evaluation, `init_from` and `jax-to-hf` take a run, finished or not.
 """
 
 from __future__ import annotations
@@ -88,6 +91,80 @@ def load_params(path: str, shardings: Any = None) -> tuple[BertConfig, Any]:
 def tokenizer_dir(path: str) -> str | None:
   folder = os.path.join(path, "tokenizer")
   return folder if os.path.isdir(folder) else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Training runs: a trainer workdir's train-state checkpoints, read for their params.
+# ---------------------------------------------------------------------------------------------
+
+def is_run_workdir(path: str | os.PathLike) -> bool:
+  """A trainer workdir: `run_info.json` (the model config) and a `checkpoints/` folder."""
+  return (os.path.isfile(os.path.join(path, "run_info.json"))
+          and os.path.isdir(os.path.join(path, "checkpoints")))
+
+
+def run_steps(workdir: str | os.PathLike) -> list[int]:
+  """Committed checkpoint steps of a run, ascending (orbax's in-flight *.tmp-* folders excluded)."""
+  folder = os.path.join(workdir, "checkpoints")
+  return sorted(int(n) for n in os.listdir(folder)
+                if n.isdigit() and os.path.isdir(os.path.join(folder, n, "default")))
+
+
+def run_tokenizer_folder(workdir: str | os.PathLike) -> str:
+  """The tokenizer the run trained with: its config.tokenizer, else config.model.init_from's."""
+  run_config = convert.read_json(os.path.join(workdir, "config.json"))
+  path = run_config.get("tokenizer") or run_config.get("model", {}).get("init_from") or ""
+  if not path:
+    raise convert.ConversionError(
+        f"{workdir}/config.json names no tokenizer (config.tokenizer and "
+        "config.model.init_from are empty); give the tokenizer folder explicitly.")
+  if os.path.isfile(path):
+    return os.path.dirname(path)
+  if is_checkpoint(path):
+    return tokenizer_dir(path) or path
+  if is_run_workdir(path):  # that run was itself initialised from a run
+    return run_tokenizer_folder(path)
+  return path
+
+
+def load_run_params(workdir: str | os.PathLike, step: int | None = None) -> tuple[int, Any, Any]:
+  """(step, BertConfig, params) of a trainer workdir's checkpoint: the newest, or `step`.
+
+  Reads only the params of the saved train state (orbax partial restore: the optimizer state is
+  not loaded), onto the default device. Safe while the run is still writing checkpoints: only
+  committed steps are listed.
+  """
+  import orbax.checkpoint as ocp
+
+  workdir = os.path.abspath(os.fspath(workdir))  # orbax (tensorstore) wants absolute paths
+  steps = run_steps(workdir)
+  if not steps:
+    raise convert.ConversionError(
+        f"{workdir}/checkpoints: no committed checkpoint yet (the trainer writes one every "
+        "config.checkpoint.every_steps steps and at the end).")
+  if step is None:
+    step = steps[-1]
+  elif step not in steps:
+    raise convert.ConversionError(
+        f"{workdir}/checkpoints: no step {step}; the run has steps {steps}.")
+  info_path = os.path.join(workdir, "run_info.json")
+  try:
+    config = BertConfig.from_dict(convert.read_json(info_path)["model"])
+  except (KeyError, TypeError, ValueError) as e:
+    raise convert.ConversionError(f"{info_path}: no usable model config ({e}).") from e
+  path = os.path.join(workdir, "checkpoints", str(step), "default")
+  checkpointer = ocp.PyTreeCheckpointer()
+  tree = checkpointer.metadata(path).item_metadata.tree
+  if "params" not in tree:
+    raise convert.ConversionError(
+        f"{path}: not a bge-jax train state (no 'params'; has {sorted(tree)}).")
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = {"params": jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype),
+                                   tree["params"])}
+  restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), target)
+  restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+      item=target, restore_args=restore_args, partial_restore=True))
+  return step, config, restored["params"]
 
 
 def to_numpy(tree: Any) -> Any:

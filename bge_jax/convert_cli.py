@@ -132,9 +132,16 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         "AutoModel then reports as unused) and sentence-transformers load. "
                         "The tokenizer comes from the checkpoint's "
                         "tokenizer/ folder; the sentence-transformers pooling from the "
-                        "checkpoint config unless --pooling is given."),
+                        "checkpoint config unless --pooling is given. SRC may also be a "
+                        "training run's workdir, finished or not: the params of its newest "
+                        "committed checkpoint (or --step), with the run's model config and "
+                        "tokenizer, as the run's own export would write them."),
       epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-  j2h.add_argument("src", metavar="SRC", help="bge-jax checkpoint folder (has bge_jax.json)")
+  j2h.add_argument("src", metavar="SRC",
+                   help="bge-jax checkpoint folder (has bge_jax.json), or a training run's "
+                        "workdir (run_info.json + checkpoints/): its newest checkpoint, or --step")
+  j2h.add_argument("--step", type=int, default=None, metavar="N",
+                   help="with a run workdir as SRC: the checkpoint of step N (default: newest)")
   j2h.add_argument("out", metavar="OUT", help="Hugging Face folder to create")
   j2h.add_argument("--no-sentence-transformers", action="store_true",
                    help="write only the transformers files (no modules.json / 1_Pooling)")
@@ -142,8 +149,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="sentence-transformers pooling (default: the checkpoint config's, which "
                         "is cls unless it came from a mean-pooling model)")
   j2h.add_argument("--max-seq-length", type=int, default=None, metavar="N",
-                   help="sentence-transformers max_seq_length (default: "
-                        "max_position_embeddings)")
+                   help="sentence-transformers max_seq_length (default: a run's "
+                        "data.passage_max_length, else max_position_embeddings)")
   add_common(j2h)
   j2h.set_defaults(run=_run_jax_to_hf)
   return parser
@@ -242,41 +249,59 @@ def _run_jax_to_hf(args: argparse.Namespace) -> int:
     raise convert.ConversionError(f"--max-seq-length={args.max_seq_length}; it must be >= 1.")
   jax_to_hf(args.src, args.out, check=args.check, tol=args.tol, overwrite=args.overwrite,
             sentence_transformers=not args.no_sentence_transformers, pooling=args.pooling,
-            max_seq_length=args.max_seq_length)
+            max_seq_length=args.max_seq_length, step=args.step)
   return EXIT_OK
 
 
 def jax_to_hf(src: str, out: str, *, check: bool = False, tol: float = DEFAULT_TOL,
               overwrite: bool = False, sentence_transformers: bool = True,
-              pooling: str | None = None, max_seq_length: int | None = None) -> str:
-  """bge-jax checkpoint -> Hugging Face (+ sentence-transformers) folder at `out`."""
+              pooling: str | None = None, max_seq_length: int | None = None,
+              step: int | None = None) -> str:
+  """bge-jax checkpoint, or a training run's workdir (its newest checkpoint, or `step`) ->
+  Hugging Face (+ sentence-transformers) folder at `out`."""
   if check:
     _require_torch()
-  _require_source(src, "a bge-jax checkpoint folder (bge_jax.json + params/)")
-  if not os.path.isdir(src) or not checkpoint.is_checkpoint(src):
+  _require_source(src, "a bge-jax checkpoint folder (bge_jax.json + params/) or a training "
+                       "run's workdir (run_info.json + checkpoints/)")
+  run = os.path.isdir(src) and checkpoint.is_run_workdir(src)
+  if step is not None and not run:
+    raise convert.ConversionError(f"--step {step} is for a training run's workdir "
+                                  f"(run_info.json + checkpoints/); SRC {src} is not one.")
+  if not run and (not os.path.isdir(src) or not checkpoint.is_checkpoint(src)):
     raise convert.ConversionError(
-        f"SRC {src} is not a bge-jax checkpoint (no {checkpoint.META_FILE}); for a Hugging Face "
-        "folder or file use `hf-to-jax`.")
+        f"SRC {src} is neither a bge-jax checkpoint (no {checkpoint.META_FILE}) nor a training "
+        "run's workdir (run_info.json + checkpoints/); for a Hugging Face folder or file use "
+        "`hf-to-jax`.")
   params_dir = os.path.join(src, "params")
-  if not os.path.isdir(params_dir):
+  if not run and not os.path.isdir(params_dir):
     raise convert.ConversionError(
         f"{params_dir}: missing (the orbax params tree of the checkpoint); the checkpoint is "
         "incomplete, re-create it with `hf-to-jax` or take another training checkpoint.")
   out = _require_output(out, src, overwrite, lambda d: os.path.isfile(
       os.path.join(d, "config.json")), "Hugging Face folder (config.json)")
+  if run and max_seq_length is None:  # the run's own export: its passage length (stages 2, 3)
+    run_data = convert.read_json(os.path.join(src, "config.json")).get("data", {})
+    if run_data.get("passage_max_length"):
+      max_seq_length = int(run_data["passage_max_length"])
   try:
-    config, params = checkpoint.load_params(src)
+    if run:
+      step, config, params = checkpoint.load_run_params(src, step)
+      params_dir = os.path.join(src, "checkpoints", str(step))
+    else:
+      config, params = checkpoint.load_params(src)
   except convert.ConversionError:
     raise
   except Exception as e:  # orbax: corrupt or partial params/
     raise convert.ConversionError(
         f"{params_dir}: cannot restore the params ({type(e).__name__}: {e}); the checkpoint is "
         "damaged, re-create it.") from e
-  _validate_params(params, config, src)
+  _validate_params(params, config, src, os.path.join(src, "run_info.json") if run else None,
+                   params_dir)
   if pooling is not None:
     config = config.replace(pooling=pooling)
-  tokenizer = checkpoint.tokenizer_dir(src)
-  _say(f"read: {os.path.abspath(src)}: bge-jax checkpoint, {_describe(config)}; tokenizer: "
+  tokenizer = checkpoint.run_tokenizer_folder(src) if run else checkpoint.tokenizer_dir(src)
+  what = f"training run, step {step}" if run else "bge-jax checkpoint"
+  _say(f"read: {os.path.abspath(src)}: {what}, {_describe(config)}; tokenizer: "
        f"{os.path.abspath(tokenizer) if tokenizer else 'none (no tokenizer/ folder)'}")
 
   def write(tmp: str) -> None:
@@ -301,16 +326,19 @@ def jax_to_hf(src: str, out: str, *, check: bool = False, tol: float = DEFAULT_T
   return out
 
 
-def _validate_params(params: Any, config: BertConfig, src: str) -> None:
-  """Refuses params whose tree or shapes differ from what `config` (bge_jax.json) describes."""
+def _validate_params(params: Any, config: BertConfig, src: str, meta: str | None = None,
+                     params_dir: str | None = None) -> None:
+  """Refuses params whose tree or shapes differ from what `config` (`meta`: bge_jax.json, or a
+  run's run_info.json) describes."""
   def flat(tree: Any) -> dict[str, tuple[int, ...]]:
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(np.shape(leaf))
             for path, leaf in leaves}
 
   want, got = flat(bert.abstract_init(config)[0]), flat(params)
-  meta = os.path.join(src, checkpoint.META_FILE)
-  fix = f"{meta} does not describe {os.path.join(src, 'params')}; restore the matching config."
+  meta = meta or os.path.join(src, checkpoint.META_FILE)
+  fix = (f"{meta} does not describe {params_dir or os.path.join(src, 'params')}; restore the "
+         "matching config.")
   missing = sorted(set(want) - set(got))
   if missing:
     raise convert.ConversionError(f"{src}: params lack {len(missing)} entries the config "

@@ -15,7 +15,8 @@ def base_config() -> ConfigDict:
   # Shape preset when training from scratch: tiny, bge-{small,base,large}-{zh,en}.
   c.model.preset = "bge-small-en"
   # Initial weights: a Hugging Face / sentence-transformers folder, a .safetensors/.bin file with
-  # config.json beside it (e.g. FlagEmbedding's RetroMAE state), or a bge-jax checkpoint.
+  # config.json beside it (e.g. FlagEmbedding's RetroMAE state), a bge-jax checkpoint, or another
+  # run's workdir (the params of its newest checkpoint, e.g. a stage-1 run stopped early).
   # Empty = from scratch. A checkpoint in the workdir always wins (auto-resume).
   c.model.init_from = ""
   c.model.vocab_size = -1  # from scratch: -1 = the tokenizer's size

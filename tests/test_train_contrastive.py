@@ -334,3 +334,63 @@ def test_grad_accumulation_in_stage3_matches_the_micro_batches_losses(data, tmp_
             for key, v in batch.items()}
     want.append(float(contrastive.loss(params, model, part, **kw)["loss"]))
   assert abs(float(metrics["loss"]) - np.mean(want)) <= 1e-5 * abs(np.mean(want))
+
+
+def test_a_run_workdir_initialises_the_next_stage(data, tmp_path, capsys):
+  """model.init_from=<a stage-1 run's workdir>: the params of its newest checkpoint and its
+  tokenizer, the same weights its export holds (a run stopped before exporting still serves)."""
+  import jax
+
+  from bge_jax import convert
+  from bge_jax.train.loop import train
+  from conftest import make_corpus
+  from test_train import tiny_retromae
+
+  rows, tok = data
+  s1 = tmp_path / "s1"
+  train(tiny_retromae(make_corpus(tmp_path / "corpus.jsonl", 64), tok, 2), str(s1))
+  c = tiny("contrastive", rows, tok, 1, **{"optimizer.lr": 0.0, "model.init_from": str(s1),
+                                           "tokenizer": ""})
+  c.model.max_position_embeddings = None
+  train(c, str(tmp_path / "s2"))
+  assert f"from {s1} (step 2, retromae, " in capsys.readouterr().out
+  _, exported = convert.load_hf(str(s1 / "export" / "hf"))
+  _, out = convert.load_hf(str(tmp_path / "s2" / "export" / "hf"))
+  for part in ("embeddings", "layers_0", "layers_1"):
+    for a, b in zip(jax.tree.leaves(out[part]), jax.tree.leaves(exported[part])):
+      np.testing.assert_array_equal(a, b)
+
+
+def test_jax_to_hf_exports_a_run_like_its_own_export(data, tmp_path, capsys):
+  """`conversion/convert.py jax-to-hf <workdir>` writes what the run's export wrote (the same
+  safetensors and sentence-transformers files); --step takes an earlier checkpoint."""
+  from safetensors.numpy import load_file
+
+  from bge_jax import convert_cli
+  from bge_jax.train.loop import train
+
+  rows, tok = data
+  run = tmp_path / "run"
+  train(tiny("contrastive", rows, tok, 3, **{"checkpoint.every_steps": 2, "checkpoint.keep": 5}),
+        str(run))
+  ours = tmp_path / "hf"
+  assert convert_cli.main(["jax-to-hf", str(run), str(ours)]) == 0
+  assert "training run, step 3" in capsys.readouterr().out
+  export = run / "export" / "hf"
+  a, b = load_file(ours / "model.safetensors"), load_file(export / "model.safetensors")
+  assert sorted(a) == sorted(b)
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k])
+  for name in ("modules.json", "sentence_bert_config.json", "1_Pooling/config.json",
+               "tokenizer.json"):
+    assert json.loads((ours / name).read_text()) == json.loads((export / name).read_text()), name
+  earlier = tmp_path / "hf2"
+  assert convert_cli.main(["jax-to-hf", str(run), str(earlier), "--step", "2"]) == 0
+  c = load_file(earlier / "model.safetensors")
+  assert any(not np.array_equal(c[k], a[k]) for k in a)  # step 2's weights, not step 3's
+  capsys.readouterr()
+  assert convert_cli.main(["jax-to-hf", str(run), str(tmp_path / "hf3"), "--step", "5"]) == 2
+  assert "no step 5; the run has steps [2, 3]" in capsys.readouterr().err
+  assert convert_cli.main(["jax-to-hf", str(ours), str(tmp_path / "hf4"), "--step", "2"]) == 2
+  assert "--step 2 is for a training run's workdir" in capsys.readouterr().err
+  assert not (tmp_path / "hf3").exists() and not (tmp_path / "hf4").exists()

@@ -26,6 +26,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from bge_jax.checkpoint import (  # noqa: F401  (part of this module's API)
+    is_run_workdir, load_run_params, run_steps, run_tokenizer_folder)
 from bge_jax.eval.sts import read_sts
 
 try:
@@ -272,77 +274,6 @@ def local_retrieval_task(folder: str | os.PathLike, split: str = "test", *,
 # Models to evaluate: exported folders, bge-jax checkpoints, and runs still training.
 # ---------------------------------------------------------------------------------------------
 
-def is_run_workdir(path: str | os.PathLike) -> bool:
-  """A trainer workdir: `run_info.json` (the model config) and a `checkpoints/` folder."""
-  return (os.path.isfile(os.path.join(path, "run_info.json"))
-          and os.path.isdir(os.path.join(path, "checkpoints")))
-
-
-def run_steps(workdir: str | os.PathLike) -> list[int]:
-  """Committed checkpoint steps of a run, ascending (orbax's in-flight *.tmp-* folders excluded)."""
-  folder = os.path.join(workdir, "checkpoints")
-  return sorted(int(n) for n in os.listdir(folder)
-                if n.isdigit() and os.path.isdir(os.path.join(folder, n, "default")))
-
-
-def _run_tokenizer_folder(workdir: str) -> str:
-  """The tokenizer the run trained with: its config.tokenizer, else config.model.init_from."""
-  from bge_jax import checkpoint
-  from bge_jax.convert import ConversionError, read_json
-
-  run_config = read_json(os.path.join(workdir, "config.json"))
-  path = run_config.get("tokenizer") or run_config.get("model", {}).get("init_from") or ""
-  if not path:
-    raise ConversionError(f"{workdir}/config.json names no tokenizer (config.tokenizer and "
-                          "config.model.init_from are empty); pass tokenizer=.")
-  if os.path.isfile(path):
-    return os.path.dirname(path)
-  if checkpoint.is_checkpoint(path):
-    return checkpoint.tokenizer_dir(path) or path
-  return path
-
-
-def load_run_params(workdir: str | os.PathLike, step: int | None = None) -> tuple[int, Any, Any]:
-  """(step, BertConfig, params) of a trainer workdir's checkpoint: the newest, or `step`.
-
-  Reads only the params of the saved train state (orbax partial restore: the optimizer state is
-  not loaded), onto the default device. Safe while the run is still writing checkpoints: only
-  committed steps are listed.
-  """
-  import jax
-  import orbax.checkpoint as ocp
-
-  from bge_jax.config import BertConfig
-  from bge_jax.convert import ConversionError, read_json
-
-  workdir = os.path.abspath(os.fspath(workdir))  # orbax (tensorstore) wants absolute paths
-  steps = run_steps(workdir)
-  if not steps:
-    raise ConversionError(f"{workdir}/checkpoints: no committed checkpoint yet (the trainer "
-                          "writes one every config.checkpoint.every_steps steps and at the end).")
-  if step is None:
-    step = steps[-1]
-  elif step not in steps:
-    raise ConversionError(f"{workdir}/checkpoints: no step {step}; the run has steps {steps}.")
-  info_path = os.path.join(workdir, "run_info.json")
-  try:
-    config = BertConfig.from_dict(read_json(info_path)["model"])
-  except (KeyError, TypeError, ValueError) as e:
-    raise ConversionError(f"{info_path}: no usable model config ({e}).") from e
-  path = os.path.join(workdir, "checkpoints", str(step), "default")
-  checkpointer = ocp.PyTreeCheckpointer()
-  tree = checkpointer.metadata(path).item_metadata.tree
-  if "params" not in tree:
-    raise ConversionError(f"{path}: not a bge-jax train state (no 'params'; has {sorted(tree)}).")
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = {"params": jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype),
-                                   tree["params"])}
-  restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), target)
-  restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
-      item=target, restore_args=restore_args, partial_restore=True))
-  return step, config, restored["params"]
-
-
 def load_encoder(path: str | os.PathLike, pooling: str | None = None,
                  normalize: bool | None = None, *, step: int | None = None,
                  tokenizer: Any = None, dtype: str = "float32") -> Any:
@@ -364,7 +295,7 @@ def load_encoder(path: str | os.PathLike, pooling: str | None = None,
   if is_run_workdir(path):
     _, config, params = load_run_params(path, step)
     if tokenizer is None:
-      tokenizer = _load_tokenizer(_run_tokenizer_folder(path))
+      tokenizer = _load_tokenizer(run_tokenizer_folder(path))
     return Encoder(params, config.replace(dtype=dtype), tokenizer,
                    pooling=pooling or config.pooling,
                    normalize=config.normalize if normalize is None else normalize)

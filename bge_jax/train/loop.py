@@ -76,6 +76,8 @@ def load_tokenizer(config: Any):
     folder = os.path.dirname(path)
   elif project_checkpoint.is_checkpoint(path):
     folder = project_checkpoint.tokenizer_dir(path) or path
+  elif project_checkpoint.is_run_workdir(path):
+    folder = project_checkpoint.run_tokenizer_folder(path)
   try:
     return AutoTokenizer.from_pretrained(folder)
   except (OSError, ValueError) as e:
@@ -97,12 +99,19 @@ def model_config_and_weights(config: Any, tokenizer: Any) -> tuple[BertConfig, d
                "--config.model.dtype=float32 for full precision", jax.default_backend())
   if m.init_from:
     path = m.init_from
+    what = ""
     if project_checkpoint.is_checkpoint(path):
       base, params = project_checkpoint.load_params(path)
       params = jax.device_get(params)
+    elif project_checkpoint.is_run_workdir(path):
+      # Another run's workdir (finished or not): the params of its newest checkpoint.
+      step, base, params = project_checkpoint.load_run_params(path)
+      params = jax.device_get(params)
+      what = f"step {step}, "
     else:
       base, params = convert.load_hf(path)
-    origin = f"{path} ({base.hf_family}, {base.num_layers} layers, hidden {base.hidden_size})"
+    origin = (f"{path} ({what}{base.hf_family}, {base.num_layers} layers, "
+              f"hidden {base.hidden_size})")
   else:
     vocab = m.get("vocab_size", -1)
     vocab = len(tokenizer) if vocab in (-1, None) else vocab
