@@ -121,7 +121,8 @@ class Encoder:
   @classmethod
   def from_hf(cls, path: str, pooling: str = "cls", normalize: bool = True, *,
               tokenizer: Any = None, **config_overrides: Any) -> "Encoder":
-    """From a Hugging Face / sentence-transformers folder, or a bge-jax checkpoint folder.
+    """From a Hugging Face / sentence-transformers folder, a bge-jax checkpoint folder, or a
+    training run's workdir (`from_run`: its newest checkpoint).
 
     config_overrides: BertConfig fields, e.g. dtype="bfloat16" for faster, less exact encoding
     on an accelerator (default float32, the numbers of the PyTorch model).
@@ -129,6 +130,8 @@ class Encoder:
     if os.path.isdir(path) and checkpoint.is_checkpoint(path):
       return cls.from_checkpoint(path, pooling, normalize, tokenizer=tokenizer,
                                  **config_overrides)
+    if os.path.isdir(path) and checkpoint.is_run_workdir(path):
+      return cls.from_run(path, pooling, normalize, tokenizer=tokenizer, **config_overrides)
     config, params = convert.load_hf(path, **config_overrides)
     if config.hf_family == "sentence_transformers" and config.pooling != pooling:
       log.warning("%s declares %s pooling; encoding with pooling=%r as requested.",
@@ -157,6 +160,27 @@ class Encoder:
             f"{path}: the checkpoint has no tokenizer/ folder; pass tokenizer=.")
       tokenizer = _load_tokenizer(folder)
     return cls(params, config, tokenizer, pooling=pooling, normalize=normalize)
+
+  @classmethod
+  def from_run(cls, path: str, pooling: str | None = None, normalize: bool | None = None, *,
+               step: int | None = None, tokenizer: Any = None,
+               **config_overrides: Any) -> "Encoder":
+    """From a training run's workdir (run_info.json + checkpoints/), finished or still running:
+    the params of its newest committed checkpoint (or `step`), with the run's tokenizer.
+    pooling / normalize None: the run's own (its loss's). Computes in float32 unless
+    `config_overrides` say otherwise, like `from_checkpoint`."""
+    step, config, params = checkpoint.load_run_params(path, step)
+    try:
+      config = config.replace(**{"dtype": "float32", **config_overrides})
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"Encoder.from_run({path!r}): {e}") from e
+    if pooling is not None and pooling != config.pooling:
+      log.warning("%s (step %d) trained with %s pooling; encoding with pooling=%r as requested.",
+                  path, step, config.pooling, pooling)
+    if tokenizer is None:
+      tokenizer = _load_tokenizer(checkpoint.run_tokenizer_folder(path))
+    return cls(params, config, tokenizer, pooling=pooling or config.pooling,
+               normalize=config.normalize if normalize is None else normalize)
 
   @property
   def dim(self) -> int:

@@ -4,7 +4,8 @@
   python launch/eval.py retrieval --model PATH --data DIR [--query-instruction TEXT]
 
 --model takes any path `Encoder.from_hf` takes: a Hugging Face or sentence-transformers folder
-(with tokenizer files), a bge-jax checkpoint folder, an exported folder.
+(with tokenizer files), a bge-jax checkpoint folder, an exported folder, or a training run's
+workdir (its newest checkpoint, also while the run goes on).
 
 sts: FILE is the STS Benchmark TSV (header with score, sentence1, sentence2; --split picks the
   'split' column's rows) or a headerless `s1<TAB>s2<TAB>score` file (the Chinese STS-B).
@@ -45,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
   sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
   def common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model folder or checkpoint (Encoder.from_hf)")
+    p.add_argument("--model", required=True, help="model folder, checkpoint or run workdir (Encoder.from_hf)")
     p.add_argument("--pooling", choices=("cls", "mean"), default="cls",
                    help="sentence pooling: cls (BGE) or mean (e.g. all-MiniLM-L6-v2)")
     p.add_argument("--batch-size", type=int, default=256, help="encoding batch size")

@@ -30,7 +30,8 @@ def _parser() -> argparse.ArgumentParser:
                               epilog=details.split("\n\n", 1)[1],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--model", required=True, metavar="PATH",
-                 help="Hugging Face / sentence-transformers folder or bge-jax checkpoint folder.")
+                 help="Hugging Face / sentence-transformers folder, bge-jax checkpoint folder, "
+                      "or a training run's workdir (its newest checkpoint).")
   p.add_argument("--input", required=True, metavar="JSONL",
                  help='training rows {"query", "pos", "neg"?, ...}.')
   p.add_argument("--output", required=True, metavar="JSONL",

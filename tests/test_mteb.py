@@ -93,9 +93,9 @@ def test_run_workdir_newest_and_chosen_step_agree_with_sts_spearman(run_workdir,
   from bge_jax.eval import mteb_adapter
 
   workdir, saved, tok = run_workdir
-  assert mteb_adapter.is_run_workdir(workdir) and mteb_adapter.run_steps(workdir) == [3, 7]
+  assert mteb_adapter.is_run_workdir(workdir) and checkpoint.run_steps(workdir) == [3, 7]
   monkeypatch.chdir(workdir.parent)  # a relative workdir (orbax itself needs absolute paths)
-  step, config, params = mteb_adapter.load_run_params(workdir.name)
+  step, config, params = checkpoint.load_run_params(workdir.name)
   assert step == 7 and config == CONFIG.replace(dtype="bfloat16")
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(saved[7])):
     np.testing.assert_array_equal(np.asarray(a), b)

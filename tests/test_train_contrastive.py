@@ -366,7 +366,7 @@ def test_jax_to_hf_exports_a_run_like_its_own_export(data, tmp_path, capsys):
   safetensors and sentence-transformers files); --step takes an earlier checkpoint."""
   from safetensors.numpy import load_file
 
-  from bge_jax import convert_cli
+  from bge_jax import Encoder, convert_cli
   from bge_jax.train.loop import train
 
   rows, tok = data
@@ -384,6 +384,12 @@ def test_jax_to_hf_exports_a_run_like_its_own_export(data, tmp_path, capsys):
   for name in ("modules.json", "sentence_bert_config.json", "1_Pooling/config.json",
                "tokenizer.json"):
     assert json.loads((ours / name).read_text()) == json.loads((export / name).read_text()), name
+  # Encoder.from_hf (mine.py, eval.py) reads the run too: its embeddings are the export's.
+  texts = ["alpha beta gamma", "river city paper music", "ocean"]
+  np.testing.assert_allclose(Encoder.from_hf(str(run)).encode(texts),
+                             Encoder.from_hf(str(export)).encode(texts), rtol=0, atol=1e-6)
+  earlier_encoder = Encoder.from_run(str(run), step=2)
+  assert earlier_encoder.config.pooling == "cls" and earlier_encoder.config.dtype == "float32"
   earlier = tmp_path / "hf2"
   assert convert_cli.main(["jax-to-hf", str(run), str(earlier), "--step", "2"]) == 0
   c = load_file(earlier / "model.safetensors")

@@ -26,8 +26,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from bge_jax.checkpoint import (  # noqa: F401  (part of this module's API)
-    is_run_workdir, load_run_params, run_steps, run_tokenizer_folder)
+from bge_jax.checkpoint import is_run_workdir
 from bge_jax.eval.sts import read_sts
 
 try:
@@ -289,16 +288,12 @@ def load_encoder(path: str | os.PathLike, pooling: str | None = None,
   the run's `loss.pooling`, else CLS with normalisation, BGE's).
   """
   from bge_jax import checkpoint, convert
-  from bge_jax.encoder import Encoder, _load_tokenizer
+  from bge_jax.encoder import Encoder
 
   path = os.fspath(path)
   if is_run_workdir(path):
-    _, config, params = load_run_params(path, step)
-    if tokenizer is None:
-      tokenizer = _load_tokenizer(run_tokenizer_folder(path))
-    return Encoder(params, config.replace(dtype=dtype), tokenizer,
-                   pooling=pooling or config.pooling,
-                   normalize=config.normalize if normalize is None else normalize)
+    return Encoder.from_run(path, pooling, normalize, step=step, tokenizer=tokenizer,
+                            dtype=dtype)
   if step is not None:
     raise convert.ConversionError(f"{path}: step={step} is for trainer workdirs (with "
                                   "run_info.json and checkpoints/); this is not one.")
