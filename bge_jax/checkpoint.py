@@ -79,7 +79,7 @@ def load_params(path: str, shardings: Any = None) -> tuple[BertConfig, Any]:
   checkpointer = ocp.StandardCheckpointer()
   metadata = checkpointer.metadata(os.path.join(path, "params")).item_metadata
   if shardings is None:
-    shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]),
+    shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.local_devices()[0]),
                              metadata)
   target = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s),
                         metadata, shardings)
@@ -158,7 +158,7 @@ def load_run_params(workdir: str | os.PathLike, step: int | None = None) -> tupl
   if "params" not in tree:
     raise convert.ConversionError(
         f"{path}: not a bge-jax train state (no 'params'; has {sorted(tree)}).")
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = {"params": jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype),
                                    tree["params"])}
   restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), target)

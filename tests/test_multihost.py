@@ -188,6 +188,42 @@ def test_two_processes_reproduce_one_process_loss_curve(stage, tmp_path, monkeyp
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("source", ["checkpoint", "run"])
+def test_two_processes_initialise_from_a_checkpoint_or_a_run(source, tmp_path, monkeypatch):
+  """model.init_from a bge-jax checkpoint or another run's workdir, on 2 processes: each
+  restores the params onto its own devices (process 1 cannot place arrays on process 0's), and
+  the loss curve is the one-process run's from the same source."""
+  from test_train import load_config, losses, override
+
+  from bge_jax import checkpoint
+  from bge_jax.train import loop
+
+  values = overrides("contrastive", tmp_path)
+  src = tmp_path / "src_run"
+  loop.train(override(load_config("contrastive", "tiny"), **dict(values, num_train_steps=2)),
+             str(src))
+  if source == "checkpoint":
+    _, config, params = checkpoint.load_run_params(src)
+    checkpoint.save_params(str(tmp_path / "src_ckpt"), params, config)
+    src = tmp_path / "src_ckpt"
+  values["model.init_from"] = str(src)
+
+  procs, outputs = run_two_processes("contrastive", tmp_path / "multi", values, tmp_path)
+  for i, (p, out) in enumerate(zip(procs, outputs)):
+    assert p.returncode == 0, f"process {i}:\n{out[-4000:]}"
+  assert f"from {src} (" in outputs[0]
+  multi = losses(tmp_path / "multi")
+
+  real = loop.get_stage("contrastive")
+  monkeypatch.setattr(loop, "get_stage", lambda name: SimulatedProcesses(real, 2))
+  loop.train(override(load_config("contrastive", "tiny"), **values), str(tmp_path / "single"))
+  single = losses(tmp_path / "single")
+  assert sorted(multi) == sorted(single) == list(range(1, STEPS + 1))
+  np.testing.assert_allclose([multi[s] for s in single], [single[s] for s in single],
+                             rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
 def test_sigterm_to_one_host_stops_both_at_one_step_and_resume_matches(tmp_path):
   """A preemption notice reaching only process 1: jax's preemption sync picks one step, both
   processes save it and exit 0; rerunning both continues to the uninterrupted 2-process run's
