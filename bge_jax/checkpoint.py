@@ -118,13 +118,7 @@ def run_tokenizer_folder(workdir: str | os.PathLike) -> str:
     raise convert.ConversionError(
         f"{workdir}/config.json names no tokenizer (config.tokenizer and "
         "config.model.init_from are empty); give the tokenizer folder explicitly.")
-  if os.path.isfile(path):
-    return os.path.dirname(path)
-  if is_checkpoint(path):
-    return tokenizer_dir(path) or path
-  if is_run_workdir(path):  # that run was itself initialised from a run
-    return run_tokenizer_folder(path)
-  return path
+  return tokenizer_folder(path) or path
 
 
 def load_run_params(workdir: str | os.PathLike, step: int | None = None) -> tuple[int, Any, Any]:
@@ -165,6 +159,48 @@ def load_run_params(workdir: str | os.PathLike, step: int | None = None) -> tupl
   restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
       item=target, restore_args=restore_args, partial_restore=True))
   return step, config, restored["params"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Any model source: what `model.init_from`, `launch/merge.py` and the converters read.
+# ---------------------------------------------------------------------------------------------
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
+
+
+def tokenizer_folder(path: str | os.PathLike) -> str | None:
+  """The folder with the tokenizer files of a model source: a bge-jax checkpoint's tokenizer/,
+  a training run's (`run_tokenizer_folder`), else the folder itself or the one holding its
+  weights (a sentence-transformers module, a single weight file's folder). None: none found."""
+  path = os.fspath(path)
+  if os.path.isdir(path) and is_checkpoint(path):
+    return tokenizer_dir(path)
+  if os.path.isdir(path) and is_run_workdir(path):
+    return run_tokenizer_folder(path)
+  candidates = [os.path.abspath(path if os.path.isdir(path) else os.path.dirname(path))]
+  try:
+    candidates.append(os.path.dirname(os.path.abspath(convert.resolve(path)[0])))
+  except convert.ConversionError:  # a tokenizer-only folder, or no weights there
+    pass
+  for folder in candidates:
+    if any(os.path.isfile(os.path.join(folder, n)) for n in TOKENIZER_FILES):
+      return folder
+  return None
+
+
+def load_source(path: str | os.PathLike) -> tuple[BertConfig, Any, str]:
+  """(config, params as host arrays, what it is) of any model source: a bge-jax checkpoint
+  folder, a training run's workdir (its newest checkpoint: finished or not), or a Hugging Face /
+  sentence-transformers folder or weight file (`convert.load_hf`)."""
+  path = os.fspath(path)
+  if os.path.isdir(path) and is_checkpoint(path):
+    config, params = load_params(path)
+    return config, to_numpy(params), "bge-jax checkpoint"
+  if os.path.isdir(path) and is_run_workdir(path):
+    step, config, params = load_run_params(path)
+    return config, to_numpy(params), f"training run, step {step}"
+  config, params = convert.load_hf(path)
+  return config, params, "Hugging Face"
 
 
 def to_numpy(tree: Any) -> Any:

@@ -212,7 +212,7 @@ def hf_to_jax(src: str, out: str, *, check: bool = False, tol: float = DEFAULT_T
         f"{src}: cannot read the weights ({type(e).__name__}: {e}); re-download or re-export "
         "the file.") from e
   weights = convert.resolve(src)[0]
-  tokenizer = _tokenizer_folder(src, weights)
+  tokenizer = checkpoint.tokenizer_folder(src)
   _say(f"read: {os.path.abspath(weights)}: {_describe(config)}; tokenizer: "
        f"{tokenizer or 'none (no vocab.txt / tokenizer.json beside the weights)'}")
 
@@ -227,17 +227,6 @@ def hf_to_jax(src: str, out: str, *, check: bool = False, tol: float = DEFAULT_T
   parts = "bge_jax.json, params/ " + dtype + (", tokenizer/" if tokenizer else "")
   _say(f"wrote: {out}: bge-jax checkpoint ({parts})")
   return out
-
-
-def _tokenizer_folder(src: str, weights: str) -> str | None:
-  """The folder holding the source's tokenizer (beside the weights, or SRC itself), if any."""
-  candidates = [os.path.dirname(os.path.abspath(weights))]
-  if os.path.isdir(src):
-    candidates.append(os.path.abspath(src))
-  for folder in candidates:
-    if any(os.path.isfile(os.path.join(folder, n)) for n in ("vocab.txt", "tokenizer.json")):
-      return folder
-  return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,7 +288,7 @@ def jax_to_hf(src: str, out: str, *, check: bool = False, tol: float = DEFAULT_T
                    params_dir)
   if pooling is not None:
     config = config.replace(pooling=pooling)
-  tokenizer = checkpoint.run_tokenizer_folder(src) if run else checkpoint.tokenizer_dir(src)
+  tokenizer = checkpoint.tokenizer_folder(src)
   what = f"training run, step {step}" if run else "bge-jax checkpoint"
   _say(f"read: {os.path.abspath(src)}: {what}, {_describe(config)}; tokenizer: "
        f"{os.path.abspath(tokenizer) if tokenizer else 'none (no tokenizer/ folder)'}")

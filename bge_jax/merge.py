@@ -39,7 +39,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import jax
 import numpy as np
 
-from bge_jax import checkpoint, contrastive, convert
+from bge_jax import checkpoint, contrastive
 from bge_jax.config import BertConfig
 
 log = logging.getLogger(__name__)
@@ -70,15 +70,6 @@ class Model(NamedTuple):
 # Loading and compatibility.
 # ---------------------------------------------------------------------------------------------
 
-def _tokenizer_folder(path: str) -> str | None:
-  if checkpoint.is_checkpoint(path):
-    return checkpoint.tokenizer_dir(path)
-  folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-  if any(os.path.isfile(os.path.join(folder, n)) for n in ("tokenizer.json", "vocab.txt")):
-    return folder
-  return None
-
-
 def strip_heads(config: BertConfig, params: Mapping[str, Any]) -> tuple[BertConfig, dict]:
   """(config, params) without the MLM head, pooler and RetroMAE decoder (BertModel naming)."""
   params = {k: v for k, v in params.items() if k not in HEAD_PARTS}
@@ -88,16 +79,13 @@ def strip_heads(config: BertConfig, params: Mapping[str, Any]) -> tuple[BertConf
 
 
 def load_model(path: str, *, encoder_only: bool = True) -> Model:
-  """A Hugging Face / sentence-transformers folder, a weight file, or a bge-jax checkpoint."""
+  """A Hugging Face / sentence-transformers folder, a weight file, a bge-jax checkpoint, or a
+  training run's workdir (its newest checkpoint): `checkpoint.load_source`."""
   path = os.fspath(path)
-  if os.path.isdir(path) and checkpoint.is_checkpoint(path):
-    config, params = checkpoint.load_params(path)
-    params = checkpoint.to_numpy(params)
-  else:
-    config, params = convert.load_hf(path)
+  config, params, _ = checkpoint.load_source(path)
   if encoder_only:
     config, params = strip_heads(config, params)
-  return Model(path, config, params, _tokenizer_folder(path))
+  return Model(path, config, params, checkpoint.tokenizer_folder(path))
 
 
 def load_models(paths: Sequence[str], *, encoder_only: bool = True) -> list[Model]:

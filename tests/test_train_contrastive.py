@@ -353,7 +353,7 @@ def test_a_run_workdir_initialises_the_next_stage(data, tmp_path, capsys):
                                            "tokenizer": ""})
   c.model.max_position_embeddings = None
   train(c, str(tmp_path / "s2"))
-  assert f"from {s1} (step 2, retromae, " in capsys.readouterr().out
+  assert f"from {s1} (training run, step 2, retromae, " in capsys.readouterr().out
   _, exported = convert.load_hf(str(s1 / "export" / "hf"))
   _, out = convert.load_hf(str(tmp_path / "s2" / "export" / "hf"))
   for part in ("embeddings", "layers_0", "layers_1"):
@@ -364,6 +364,7 @@ def test_a_run_workdir_initialises_the_next_stage(data, tmp_path, capsys):
 def test_jax_to_hf_exports_a_run_like_its_own_export(data, tmp_path, capsys):
   """`conversion/convert.py jax-to-hf <workdir>` writes what the run's export wrote (the same
   safetensors and sentence-transformers files); --step takes an earlier checkpoint."""
+  import jax
   from safetensors.numpy import load_file
 
   from bge_jax import Encoder, convert_cli
@@ -388,6 +389,12 @@ def test_jax_to_hf_exports_a_run_like_its_own_export(data, tmp_path, capsys):
   texts = ["alpha beta gamma", "river city paper music", "ocean"]
   np.testing.assert_allclose(Encoder.from_hf(str(run)).encode(texts),
                              Encoder.from_hf(str(export)).encode(texts), rtol=0, atol=1e-6)
+  # launch/merge.py too: the run's encoder weights and its tokenizer.
+  from bge_jax import merge
+  merged_in, exported = merge.load_model(str(run)), merge.load_model(str(export))
+  assert merged_in.tokenizer == str(tok) and merged_in.config == exported.config
+  for x, y in zip(jax.tree.leaves(merged_in.params), jax.tree.leaves(exported.params)):
+    np.testing.assert_array_equal(x, y)
   earlier_encoder = Encoder.from_run(str(run), step=2)
   assert earlier_encoder.config.pooling == "cls" and earlier_encoder.config.dtype == "float32"
   earlier = tmp_path / "hf2"

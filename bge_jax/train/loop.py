@@ -38,7 +38,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from bge_jax import checkpoint as project_checkpoint
-from bge_jax import convert, flops, sharding
+from bge_jax import flops, sharding
 from bge_jax import memory as memory_lib
 from bge_jax.config import BertConfig, preset
 from bge_jax.models import bert
@@ -71,13 +71,7 @@ def load_tokenizer(config: Any):
   if not path:
     raise ConfigError("no tokenizer: set config.tokenizer to a folder with tokenizer files "
                       "(or config.model.init_from to a Hugging Face model folder).")
-  folder = path
-  if os.path.isfile(path):
-    folder = os.path.dirname(path)
-  elif project_checkpoint.is_checkpoint(path):
-    folder = project_checkpoint.tokenizer_dir(path) or path
-  elif project_checkpoint.is_run_workdir(path):
-    folder = project_checkpoint.run_tokenizer_folder(path)
+  folder = project_checkpoint.tokenizer_folder(path) or path
   try:
     return AutoTokenizer.from_pretrained(folder)
   except (OSError, ValueError) as e:
@@ -99,18 +93,9 @@ def model_config_and_weights(config: Any, tokenizer: Any) -> tuple[BertConfig, d
                "--config.model.dtype=float32 for full precision", jax.default_backend())
   if m.init_from:
     path = m.init_from
-    what = ""
-    if project_checkpoint.is_checkpoint(path):
-      base, params = project_checkpoint.load_params(path)
-      params = jax.device_get(params)
-    elif project_checkpoint.is_run_workdir(path):
-      # Another run's workdir (finished or not): the params of its newest checkpoint.
-      step, base, params = project_checkpoint.load_run_params(path)
-      params = jax.device_get(params)
-      what = f"step {step}, "
-    else:
-      base, params = convert.load_hf(path)
-    origin = (f"{path} ({what}{base.hf_family}, {base.num_layers} layers, "
+    # A checkpoint, another run's workdir (its newest checkpoint) or a Hugging Face model.
+    base, params, what = project_checkpoint.load_source(path)
+    origin = (f"{path} ({what}, {base.hf_family}, {base.num_layers} layers, "
               f"hidden {base.hidden_size})")
   else:
     vocab = m.get("vocab_size", -1)
