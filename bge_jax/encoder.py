@@ -67,6 +67,18 @@ def batch_shape(lengths: Sequence[int], batch_size: int, buckets: Sequence[int],
   return rows, bucket_for(max(lengths), buckets), None
 
 
+def default_devices() -> tuple[jax.Device, ...]:
+  """Where an Encoder computes by default: every local accelerator (GPU, TPU), each batch's rows
+  split among them; on CPU one device, since CPU devices share the host's cores (and tests fake
+  several of them)."""
+  devices = jax.local_devices()
+  return tuple(devices) if jax.default_backend() != "cpu" else tuple(devices[:1])
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
 def _load_tokenizer(folder: str):
   from transformers import AutoTokenizer
   try:
@@ -105,22 +117,34 @@ class Encoder:
   has its own row, padded to its batch's bucket. Either way a whole corpus compiles a handful of
   shapes, not one per batch. Batches are dispatched ahead of their results (host packing
   overlaps device compute). Results come back in input order.
+
+  Devices (`devices`, default `default_devices()`: every local GPU/TPU, one CPU device): the
+  params are replicated on each, and each batch's rows are split among them (data parallel;
+  the row count is rounded up to a multiple of the devices with filler rows).
   """
 
   def __init__(self, params: Any, config: BertConfig, tokenizer: Any, *,
-               pooling: str = "cls", normalize: bool = True):
+               pooling: str = "cls", normalize: bool = True,
+               devices: Sequence[jax.Device] | None = None):
     if pooling not in ("cls", "mean"):
       raise ValueError(f"pooling={pooling!r}; use 'cls' or 'mean'")
     self.config = config.replace(pooling=pooling, normalize=normalize)
-    # On the device once: numpy leaves would be copied to it again at every batch.
-    self.params = jax.device_put(params)
+    self.devices = tuple(devices) if devices is not None else default_devices()
+    if not self.devices:
+      raise ValueError("devices is empty; give at least one (default: default_devices())")
+    mesh = jax.sharding.Mesh(np.asarray(self.devices), ("batch",))
+    self._rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
+    self._replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    # On the devices once: numpy leaves would be copied to them again at every batch.
+    self.params = jax.device_put(params, self._replicated)
     self.tokenizer = tokenizer
     self._embed = _jitted_embed(self.config)
     self._embed_packed = _jitted_embed_packed(self.config)
 
   @classmethod
   def from_hf(cls, path: str, pooling: str = "cls", normalize: bool = True, *,
-              tokenizer: Any = None, **config_overrides: Any) -> "Encoder":
+              tokenizer: Any = None, devices: Sequence[jax.Device] | None = None,
+              **config_overrides: Any) -> "Encoder":
     """From a Hugging Face / sentence-transformers folder, a bge-jax checkpoint folder, or a
     training run's workdir (`from_run`: its newest checkpoint).
 
@@ -128,10 +152,11 @@ class Encoder:
     on an accelerator (default float32, the numbers of the PyTorch model).
     """
     if os.path.isdir(path) and checkpoint.is_checkpoint(path):
-      return cls.from_checkpoint(path, pooling, normalize, tokenizer=tokenizer,
+      return cls.from_checkpoint(path, pooling, normalize, tokenizer=tokenizer, devices=devices,
                                  **config_overrides)
     if os.path.isdir(path) and checkpoint.is_run_workdir(path):
-      return cls.from_run(path, pooling, normalize, tokenizer=tokenizer, **config_overrides)
+      return cls.from_run(path, pooling, normalize, tokenizer=tokenizer, devices=devices,
+                          **config_overrides)
     config, params = convert.load_hf(path, **config_overrides)
     if config.hf_family == "sentence_transformers" and config.pooling != pooling:
       log.warning("%s declares %s pooling; encoding with pooling=%r as requested.",
@@ -139,11 +164,12 @@ class Encoder:
     if tokenizer is None:
       weights = convert.resolve(path)[0]
       tokenizer = _load_tokenizer(os.path.dirname(weights) if os.path.isfile(path) else path)
-    return cls(params, config, tokenizer, pooling=pooling, normalize=normalize)
+    return cls(params, config, tokenizer, pooling=pooling, normalize=normalize, devices=devices)
 
   @classmethod
   def from_checkpoint(cls, path: str, pooling: str = "cls", normalize: bool = True, *,
-                      tokenizer: Any = None, **config_overrides: Any) -> "Encoder":
+                      tokenizer: Any = None, devices: Sequence[jax.Device] | None = None,
+                      **config_overrides: Any) -> "Encoder":
     """From a bge-jax checkpoint folder. It computes in float32 unless `config_overrides` say
     otherwise (dtype="bfloat16"): the checkpoint's config records the compute dtype its
     training run used (bf16 on accelerators), and encodings should not depend on where the
@@ -159,11 +185,12 @@ class Encoder:
         raise convert.ConversionError(
             f"{path}: the checkpoint has no tokenizer/ folder; pass tokenizer=.")
       tokenizer = _load_tokenizer(folder)
-    return cls(params, config, tokenizer, pooling=pooling, normalize=normalize)
+    return cls(params, config, tokenizer, pooling=pooling, normalize=normalize, devices=devices)
 
   @classmethod
   def from_run(cls, path: str, pooling: str | None = None, normalize: bool | None = None, *,
                step: int | None = None, tokenizer: Any = None,
+               devices: Sequence[jax.Device] | None = None,
                **config_overrides: Any) -> "Encoder":
     """From a training run's workdir (run_info.json + checkpoints/), finished or still running:
     the params of its newest committed checkpoint (or `step`), with the run's tokenizer.
@@ -180,7 +207,7 @@ class Encoder:
     if tokenizer is None:
       tokenizer = _load_tokenizer(checkpoint.run_tokenizer_folder(path))
     return cls(params, config, tokenizer, pooling=pooling or config.pooling,
-               normalize=config.normalize if normalize is None else normalize)
+               normalize=config.normalize if normalize is None else normalize, devices=devices)
 
   @property
   def dim(self) -> int:
@@ -231,6 +258,7 @@ class Encoder:
       rows = order[start:start + batch_size]
       texts_ids = [ids[i] for i in rows]
       n_rows, length, bins = batch_shape([len(x) for x in texts_ids], batch_size, buckets, pack)
+      n_rows = _round_up(n_rows, len(self.devices))  # every device gets as many rows
       if bins is None:
         vectors = self._dispatch_padded(texts_ids, n_rows, length, pad)
       else:
@@ -252,6 +280,7 @@ class Encoder:
       input_ids[r, :len(x)] = x
       mask[r, :len(x)] = 1
     mask[len(texts_ids):, 0] = 1  # filler rows: one visible token keeps their softmax finite
+    input_ids, mask = jax.device_put((input_ids, mask), self._rows)
     return self._embed(self.params, input_ids=input_ids, attention_mask=mask)
 
   def _dispatch_packed(self, texts_ids: list[list[int]], n_rows: int, length: int,
@@ -263,5 +292,6 @@ class Encoder:
     n = len(texts_ids)
     text_slot = np.zeros((padded_rows(n, batch_size),), np.int32)
     text_slot[:n] = packed["text_slot"]
-    return self._embed_packed(self.params, packed["input_ids"], packed["segment_ids"],
-                              packed["position_ids"], text_slot)
+    rows = jax.device_put((packed["input_ids"], packed["segment_ids"], packed["position_ids"]),
+                          self._rows)
+    return self._embed_packed(self.params, *rows, jax.device_put(text_slot, self._replicated))

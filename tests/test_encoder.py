@@ -275,3 +275,26 @@ def test_params_are_placed_on_the_device_once(minilm_encoder):
   # and 362 -> 1 MiB peak growth once they are placed up front; README "Benchmarks").
   leaves = jax.tree.leaves(minilm_encoder.params)
   assert leaves and all(isinstance(x, jax.Array) for x in leaves)
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_encode_splits_each_batch_over_the_devices(minilm_path, minilm_encoder, pack,
+                                                   monkeypatch):
+  """devices=8 (the test's fake CPU devices): params replicated, each batch's rows split over
+  all of them (row counts rounded up with fillers), the same embeddings as one device."""
+  from bge_jax import encoder as encoder_lib
+
+  devices = tuple(jax.local_devices())
+  assert len(devices) == 8 and minilm_encoder.devices == devices[:1]  # CPU default: one
+  many = Encoder.from_hf(minilm_path, pooling="mean", devices=devices)
+  assert all(len(x.sharding.device_set) == 8 and x.sharding.is_fully_replicated
+             for x in jax.tree.leaves(many.params))
+  texts = SENTENCES[:45]  # batches of 32 and 13 texts: row counts that are not multiples of 8
+  np.testing.assert_allclose(many.encode(texts, batch_size=32, pack=pack),
+                             minilm_encoder.encode(texts, batch_size=32, pack=pack),
+                             rtol=0, atol=1e-6)
+  v = many._dispatch_padded([[101, 2023, 102]] * 3, 8, 4, 0)
+  assert v.sharding.spec[0] == "batch" and len(v.sharding.device_set) == 8
+  # On an accelerator the default is every local device.
+  monkeypatch.setattr(encoder_lib.jax, "default_backend", lambda: "gpu")
+  assert encoder_lib.default_devices() == devices
