@@ -649,9 +649,9 @@ def bench_gradcache(args) -> dict:
   """Stage-2 train-step memory vs global batch, with and without GradCache.
 
   Per configuration the step is compiled ahead of time and XLA's memory analysis read
-  (`bge_jax.memory.peak_bytes`: the bytes per device the step needs while it runs). With --run the step also
-  executes (twice; the second is timed) and the device's peak_bytes_in_use is reported where
-  the backend tracks it (GPU/TPU).
+  (`bge_jax.memory.peak_bytes`: the bytes per device the step needs while it runs). With --run
+  the step also executes (twice; the second is timed) and the device's peak_bytes_in_use is
+  reported where the backend tracks it (GPU/TPU).
   """
   import jax
   import jax.numpy as jnp

@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
   sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
   def common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model folder, checkpoint or run workdir (Encoder.from_hf)")
+    p.add_argument("--model", required=True,
+                   help="model folder, checkpoint or run workdir (Encoder.from_hf)")
     p.add_argument("--pooling", choices=("cls", "mean"), default="cls",
                    help="sentence pooling: cls (BGE) or mean (e.g. all-MiniLM-L6-v2)")
     p.add_argument("--batch-size", type=int, default=256, help="encoding batch size")
