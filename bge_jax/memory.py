@@ -61,12 +61,3 @@ def describe(n: int | None) -> str:
   if n is None:
     return "n/a"
   return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
-
-
-def over_limit(compiled: Any, device: jax.Device | None = None) -> tuple[int, int] | None:
-  """(needed, limit) bytes when the program needs more than the device has, else None (it fits,
-  or the backend reports no analysis or no limit)."""
-  need, limit = peak_bytes(compiled), device_limit(device)
-  if need is None or limit is None or need <= limit:
-    return None
-  return need, limit

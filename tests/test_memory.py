@@ -36,14 +36,12 @@ def test_peak_includes_the_temporaries():
   assert memory.peak_bytes(compiled) >= 256 * 256 * 4 * 2
 
 
-def test_over_limit_reads_the_devices_bytes_limit():
-  compiled = jax.jit(lambda a: a * 2).lower(np.ones(1000, np.float32)).compile()
-  need = memory.peak_bytes(compiled)
-  device = lambda limit: types.SimpleNamespace(memory_stats=lambda: {"bytes_limit": limit})
-  assert memory.over_limit(compiled, device(need - 1)) == (need, need - 1)
-  assert memory.over_limit(compiled, device(need)) is None
+def test_device_limit_reads_the_devices_bytes_limit():
+  device = lambda stats: types.SimpleNamespace(memory_stats=lambda: stats)
+  assert memory.device_limit(device({"bytes_limit": 12345, "bytes_in_use": 7})) == 12345
   # No limit reported (CPU: memory_stats() is None, or the call is missing): nothing to check.
-  assert memory.device_limit(types.SimpleNamespace(memory_stats=lambda: None)) is None
+  assert memory.device_limit(device(None)) is None
+  assert memory.device_limit(device({"bytes_in_use": 7})) is None
   assert memory.device_limit(types.SimpleNamespace(memory_stats=lambda: 1 / 0)) is None
-  assert memory.over_limit(compiled, types.SimpleNamespace(memory_stats=lambda: None)) is None
   assert memory.device_limit() is None  # this CPU
+  assert memory.describe(3 * 2**29) == "1.50 GiB" and memory.describe(3 * 2**19) == "1.5 MiB"

@@ -203,8 +203,8 @@ def test_packed_batches_that_outgrow_their_rows_grow_on_one_process(data, tmp_pa
         str(tmp_path / "small_device"))
   msg = str(e.value)
   assert re.search(r"compiled for a new packed batch shape .* needs \d+\.\d MiB per device "
-                   r".* the device has 1\.0 MiB", msg), msg
-  assert "config.data.pack_rows_fraction" in msg and "checkpoints saved so far are kept" in msg
+                   r".* of the device's 1\.0 MiB: it cannot run", msg), msg
+  assert "config.batch_size (now 16)" in msg and "checkpoints saved so far are kept" in msg
   saved = sorted(int(p.name) for p in (tmp_path / "small_device" / "checkpoints").iterdir()
                  if p.name.isdigit())
   assert saved and saved == list(range(1, len(saved) + 1)) and len(saved) < 4, saved

@@ -633,23 +633,26 @@ def _step_mib(compiled) -> str:
 
 def _check_fits(compiled, config, grown: bool) -> None:
   """Refuses a compiled step that needs more memory per device than the device has (GPU, TPU;
-  CPU reports no limit), before it runs out of memory with XLA's allocator error."""
-  over = memory_lib.over_limit(compiled)
-  if over is None:
+  CPU reports no limit), before it runs out of memory with XLA's allocator error; warns when it
+  needs more than 95% (the prefetched batches and the allocator's fragmentation come on top)."""
+  need, limit = memory_lib.peak_bytes(compiled), memory_lib.device_limit()
+  if need is None or limit is None or need <= 0.95 * limit:
     return
-  need, limit = over
-  what = ("the train step compiled for a new packed batch shape (config.data.pack gives a batch "
-          "that outgrows its rows more rows)" if grown else "the train step")
-  fixes = ("set config.data.pack_rows_fraction to the fraction that the first steps used, or "
-           "config.data.pack=False; or, as for any step: " if grown else "")
-  raise MemoryError(
-      f"{what} needs {memory_lib.describe(need)} per device (XLA's memory analysis: arguments + "
-      f"outputs - donated buffers + temporaries) but the device has {memory_lib.describe(limit)}. "
-      f"To fit it, {fixes}lower config.batch_size (now {config.batch_size}), set "
-      "config.model.remat_policy='full' (recomputes each layer in the backward pass), "
-      "config.loss.gradcache_chunk (stages 2 and 3: the memory of one chunk of the batch), or "
-      "shard the parameters and optimizer state over more devices with config.mesh.fsdp."
-      + (" The checkpoints saved so far are kept." if grown else ""))
+  what = ("the train step compiled for a new packed batch shape (a batch that needed more rows "
+          "than the first ones; config.data.pack grows them)" if grown else "the train step")
+  sizes = (f"{what} needs {memory_lib.describe(need)} per device (XLA's memory analysis: "
+           f"arguments + outputs - donated buffers + temporaries) of the device's "
+           f"{memory_lib.describe(limit)}")
+  fixes = (f"lower config.batch_size (now {config.batch_size}), set "
+           "config.model.remat_policy='full' (recomputes each layer in the backward pass), "
+           "config.loss.gradcache_chunk (stages 2 and 3: the memory of one chunk of the batch), "
+           "or shard the parameters and optimizer state over more devices with config.mesh.fsdp")
+  if need <= limit:
+    log.warning("%s: close to the limit, it may run out of memory; if it does, %s.", sizes,
+                fixes)
+    return
+  raise MemoryError(f"{sizes}: it cannot run. To fit it, {fixes}."
+                    + (" The checkpoints saved so far are kept." if grown else ""))
 
 
 def _write_run_info(workdir, config, model_config, origin, total_steps, batcher, memory) -> None:
