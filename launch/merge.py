@@ -39,8 +39,9 @@ def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="launch/merge.py", description=summary, epilog=details,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--models", nargs="+", required=True, metavar="PATH",
-                 help="two or more model folders (HF, sentence-transformers or bge-jax "
-                 "checkpoint); the first one's config and tokenizer are kept.")
+                 help="two or more model folders (HF, sentence-transformers, bge-jax "
+                 "checkpoint, or a training run's workdir: its newest checkpoint); the first "
+                 "one's config and tokenizer are kept.")
   how = p.add_mutually_exclusive_group()
   how.add_argument("--weights", nargs="+", type=float, metavar="W",
                    help="one weight per model, >= 0 (normalised to sum to 1).")
