@@ -162,8 +162,8 @@ class Encoder:
       log.warning("%s declares %s pooling; encoding with pooling=%r as requested.",
                   path, config.pooling, pooling)
     if tokenizer is None:
-      weights = convert.resolve(path)[0]
-      tokenizer = _load_tokenizer(os.path.dirname(weights) if os.path.isfile(path) else path)
+      tokenizer = _load_tokenizer(checkpoint.tokenizer_folder(path) or (
+          path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))))
     return cls(params, config, tokenizer, pooling=pooling, normalize=normalize, devices=devices)
 
   @classmethod

@@ -479,8 +479,10 @@ def train(config: Any, workdir: str) -> dict[str, float]:
       with sharding.activate(mesh):
         compiled = jit_step.lower(state, global_batch(local), jax.random.key(0)).compile()
       if programs:
-        log.warning("that step needs %s per device (the first one: %s)", _step_mib(compiled),
-                    _step_mib(next(iter(programs.values()))[0]))
+        first = next(iter(programs.values()))[0]
+        log.warning("that step needs %s per device (the first one: %s)",
+                    memory_lib.describe(memory_lib.peak_bytes(compiled)),
+                    memory_lib.describe(memory_lib.peak_bytes(first)))
       _check_fits(compiled, config, grown=bool(programs))
       programs[shapes] = (compiled, flops.train_step_flops(config, model_config, local,
                                                            jax.process_count()).model)
@@ -624,11 +626,6 @@ def _warn_if_processes_changed(workdir: str, start_step: int) -> None:
         "own shard of the data, so from here the batches differ from an uninterrupted run's "
         "(examples may repeat or be skipped until the epoch ends); resume with %d processes "
         "to continue it exactly.", start_step, jax.process_count(), before, before)
-
-
-def _step_mib(compiled) -> str:
-  need = memory_lib.peak_bytes(compiled)
-  return "an unknown amount" if need is None else f"{need / 2**20:.1f} MiB"
 
 
 def _check_fits(compiled, config, grown: bool) -> None:
