@@ -13,6 +13,7 @@ HF_FAMILIES = ("bert", "bert_mlm", "sentence_transformers", "retromae")
 POOLINGS = ("cls", "mean")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 QUERY_STREAMS = ("fe", "rm")
+ATTENTION_IMPLS = (None, "xla", "cudnn", "pallas")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +44,10 @@ class BertConfig:
   # Rematerialisation of each layer in the backward pass: "none", "full" (save nothing),
   # "dots" (save matmul outputs), "dots_no_batch" (save matmuls without batch dims: weights-only).
   remat_policy: str = "none"
-  # Passed to jax.nn.dot_product_attention: None (XLA picks), "xla" or "cudnn".
+  # Attention: None (XLA picks), "xla" or "cudnn" go to jax.nn.dot_product_attention, which
+  # has no dropout, so training with attention dropout takes the explicit softmax path;
+  # "pallas" (GPU) trains the encoder through the fused Triton kernel with dropout
+  # (bge_jax.models.flash_attention) and uses jax.nn.dot_product_attention elsewhere.
   attention_impl: str | None = None
 
   pooling: str = "cls"
@@ -72,6 +76,14 @@ class BertConfig:
       bad("remat_policy", self.remat_policy, REMAT_POLICIES)
     if self.hf_family not in HF_FAMILIES:
       bad("hf_family", self.hf_family, HF_FAMILIES)
+    if self.attention_impl not in ATTENTION_IMPLS:
+      bad("attention_impl", self.attention_impl, ATTENTION_IMPLS)
+    head_dim = self.hidden_size // self.num_heads
+    if self.attention_impl == "pallas" and (head_dim < 16 or head_dim > 256
+                                           or head_dim & (head_dim - 1)):
+      raise ValueError(f"BertConfig.attention_impl='pallas' needs a head dim that is a power of "
+                       f"two from 16 to 256 (Triton blocks); this model's is {head_dim}: leave "
+                       "attention_impl unset")
     if self.decoder_query_stream not in QUERY_STREAMS:
       bad("decoder_query_stream", self.decoder_query_stream, QUERY_STREAMS)
     for key in ("dtype", "param_dtype"):

@@ -25,7 +25,8 @@ def base_config() -> ConfigDict:
   c.model.dtype = placeholder(str)
   c.model.param_dtype = placeholder(str)
   c.model.remat_policy = placeholder(str)  # none | full | dots | dots_no_batch
-  c.model.attention_impl = placeholder(str)  # xla | cudnn
+  # xla | cudnn (jax.nn.dot_product_attention) | pallas (GPU: fused attention with dropout)
+  c.model.attention_impl = placeholder(str)
   c.model.hidden_dropout = placeholder(float)
   c.model.attention_dropout = placeholder(float)
   c.model.decoder_query_stream = placeholder(str)  # fe | rm (RetroMAE only)

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from bge_jax.config import BertConfig
-from bge_jax.models import threefry
+from bge_jax.models import flash_attention, threefry
 
 Array = jax.Array
 LP = nn.with_logical_partitioning
@@ -139,7 +139,7 @@ class Dropout(nn.Module):
   def __call__(self, x: Array, deterministic: bool) -> Array:
     if deterministic or self.rate == 0.0:
       return x
-    threshold = round((1.0 - self.rate) * 65536)
+    threshold = flash_attention.keep_threshold(self.rate)
     if threshold >= 65536:  # a rate under 2^-17 rounds to no dropout
       return x
     if threshold == 0:
@@ -221,7 +221,11 @@ class BertLayer(nn.Module):
   config: BertConfig
 
   @nn.compact
-  def __call__(self, hq: Array, hkv: Array, mask: Array, deterministic: bool = True) -> Array:
+  def __call__(self, hq: Array, hkv: Array, mask: Array, deterministic: bool = True,
+               segments: Array | None = None) -> Array:
+    """`mask` as `padding_mask`/`segment_mask`/`matrix_mask` give it; `segments` [B, L], the
+    same mask as segment ids (the attention mask, or packed rows' segment ids), lets
+    `attention_impl="pallas"` train with the fused dropout kernel (the decoder passes none)."""
     c = self.config
     qkv = functools.partial(_dense, c, (c.num_heads, c.head_dim), ("embed", "heads", "kv"))
     q = qkv("query")(hq)
@@ -231,7 +235,14 @@ class BertLayer(nn.Module):
 
     if deterministic or c.attention_dropout == 0.0:
       # Fused attention (cuDNN flash attention on GPU when implementation allows it).
-      ctx = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=c.attention_impl)
+      impl = None if c.attention_impl == "pallas" else c.attention_impl
+      ctx = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+    elif c.attention_impl == "pallas" and segments is not None:
+      # Fused attention with dropout (a Triton kernel; Pallas's interpreter on CPU, for tests:
+      # the trainer refuses this setting off GPU).
+      seed = threefry.bits32(self.make_rng("dropout"), (2,))
+      ctx = flash_attention.sharded(q, k, v, segments, seed, rate=c.attention_dropout,
+                                    interpret=jax.default_backend() == "cpu")
     else:
       ctx = self._attention_with_dropout(q, k, v, mask)
     ctx = nn.with_logical_constraint(ctx, ("batch", "length", "heads", "kv"))
@@ -322,8 +333,9 @@ class BertModel(nn.Module):
     unused; pass each text's own `position_ids`."""
     h = self.embeddings(input_ids, token_type_ids, position_ids, deterministic=deterministic)
     mask = padding_mask(attention_mask) if segment_ids is None else segment_mask(segment_ids)
+    segments = attention_mask if segment_ids is None else segment_ids
     for layer in self.layers:
-      h = layer(h, h, mask, deterministic)
+      h = layer(h, h, mask, deterministic, segments)
     return h
 
   def embed(self, input_ids: Array | None = None, inputs_embeds: Array | None = None,

@@ -102,6 +102,16 @@ def model_config_and_weights(config: Any, tokenizer: Any) -> tuple[BertConfig, d
     vocab = len(tokenizer) if vocab in (-1, None) else vocab
     base, params = preset(m.preset, vocab_size=vocab), None
     origin = f"scratch ({m.preset}, vocab {vocab})"
+  backend = jax.default_backend()
+  if overrides.get("attention_impl") == "pallas" and backend != "gpu":
+    raise ConfigError(
+        f"config.model.attention_impl='pallas' is a GPU (Triton) kernel and this run's backend "
+        f"is {backend}: leave model.attention_impl unset here.")
+  if base.attention_impl == "pallas" and "attention_impl" not in overrides and backend != "gpu":
+    # A runtime choice the init_from run saved with its config, like its dtype.
+    log.info("init_from %s trained with attention_impl='pallas' (GPU only): %s uses the "
+             "default attention", m.init_from, backend)
+    overrides["attention_impl"] = None
   try:
     model_config = base.replace(**overrides)
   except ValueError as e:
