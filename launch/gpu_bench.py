@@ -19,7 +19,8 @@ A100 312; `--peak-tflops` overrides), plus the device's peak memory.
 
 Default shapes: stage 2 = bge-base-en, queries and passages of 512 tokens, in-batch negatives,
 64 pairs; stage 1 = bge-base-en RetroMAE at 512 tokens, batch 64; dropout 0.1 as in training
-(`--attention-dropout 0` measures the fused-attention path). About 3 minutes on one H100 (two
+(`--attention-dropout 0` measures the fused-attention path; `--attention-impl pallas` the fused
+kernel with dropout, after checking it on the device). About 3 minutes on one H100 (two
 compiles of ~30-60 s each, a third if a batch must shrink, then seconds of steps).
 """
 
@@ -110,6 +111,28 @@ def run_stage(name: str, config, loss_fn, make_batch, rows: int, flops_fn, args)
   return row
 
 
+def check_attention_kernel(config, args) -> bool:
+  """The fused kernel, compiled for this device, against plain attention with the same dropout
+  mask (`bge_jax.testing.attention`): forward and q/k/v gradients at this run's head shape, in
+  float32 and bfloat16. False (and the errors printed) when one is off."""
+  from bge_jax.testing.attention import check_kernel
+
+  interpret = jax.default_backend() == "cpu"  # --smoke on CPU: Pallas's interpreter
+  ok = True
+  for dtype, tolerance in (("float32", 1e-4), ("bfloat16", 3e-2)):
+    t = time.perf_counter()
+    errors = check_kernel(batch=2, length=min(args.seq, 512), heads=config.num_heads,
+                          head_dim=config.head_dim, rate=config.attention_dropout, dtype=dtype,
+                          interpret=interpret)
+    worst = max(errors.values())
+    ok &= worst < tolerance
+    print(f"[attention kernel] {dtype}: relative errors "
+          f"{ {k: float(f'{v:.2e}') for k, v in errors.items()} } (tolerance {tolerance}) "
+          f"{'ok' if worst < tolerance else 'FAILED'} in {time.perf_counter() - t:.1f} s",
+          flush=True)
+  return ok
+
+
 def config_name(args) -> str:
   return "tiny" if args.smoke else args.preset
 
@@ -127,6 +150,10 @@ def main(argv=None) -> int:
   p.add_argument("--stage1-batch", type=int, default=64, help="shrunk until it fits")
   p.add_argument("--attention-dropout", type=float, default=0.1,
                  help="0 lets the fused jax.nn.dot_product_attention (cuDNN) run in training")
+  p.add_argument("--attention-impl", default=None, choices=["xla", "cudnn", "pallas"],
+                 help="model.attention_impl; pallas: the fused Triton kernel with dropout "
+                      "(bge_jax.models.flash_attention), checked against plain attention with "
+                      "the same mask on the device before the steps are timed")
   p.add_argument("--stages", default="2,1")
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--warmup", type=int, default=2)
@@ -143,7 +170,9 @@ def main(argv=None) -> int:
   print(f"device: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}",
         flush=True)
   base = preset(name, dtype=args.dtype, remat_policy=args.remat,
-                attention_dropout=args.attention_dropout)
+                attention_dropout=args.attention_dropout, attention_impl=args.attention_impl)
+  if args.attention_impl == "pallas" and not check_attention_kernel(base, args):
+    return 1
   rows = []
   for stage in [s.strip() for s in args.stages.split(",") if s.strip()]:
     if stage == "2":
@@ -183,7 +212,8 @@ def main(argv=None) -> int:
 
 def markdown(rows: list[dict], device: str, args) -> str:
   lines = [f"bge-jax train steps on {device} ({rows[0]['dtype'] if rows else args.dtype}, remat "
-           f"{args.remat}, attention dropout {args.attention_dropout}); MFU = analytic model FLOPs (bge_jax.flops) / step time / peak.", "",
+           f"{args.remat}, attention dropout {args.attention_dropout}, attention "
+           f"{args.attention_impl or 'default'}); MFU = analytic model FLOPs (bge_jax.flops) / step time / peak.", "",
            "| stage | shape | rows x tokens | step ms | tokens/s | model TFLOP/s | MFU | "
            "device peak GiB |", "|---|---|---|---|---|---|---|---|"]
   for r in rows:

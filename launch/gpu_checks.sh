@@ -2,12 +2,17 @@
 # Device checks for a lent GPU, prepared on CPU so one short run gives the figures (README
 # "Benchmarks"). Files land in $OUT (default /tmp/gpu_checks).
 #
-#   launch/gpu_checks.sh [mfu [ARGS]]  MFU of the bge-base train steps (launch/gpu_bench.py): stage 2
-#                                  (512 + 512 tokens, 64 pairs) and stage 1 (512 tokens, batch 64)
-#                                  with dropout as in training, then stage 2 with attention
-#                                  dropout 0 (the fused cuDNN attention path). About 7 minutes
-#                                  on one H100/H200, most of it compiling. ARGS go to
-#                                  gpu_bench (`mfu --smoke`: tiny shapes, checks it on CPU).
+#   launch/gpu_checks.sh [mfu [ARGS]]  MFU of the bge-base stage-2 train step (launch/gpu_bench.py;
+#                                  512 + 512 tokens, 64 pairs), the target, three ways:
+#                                  attention dropout 0.1 as in training on the explicit softmax
+#                                  path (the default), the same through the fused Pallas kernel
+#                                  with dropout (model.attention_impl=pallas; checked against
+#                                  plain attention on the device first), and attention dropout 0
+#                                  (the fused cuDNN path). At most 9 minutes, most of it
+#                                  compiling. ARGS go to gpu_bench (`mfu --smoke`: tiny shapes,
+#                                  checks it on CPU).
+#   launch/gpu_checks.sh mfu-stage1 [ARGS]  the same for stage 1 (RetroMAE, 512 tokens, batch 64):
+#                                  explicit path, then the fused kernel.
 #   launch/gpu_checks.sh gradcache the paper's stage-2 batch of 19,200 at bge-small-zh shapes
 #                                  (query 32 / passage 128 tokens, bf16) with and without
 #                                  GradCache, one process each so the device peak is per
@@ -29,9 +34,16 @@ run() {
 }
 case "$MODE" in
   mfu)
-    run 330 mfu_dropout python3 launch/gpu_bench.py --out "$OUT/mfu_dropout" "${EXTRA[@]}"
-    run 200 mfu_fused_attention python3 launch/gpu_bench.py --stages 2 --attention-dropout 0 \
+    run 200 mfu_dropout python3 launch/gpu_bench.py --stages 2 --out "$OUT/mfu_dropout" "${EXTRA[@]}"
+    run 200 mfu_pallas python3 launch/gpu_bench.py --stages 2 --attention-impl pallas \
+      --out "$OUT/mfu_pallas" "${EXTRA[@]}"
+    run 140 mfu_fused_attention python3 launch/gpu_bench.py --stages 2 --attention-dropout 0 \
       --out "$OUT/mfu_fused_attention" "${EXTRA[@]}"
+    ;;
+  mfu-stage1)
+    run 250 mfu_stage1 python3 launch/gpu_bench.py --stages 1 --out "$OUT/mfu_stage1" "${EXTRA[@]}"
+    run 250 mfu_stage1_pallas python3 launch/gpu_bench.py --stages 1 --attention-impl pallas \
+      --out "$OUT/mfu_stage1_pallas" "${EXTRA[@]}"
     ;;
   gradcache)
     gc() { name=$1; shift; run 240 "$name" python3 launch/bench.py gradcache "$@" --run --out "$OUT/$name.json"; }
@@ -40,6 +52,6 @@ case "$MODE" in
     gc gc_tiny --preset tiny --batches 256,1024,4096 --chunks 0,256
     ;;
   *)
-    echo "usage: launch/gpu_checks.sh [mfu|gradcache]" >&2; exit 2 ;;
+    echo "usage: launch/gpu_checks.sh [mfu|mfu-stage1|gradcache] [ARGS]" >&2; exit 2 ;;
 esac
 exit $failed

@@ -11,22 +11,7 @@ import pytest
 from bge_jax.config import BertConfig, preset
 from bge_jax.models import bert
 from bge_jax.models import flash_attention as fa
-
-
-def reference(q, k, v, segment_ids, seed, rate):
-  """Softmax attention in float32 at full precision, the keep mask from the same hash."""
-  batch, length, heads, head_dim = q.shape
-  s = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision="highest") / np.sqrt(head_dim)
-  s = jnp.where((segment_ids[:, :, None] == segment_ids[:, None, :])[:, None], s, -jnp.inf)
-  a = jax.nn.softmax(s, axis=-1)
-  threshold = fa.keep_threshold(rate)
-  block = fa.block_size(length)
-  padded = -(-length // block) * block
-  pos = jnp.arange(length)
-  bits = jax.vmap(jax.vmap(lambda bh: fa.dropout_bits(seed[0], seed[1], bh, pos, pos, padded)))(
-      jnp.arange(batch * heads).reshape(batch, heads))
-  z = jnp.where(bits < threshold, a * (65536 / threshold), 0.0)
-  return jnp.einsum("bhqk,bkhd->bqhd", z, v, precision="highest")
+from bge_jax.testing.attention import check_kernel, reference_attention as reference
 
 
 def inputs(batch, length, heads, head_dim, segments, seed=0):
@@ -96,6 +81,15 @@ def test_the_mask_keeps_the_rate_and_changes_with_seed_head_and_position():
   assert np.mean(a[1:] == a[:-1]) < 0.001 and np.mean(a[:, 1:] == a[:, :-1]) < 0.001
   keep = a < threshold
   assert abs(np.corrcoef(keep[:, 1:].ravel(), keep[:, :-1].ravel())[0, 1]) < 0.02
+
+
+@pytest.mark.parametrize("dtype,tolerance", [("float32", 1e-5), ("bfloat16", 2e-2)])
+def test_the_on_device_check_reports_small_errors(dtype, tolerance):
+  """`check_kernel`, which launch/gpu_bench.py runs on the GPU before timing the kernel, at
+  a small shape through the interpreter: every error is small, in float32 and bfloat16."""
+  errors = check_kernel(batch=2, length=96, heads=2, head_dim=16, dtype=dtype, interpret=True)
+  assert set(errors) == {"out", "dq", "dk", "dv"}
+  assert max(errors.values()) < tolerance, errors
 
 
 def test_rate_one_drops_everything_and_bad_shapes_are_refused():

@@ -164,6 +164,40 @@ def test_init_from_a_checkpoint_takes_the_platforms_compute_dtype(
   assert model_config.dtype == expected and loaded is not None
 
 
+def test_the_pallas_attention_kernel_is_gpu_only(corpus_and_tokenizer, tmp_path, monkeypatch,
+                                                 caplog):
+  """model.attention_impl='pallas' set off GPU is refused naming the key; one recorded in an
+  init_from checkpoint (a GPU run's) gives way to the default there, and is kept on GPU."""
+  import jax
+
+  from bge_jax import checkpoint
+  from bge_jax.config import preset
+  from bge_jax.models import bert
+  from bge_jax.train import loop
+
+  corpus, tok = corpus_and_tokenizer
+  config = tiny_retromae(corpus, tok, 1)
+  config.model.attention_impl = "pallas"
+  with pytest.raises(loop.ConfigError, match="model.attention_impl='pallas' is a GPU"):
+    loop.model_config_and_weights(config, loop.load_tokenizer(config))
+  monkeypatch.setattr(loop.jax, "default_backend", lambda: "gpu")
+  assert loop.model_config_and_weights(
+      config, loop.load_tokenizer(config))[0].attention_impl == "pallas"
+
+  config = tiny_retromae(corpus, tok, 1)
+  saved = preset("tiny", vocab_size=len(loop.load_tokenizer(config)), attention_impl="pallas",
+                 add_mlm_head=True, add_decoder=True, hf_family="retromae")
+  config.model.init_from = checkpoint.save_params(
+      str(tmp_path / "ckpt"), bert.init(saved, jax.random.key(0))[0], saved)
+  assert loop.model_config_and_weights(
+      config, loop.load_tokenizer(config))[0].attention_impl == "pallas"
+  monkeypatch.setattr(loop.jax, "default_backend", lambda: "cpu")
+  with caplog.at_level(logging.INFO, logger="bge_jax.train"):
+    model_config, loaded, _ = loop.model_config_and_weights(config, loop.load_tokenizer(config))
+  assert model_config.attention_impl is None and loaded is not None
+  assert any("attention_impl='pallas' (GPU only)" in r.getMessage() for r in caplog.records)
+
+
 def test_a_step_larger_than_the_device_is_refused_before_it_runs(corpus_and_tokenizer, tmp_path,
                                                                  monkeypatch, caplog):
   """Where the device reports a memory limit (GPU, TPU), a compiled step that XLA says needs more
