@@ -49,6 +49,7 @@ import argparse
 import ctypes
 import gc
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -661,47 +662,50 @@ def bench_gradcache(args) -> dict:
   from bge_jax.models import bert
   from bge_jax.train import state as state_lib
 
-  config = preset(args.preset, dtype=args.dtype, remat_policy=args.remat)
-  params = jax.jit(lambda r: bert.init(config, r)[0])(jax.random.key(0))
+  impls = [None if x.strip() == "default" else x.strip() for x in args.attention_impls.split(",")]
+  base = preset(args.preset, dtype=args.dtype, remat_policy=args.remat)
+  params = jax.jit(lambda r: bert.init(base, r)[0])(jax.random.key(0))
   tx, schedule = state_lib.make_optimizer({"lr": 1e-5, "warmup_steps": 1, "clip_norm": 1.0}, 100)
   rows = []
-  for b in [int(x) for x in args.batches.split(",")]:
-    for chunk in [int(x) for x in args.chunks.split(",")]:
-      loss_fn = lambda p, batch, rng, chunk=chunk: contrastive.loss(
-          p, config, batch, temperature=0.02, group_size=1, rng=rng, chunk_size=chunk)
-      step = jax.jit(state_lib.make_train_step(loss_fn, tx, schedule), donate_argnums=(0,))
-      key = jax.random.key(b)
-      batch = {
-          "query_input_ids": jax.random.randint(key, (b, args.q_len), 5, config.vocab_size),
-          "query_attention_mask": jnp.ones((b, args.q_len), jnp.int32),
-          "passage_input_ids": jax.random.randint(key, (b, args.p_len), 5, config.vocab_size),
-          "passage_attention_mask": jnp.ones((b, args.p_len), jnp.int32),
-      }
-      state = jax.jit(lambda p: state_lib.init_state(p, tx))(params)
+  for b, chunk, impl in itertools.product([int(x) for x in args.batches.split(",")],
+                                          [int(x) for x in args.chunks.split(",")], impls):
+    config = base.replace(attention_impl=impl)
+    loss_fn = lambda p, batch, rng, chunk=chunk, config=config: contrastive.loss(
+        p, config, batch, temperature=0.02, group_size=1, rng=rng, chunk_size=chunk)
+    step = jax.jit(state_lib.make_train_step(loss_fn, tx, schedule), donate_argnums=(0,))
+    key = jax.random.key(b)
+    batch = {
+        "query_input_ids": jax.random.randint(key, (b, args.q_len), 5, config.vocab_size),
+        "query_attention_mask": jnp.ones((b, args.q_len), jnp.int32),
+        "passage_input_ids": jax.random.randint(key, (b, args.p_len), 5, config.vocab_size),
+        "passage_attention_mask": jnp.ones((b, args.p_len), jnp.int32),
+    }
+    state = jax.jit(lambda p: state_lib.init_state(p, tx))(params)
+    t = time.perf_counter()
+    compiled = step.lower(state, batch, key).compile()
+    compile_s = time.perf_counter() - t
+    mem = memory.analysis(compiled)
+    need = memory.peak_bytes(mem)
+    row = {"batch": b, "gradcache_chunk": chunk, "attention_impl": impl,
+           "compile_s": round(compile_s, 1),
+           "step_bytes": need, "temp_bytes": None if mem is None else mem["temp_size_in_bytes"]}
+    limit = memory.device_limit()
+    row["fits"] = None if (limit is None or need is None) else bool(need <= limit)
+    if args.run and row["fits"] is False:
+      row["skipped"] = f"needs {need / 2**30:.1f} GiB > device limit {limit / 2**30:.1f} GiB"
+    elif args.run:
+      state, metrics = compiled(state, batch, key)
+      jax.block_until_ready(metrics)
       t = time.perf_counter()
-      compiled = step.lower(state, batch, key).compile()
-      compile_s = time.perf_counter() - t
-      mem = memory.analysis(compiled)
-      need = memory.peak_bytes(mem)
-      row = {"batch": b, "gradcache_chunk": chunk, "compile_s": round(compile_s, 1),
-             "step_bytes": need, "temp_bytes": None if mem is None else mem["temp_size_in_bytes"]}
-      limit = memory.device_limit()
-      row["fits"] = None if (limit is None or need is None) else bool(need <= limit)
-      if args.run and row["fits"] is False:
-        row["skipped"] = f"needs {need / 2**30:.1f} GiB > device limit {limit / 2**30:.1f} GiB"
-      elif args.run:
-        state, metrics = compiled(state, batch, key)
-        jax.block_until_ready(metrics)
-        t = time.perf_counter()
-        state, metrics = compiled(state, batch, key)
-        jax.block_until_ready(metrics)
-        row["step_s"] = round(time.perf_counter() - t, 3)
-        row["loss"] = float(metrics["loss"])
-        stats = jax.devices()[0].memory_stats() or {}
-        row["device_peak_bytes"] = stats.get("peak_bytes_in_use")
-      print(json.dumps(row), flush=True)
-      rows.append(row)
-      del state, compiled
+      state, metrics = compiled(state, batch, key)
+      jax.block_until_ready(metrics)
+      row["step_s"] = round(time.perf_counter() - t, 3)
+      row["loss"] = float(metrics["loss"])
+      stats = jax.devices()[0].memory_stats() or {}
+      row["device_peak_bytes"] = stats.get("peak_bytes_in_use")
+    print(json.dumps(row), flush=True)
+    rows.append(row)
+    del state, compiled
   return {"benchmark": "gradcache", "preset": args.preset, "dtype": args.dtype,
           "remat": args.remat, "q_len": args.q_len, "p_len": args.p_len, "rows": rows,
           "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend()}
@@ -711,11 +715,13 @@ def gradcache_table(r: dict) -> str:
   gib = lambda x: "n/a" if x is None else f"{x / 2**30:.2f}"
   lines = [f"stage-2 step, {r['preset']} ({r['dtype']}, remat {r['remat']}), query {r['q_len']} / "
            f"passage {r['p_len']} tokens, on {r['device']} ({r['backend']})", "",
-           "| global batch | GradCache chunk | step memory GiB (XLA) | fits | device peak GiB | step s |",
-           "|---|---|---|---|---|---|"]
+           "| global batch | GradCache chunk | attention | step memory GiB (XLA) | fits | "
+           "device peak GiB | step s |",
+           "|---|---|---|---|---|---|---|"]
   for row in r["rows"]:
     fits = {True: "yes", False: "no", None: "n/a"}[row.get("fits")]
-    lines.append(f"| {row['batch']} | {row['gradcache_chunk'] or 'off'} | {gib(row['step_bytes'])} | "
+    lines.append(f"| {row['batch']} | {row['gradcache_chunk'] or 'off'} | "
+                 f"{row.get('attention_impl') or 'default'} | {gib(row['step_bytes'])} | "
                  f"{fits} | {gib(row.get('device_peak_bytes'))} | {row.get('step_s', 'n/a')} |")
   return "\n".join(lines)
 
@@ -895,6 +901,12 @@ def main(argv=None):
   g.add_argument("--preset", default="tiny")
   g.add_argument("--batches", default="256,512,1024,2048,4096")
   g.add_argument("--chunks", default="0,128", help="GradCache chunk sizes to compare (0 = off)")
+  g.add_argument("--attention-impls", default="default",
+                 help="comma-separated model.attention_impl values to compare: default (the "
+                      "explicit path when training with attention dropout), pallas (the fused "
+                      "kernel with dropout; on CPU compiled through Pallas's interpreter, which "
+                      "keeps its block-sized buffers, so the memory figure holds; do not --run "
+                      "it there)")
   g.add_argument("--q-len", type=int, default=32)
   g.add_argument("--p-len", type=int, default=128)
   g.add_argument("--dtype", default="float32")

@@ -106,6 +106,38 @@ def test_gpu_bench_smoke_runs_on_cpu(gpu_bench, tmp_path):
   assert "| stage2 | tiny | 8 x 16+64 |" in out.with_suffix(".md").read_text()
 
 
+@pytest.mark.slow
+def test_gpu_bench_checks_the_fused_kernel_before_timing_it(gpu_bench, tmp_path, monkeypatch,
+                                                             capsys):
+  """--attention-impl pallas: the kernel is checked against plain attention first (through the
+  interpreter on CPU) and the step is timed; a check that finds large errors stops the run."""
+  from bge_jax.testing import attention
+
+  out = tmp_path / "pallas"
+  assert gpu_bench.main(["--smoke", "--stages", "2", "--attention-impl", "pallas",
+                         "--out", str(out)]) == 0
+  printed = capsys.readouterr().out
+  assert printed.count("[attention kernel]") == 2 and "FAILED" not in printed
+  assert "attention pallas" in out.with_suffix(".md").read_text()
+  monkeypatch.setattr(attention, "check_kernel", lambda **_: {"out": 0.5, "dq": 0.0})
+  assert gpu_bench.main(["--smoke", "--stages", "2", "--attention-impl", "pallas"]) == 1
+  assert "FAILED" in capsys.readouterr().out
+
+
+def test_gradcache_bench_shows_the_fused_kernels_smaller_step(bench, tmp_path):
+  """The stage-2 step with attention dropout needs less memory through the fused kernel than
+  through the explicit path, which keeps the [B, H, L, L] probabilities for the backward."""
+  out = tmp_path / "gc.json"
+  bench.main(["gradcache", "--preset", "tiny", "--batches", "16", "--chunks", "0",
+              "--q-len", "16", "--p-len", "128", "--attention-impls", "default,pallas",
+              "--out", str(out)])
+  rows = {r["attention_impl"]: r for r in json.loads(out.read_text())["rows"]}
+  assert set(rows) == {None, "pallas"}
+  # Tiny: 2 layers x [16, 4, 128, 128] float32 probabilities (4 MiB each) and their masks.
+  assert rows["pallas"]["step_bytes"] < rows[None]["step_bytes"] - 8 * 2**20, rows
+  assert "| 16 | off | pallas |" in out.with_suffix(".md").read_text()
+
+
 def test_gemm_cases_are_a_layers_three_orientations(bench):
   cases = bench.gemm_cases("bge-small-en", 1024)
   # x [1024, 384] . W [384, 1536]; g [1024, 1536] . W^T; x^T . g: one FLOP count, three forms.
