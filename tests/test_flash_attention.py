@@ -70,6 +70,10 @@ def test_the_mask_keeps_the_rate_and_changes_with_seed_head_and_position():
 
   a, b, c = bits([1, 2], 0), bits([1, 3], 0), bits([1, 2], 1)
   assert a.max() < 65536
+  # The kernels skip the second hash round's last xorshift: the top 16 bits are unchanged.
+  pos = rows.astype(jnp.uint32)[:, None] * np.uint32(256) + cols.astype(jnp.uint32)[None, :]
+  full = fa._mix32(fa._mix32(pos + np.uint32(1)) ^ (np.uint32(0) * fa._GOLDEN + np.uint32(2)))
+  np.testing.assert_array_equal(a, np.asarray(full >> np.uint32(16)))
   threshold = fa.keep_threshold(0.1)
   assert threshold == 58982
   for m in (a, b, c):  # 65,536 draws each: 4 sigma is 0.005

@@ -65,15 +65,28 @@ def _mix32(x: Array) -> Array:
   return x ^ (x >> np.uint32(16))
 
 
+def _hash_words(seed0: Array, seed1: Array, batch_head: Array, rows: Array, cols: Array,
+                length: int) -> Array:
+  """uint32 words [rows, cols] whose top 16 bits are the elements' dropout bits: two rounds of
+  `_mix32` over (position + seed0) and then (that ^ batch-head key). The second round's last
+  xorshift is left out: it does not change the top 16 bits, the only ones used."""
+  u32 = jnp.uint32
+  row_base = rows.astype(u32) * np.uint32(length) + seed0  # the position's row part, per row
+  x = _mix32(row_base[:, None] + cols.astype(u32)[None, :])
+  x = x ^ (batch_head.astype(u32) * _GOLDEN + seed1)
+  x = x ^ (x >> np.uint32(16))
+  x = x * np.uint32(0x7FEB352D)
+  x = x ^ (x >> np.uint32(15))
+  return x * np.uint32(0x846CA68B)
+
+
 def dropout_bits(seed0: Array, seed1: Array, batch_head: Array, rows: Array, cols: Array,
                  length: int) -> Array:
   """16 random bits (as uint32 < 2^16) for attention-probability elements (rows[:, None],
-  cols[None, :]) of matrix `batch_head` (b * H + h): the kernels' dropout mask, and the
-  reference the tests build the same mask with. `length`: the padded key length."""
-  pos = rows.astype(jnp.uint32)[:, None] * np.uint32(length) + cols.astype(jnp.uint32)[None, :]
-  x = _mix32(pos + seed0)
-  x = _mix32(x ^ (batch_head.astype(jnp.uint32) * _GOLDEN + seed1))
-  return x >> np.uint32(16)
+  cols[None, :]) of matrix `batch_head` (b * H + h): the kernels' dropout mask (an element is
+  kept when its bits are below `keep_threshold`), and the reference the tests build the same
+  mask with. `length`: the padded key length (positions are row * length + col)."""
+  return _hash_words(seed0, seed1, batch_head, rows, cols, length) >> np.uint32(16)
 
 
 def _scores(q, k, q_seg, k_seg, scale, precision):
@@ -82,7 +95,9 @@ def _scores(q, k, q_seg, k_seg, scale, precision):
 
 
 def _keep(seed_ref, bh, rows, cols, length, threshold):
-  return dropout_bits(seed_ref[0], seed_ref[1], bh, rows, cols, length) < np.uint32(threshold)
+  # bits < threshold, on the unshifted words (threshold < 2^16 here).
+  words = _hash_words(seed_ref[0], seed_ref[1], bh, rows, cols, length)
+  return words < np.uint32(threshold << 16)
 
 
 def _fwd_kernel(seed_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref, *,
