@@ -154,32 +154,43 @@ def test_the_encoder_trains_through_the_kernel_like_the_explicit_path(packed):
   assert np.abs(h_dropped - h_kernel).max() > 1e-3  # 1,000x the paths' difference above
 
 
-def test_sharded_kernel_splits_batch_and_heads_and_draws_a_mask_per_shard():
-  """Under a (data 2, fsdp 2, tensor 2) mesh, `sharded` runs the kernel per shard: without
-  dropout it equals the one-device call; with dropout, identical rows on different batch shards
-  and identical heads on different tensor shards get different masks."""
+def test_sharded_kernel_draws_the_one_device_mask():
+  """Under a (data 2, fsdp 2, tensor 2) mesh, `sharded` runs the kernel on each device's batch
+  rows and heads, and each element draws the bits it draws on one device: values and gradients
+  equal the one-device call's, with dropout on. Identical rows and heads on different shards
+  still get different masks (their global indices differ)."""
   from jax.sharding import NamedSharding, PartitionSpec as P
 
   from bge_jax import sharding
 
   rng = np.random.RandomState(0)
-  row = rng.randn(1, 32, 1, 16).astype(np.float32)
-  # 4 batch rows (one per data x fsdp shard), 2 heads (one per tensor shard), all identical.
-  q = k = v = jnp.asarray(np.tile(row, (4, 1, 2, 1)))
-  seg = jnp.ones((4, 32), jnp.int32)
+  q, k, v, seg = inputs(4, 40, 2, 16, [[1] * 40, [1] * 25 + [0] * 15, [1] * 10 + [2] * 30,
+                                       [1] * 40])
+  same = jnp.asarray(np.tile(rng.randn(1, 40, 1, 16).astype(np.float32), (4, 1, 2, 1)))
   seed = jnp.asarray([5, 6], jnp.uint32)
+  w = jnp.asarray(rng.randn(*q.shape).astype(np.float32))
+
+  def value_and_grads(q, k, v, seg, attend):
+    f = lambda q, k, v: jnp.sum(attend(q, k, v, seg, seed, rate=0.1, interpret=True) * w)  # noqa: E731
+    return jax.value_and_grad(lambda *a: f(*a), argnums=(0, 1, 2))(q, k, v), \
+        attend(q, k, v, seg, seed, rate=0.1, interpret=True)
+
   mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
   with sharding.activate(mesh):
     spec = NamedSharding(mesh, P(("data", "fsdp"), None, "tensor", None))
-    qs = jax.device_put(q, spec)
-    segs = jax.device_put(seg, NamedSharding(mesh, P(("data", "fsdp"), None)))
-    run = jax.jit(lambda q, s, r: fa.sharded(q, q, q, s, seed, rate=r, interpret=True),
-                  static_argnums=2)
-    plain = run(qs, segs, 0.0)
-    dropped = np.asarray(run(qs, segs, 0.1))
-  np.testing.assert_allclose(
-      np.asarray(plain), np.asarray(fa.flash_attention(q, k, v, seg, seed, rate=0.0,
-                                                       interpret=True)), atol=1e-6)
+    seg_spec = NamedSharding(mesh, P(("data", "fsdp"), None))
+    put = lambda *a: [jax.device_put(x, spec) for x in a]  # noqa: E731
+    run = jax.jit(lambda q, k, v, s: value_and_grads(q, k, v, s, fa.sharded))
+    (loss, grads), out = run(*put(q, k, v), jax.device_put(seg, seg_spec))
+    assert out.sharding.spec == P(("data", "fsdp"), None, "tensor", None)
+    dropped = np.asarray(jax.jit(lambda x, s: fa.sharded(x, x, x, s, seed, rate=0.1,
+                                                         interpret=True))(
+        *put(same), jax.device_put(jnp.ones((4, 40), jnp.int32), seg_spec)))
+  (loss1, grads1), out1 = value_and_grads(q, k, v, seg, fa.flash_attention)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(out1), atol=1e-6)
+  np.testing.assert_allclose(float(loss), float(loss1), atol=1e-4)  # a sum of ~5,000 terms
+  for g, g1 in zip(grads, grads1):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(g1), atol=1e-5)
   blocks = [dropped[b, :, h] for b in range(4) for h in range(2)]
   for i in range(len(blocks)):
     for j in range(i):

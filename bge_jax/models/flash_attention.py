@@ -5,14 +5,18 @@ takes it: `jax.nn.dot_product_attention` has no dropout argument, and JAX's cuDN
 fixes its dropout seed at trace time, so its mask would repeat every step and every layer. The
 explicit path (`bert.BertLayer._attention_with_dropout`) writes the [B, H, L, L] scores and
 probabilities to memory several times in the forward and backward; at bge-base shapes and 512
-tokens that traffic is of the order of the layer's matmul time on an H100.
+tokens that traffic is, by estimate, of the order of the layer's matmul time on an H100, and
+the saved probabilities are most of the step's memory (`launch/bench.py gradcache
+--attention-impls default,pallas`).
 
 This kernel never materialises them. FlashAttention-2's online softmax in the forward (one
 program per (batch row, head, query block), a loop over key blocks), the log-sum-exp kept for
 the backward, and two backward kernels (dK/dV per key block, dQ per query block) that recompute
 the probabilities block by block. The dropout mask is a counter-based hash of each element's
 (row, column, batch row, head) and a 64-bit seed drawn from the "dropout" rng stream, so the
-backward regenerates exactly the forward's mask and nothing mask-shaped is stored.
+backward regenerates exactly the forward's mask and nothing mask-shaped is stored. The hash
+takes global batch and head indices, so a sharded call (`sharded`, one kernel per device under
+`shard_map`) draws the same mask as one device.
 
 Math, for one head with A = softmax(S), keep mask M and keep probability p:
   Z = A * M / p,  O = Z V
@@ -94,20 +98,28 @@ def _scores(q, k, q_seg, k_seg, scale, precision):
   return jnp.where(q_seg[:, None] == k_seg[None, :], s, _MASK_VALUE)
 
 
-def _keep(seed_ref, bh, rows, cols, length, threshold):
+def _matrix(rng_ref, b, h, total_heads):
+  """The global batch-head index of program (b, h): rng_ref holds (seed0, seed1, batch offset,
+  head offset), the offsets of this device's shard, so a sharded call draws the masks the
+  one-device call would."""
+  u32 = jnp.uint32
+  return ((rng_ref[2] + b.astype(u32)) * np.uint32(total_heads) + rng_ref[3] + h.astype(u32))
+
+
+def _keep(rng_ref, bh, rows, cols, length, threshold):
   # bits < threshold, on the unshifted words (threshold < 2^16 here).
-  words = _hash_words(seed_ref[0], seed_ref[1], bh, rows, cols, length)
+  words = _hash_words(rng_ref[0], rng_ref[1], bh, rows, cols, length)
   return words < np.uint32(threshold << 16)
 
 
-def _fwd_kernel(seed_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref, *,
-                scale, threshold, block_k, num_heads, precision):
+def _fwd_kernel(rng_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref, *,
+                scale, threshold, block_k, total_heads, precision):
   b, h, iq = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   q = q_ref[...]
   q_seg = qseg_ref[...]
   block_q, length = q.shape[0], k_ref.shape[0]
   rows = iq * block_q + jnp.arange(block_q)
-  bh = b * num_heads + h
+  bh = _matrix(rng_ref, b, h, total_heads)
 
   def body(j, carry):
     acc, m, l = carry
@@ -119,7 +131,7 @@ def _fwd_kernel(seed_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_re
     l = l * correction + jnp.sum(p, axis=1)  # the softmax normaliser: before dropout
     if threshold < 65536:
       cols = j * block_k + jnp.arange(block_k)
-      p = jnp.where(_keep(seed_ref, bh, rows, cols, length, threshold), p, 0.0)
+      p = jnp.where(_keep(rng_ref, bh, rows, cols, length, threshold), p, 0.0)
     v = v_ref[ks, :]
     acc = acc * correction[:, None] + plgpu.dot(p.astype(v.dtype), v, precision=precision)
     return acc, m_new, l
@@ -144,14 +156,14 @@ def _probs_and_grad(q, k, v, do, q_seg, k_seg, lse, delta, keep, scale, threshol
   return z, p * (dp - delta[:, None])
 
 
-def _dkv_kernel(seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref,
-                dk_ref, dv_ref, *, scale, threshold, block_q, num_heads, precision):
+def _dkv_kernel(rng_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref,
+                dk_ref, dv_ref, *, scale, threshold, block_q, total_heads, precision):
   b, h, jk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   k, v = k_ref[...], v_ref[...]
   k_seg = kseg_ref[...]
   block_k, length = k.shape[0], q_ref.shape[0]
   cols = jk * block_k + jnp.arange(block_k)
-  bh = b * num_heads + h
+  bh = _matrix(rng_ref, b, h, total_heads)
 
   def body(i, carry):
     dk, dv = carry
@@ -160,7 +172,7 @@ def _dkv_kernel(seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_
     keep = None
     if threshold < 65536:
       rows = i * block_q + jnp.arange(block_q)
-      keep = _keep(seed_ref, bh, rows, cols, length, threshold)
+      keep = _keep(rng_ref, bh, rows, cols, length, threshold)
     z, ds = _probs_and_grad(q, k, v, do, qseg_ref[qs], k_seg, lse_ref[qs], delta_ref[qs],
                             keep, scale, threshold, precision)
     dv = dv + plgpu.dot(z.astype(do.dtype), do, trans_a=True, precision=precision)
@@ -173,14 +185,14 @@ def _dkv_kernel(seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _dq_kernel(seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref,
-               dq_ref, *, scale, threshold, block_k, num_heads, precision):
+def _dq_kernel(rng_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref,
+               dq_ref, *, scale, threshold, block_k, total_heads, precision):
   b, h, iq = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   q, do = q_ref[...], do_ref[...]
   q_seg, lse, delta = qseg_ref[...], lse_ref[...], delta_ref[...]
   block_q, length = q.shape[0], k_ref.shape[0]
   rows = iq * block_q + jnp.arange(block_q)
-  bh = b * num_heads + h
+  bh = _matrix(rng_ref, b, h, total_heads)
 
   def body(j, dq):
     ks = pl.ds(j * block_k, block_k)
@@ -188,7 +200,7 @@ def _dq_kernel(seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_r
     keep = None
     if threshold < 65536:
       cols = j * block_k + jnp.arange(block_k)
-      keep = _keep(seed_ref, bh, rows, cols, length, threshold)
+      keep = _keep(rng_ref, bh, rows, cols, length, threshold)
     _, ds = _probs_and_grad(q, k, v_ref[ks, :], do, q_seg, kseg_ref[ks], lse, delta, keep,
                             scale, threshold, precision)
     return dq + plgpu.dot(ds.astype(k.dtype), k, precision=precision)
@@ -205,14 +217,14 @@ def block_size(length: int) -> int:
 
 def _specs(batch, length, heads, head_dim, block):
   """BlockSpecs over the grid (batch row, head, block index) for [B, L, H, D] tensors."""
-  seed = pl.BlockSpec((2,), lambda b, h, i: (0,))
+  rng = pl.BlockSpec((4,), lambda b, h, i: (0,))
   blocked = pl.BlockSpec((None, block, None, head_dim), lambda b, h, i: (b, i, h, 0))
   whole = pl.BlockSpec((None, length, None, head_dim), lambda b, h, i: (b, 0, h, 0))
   row_blocked = pl.BlockSpec((None, None, block), lambda b, h, i: (b, h, i))
   row_whole = pl.BlockSpec((None, None, length), lambda b, h, i: (b, h, 0))
   seg_blocked = pl.BlockSpec((None, block), lambda b, h, i: (b, i))
   seg_whole = pl.BlockSpec((None, length), lambda b, h, i: (b, 0))
-  return seed, blocked, whole, row_blocked, row_whole, seg_blocked, seg_whole
+  return rng, blocked, whole, row_blocked, row_whole, seg_blocked, seg_whole
 
 
 def _precision(dtype):
@@ -220,63 +232,63 @@ def _precision(dtype):
   return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _flash(q, k, v, segment_ids, seed, threshold, interpret):
-  return _forward(q, k, v, segment_ids, seed, threshold, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _flash(q, k, v, segment_ids, rng, threshold, total_heads, interpret):
+  return _forward(q, k, v, segment_ids, rng, threshold, total_heads, interpret)[0]
 
 
-def _forward(q, k, v, segment_ids, seed, threshold, interpret):
+def _forward(q, k, v, segment_ids, rng, threshold, total_heads, interpret):
   batch, length, heads, head_dim = q.shape
   block = block_size(length)
-  seed_s, blocked, whole, row_blocked, _, seg_blocked, seg_whole = _specs(
+  rng_s, blocked, whole, row_blocked, _, seg_blocked, seg_whole = _specs(
       batch, length, heads, head_dim, block)
   kernel = functools.partial(_fwd_kernel, scale=1 / math.sqrt(head_dim), threshold=threshold,
-                             block_k=block, num_heads=heads, precision=_precision(q.dtype))
+                             block_k=block, total_heads=total_heads, precision=_precision(q.dtype))
   o, lse = pl.pallas_call(
       kernel, grid=(batch, heads, length // block),
-      in_specs=[seed_s, blocked, whole, whole, seg_blocked, seg_whole],
+      in_specs=[rng_s, blocked, whole, whole, seg_blocked, seg_whole],
       out_specs=[blocked, row_blocked],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((batch, heads, length), jnp.float32)],
       compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
       interpret=interpret, name="bge_flash_attention_fwd",
-  )(seed, q, k, v, segment_ids, segment_ids)
+  )(rng, q, k, v, segment_ids, segment_ids)
   return o, lse
 
 
-def _flash_fwd(q, k, v, segment_ids, seed, threshold, interpret):
-  o, lse = _forward(q, k, v, segment_ids, seed, threshold, interpret)
-  return o, (q, k, v, segment_ids, seed, o, lse)
+def _flash_fwd(q, k, v, segment_ids, rng, threshold, total_heads, interpret):
+  o, lse = _forward(q, k, v, segment_ids, rng, threshold, total_heads, interpret)
+  return o, (q, k, v, segment_ids, rng, o, lse)
 
 
-def _flash_bwd(threshold, interpret, residuals, do):
-  q, k, v, segment_ids, seed, o, lse = residuals
+def _flash_bwd(threshold, total_heads, interpret, residuals, do):
+  q, k, v, segment_ids, rng, o, lse = residuals
   batch, length, heads, head_dim = q.shape
   block = block_size(length)
-  seed_s, blocked, whole, row_blocked, row_whole, seg_blocked, seg_whole = _specs(
+  rng_s, blocked, whole, row_blocked, row_whole, seg_blocked, seg_whole = _specs(
       batch, length, heads, head_dim, block)
   # rowsum(dO * O) per query: [B, H, L], float32.
   delta = jnp.einsum("blhd,blhd->bhl", do.astype(jnp.float32), o.astype(jnp.float32))
-  common = dict(scale=1 / math.sqrt(head_dim), threshold=threshold, num_heads=heads,
+  common = dict(scale=1 / math.sqrt(head_dim), threshold=threshold, total_heads=total_heads,
                 precision=_precision(q.dtype))
   params = plgpu.CompilerParams(num_warps=4, num_stages=2)
   grid = (batch, heads, length // block)
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, block_q=block, **common), grid=grid,
-      in_specs=[seed_s, whole, blocked, blocked, whole, row_whole, row_whole, seg_whole,
+      in_specs=[rng_s, whole, blocked, blocked, whole, row_whole, row_whole, seg_whole,
                 seg_blocked],
       out_specs=[blocked, blocked],
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       compiler_params=params, interpret=interpret, name="bge_flash_attention_dkv",
-  )(seed, q, k, v, do, lse, delta, segment_ids, segment_ids)
+  )(rng, q, k, v, do, lse, delta, segment_ids, segment_ids)
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, block_k=block, **common), grid=grid,
-      in_specs=[seed_s, blocked, whole, whole, blocked, row_blocked, row_blocked, seg_blocked,
+      in_specs=[rng_s, blocked, whole, whole, blocked, row_blocked, row_blocked, seg_blocked,
                 seg_whole],
       out_specs=blocked,
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       compiler_params=params, interpret=interpret, name="bge_flash_attention_dq",
-  )(seed, q, k, v, do, lse, delta, segment_ids, segment_ids)
+  )(rng, q, k, v, do, lse, delta, segment_ids, segment_ids)
   return dq, dk, dv, None, None
 
 
@@ -284,12 +296,15 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def flash_attention(q: Array, k: Array, v: Array, segment_ids: Array, seed: Array, *,
-                    rate: float, interpret: bool = False) -> Array:
+                    rate: float, interpret: bool = False, batch_offset: Array | int = 0,
+                    head_offset: Array | int = 0, total_heads: int | None = None) -> Array:
   """Attention with dropout `rate` on the probabilities, fused: q, k, v [B, L, H, D] (one
   length for queries and keys), segment_ids [B, L] int (a query sees its own segment's keys),
   seed uint32[2] (a fresh draw per call). Returns [B, L, H, D] in q's dtype.
 
-  Local to one device: under a mesh, call it through `shard_map` (`sharded`)."""
+  Local to one device; `sharded` runs it under a mesh, passing where this device's block sits
+  in the global array (`batch_offset`, `head_offset`, `total_heads`: the global head count) so
+  that each element draws the mask bits it would draw on one device."""
   batch, length, heads, head_dim = q.shape
   if head_dim < 16 or head_dim > 256 or head_dim & (head_dim - 1):
     raise ValueError(f"flash_attention: head_dim {head_dim} must be a power of two from 16 to "
@@ -308,15 +323,18 @@ def flash_attention(q: Array, k: Array, v: Array, segment_ids: Array, seed: Arra
     pad = ((0, 0), (0, padded - length), (0, 0), (0, 0))
     q, k, v = (jnp.pad(t, pad) for t in (q, k, v))
     segment_ids = jnp.pad(segment_ids, ((0, 0), (0, padded - length)), constant_values=-1)
-  out = _flash(q, k, v, segment_ids, seed.astype(jnp.uint32), threshold, interpret)
+  seed = jnp.asarray(seed).astype(jnp.uint32)
+  rng = jnp.stack([seed[0], seed[1], jnp.asarray(batch_offset).astype(jnp.uint32),
+                   jnp.asarray(head_offset).astype(jnp.uint32)])
+  out = _flash(q, k, v, segment_ids, rng, threshold, total_heads or heads, interpret)
   return out[:, :length]
 
 
 def sharded(q: Array, k: Array, v: Array, segment_ids: Array, seed: Array, *, rate: float,
             interpret: bool = False) -> Array:
   """`flash_attention` under the active mesh (`jax.set_mesh`) and logical axis rules: each
-  device runs the kernel on its block of batch rows and heads. Each shard mixes its index into
-  the seed, so no two shards draw the same mask. Without a mesh (or on one device) it is
+  device runs the kernel on its block of batch rows and heads, drawing the same mask as the
+  one-device call (no communication). Without a mesh (or on one device) it is
   `flash_attention` itself."""
   import flax.linen as nn  # local: this module needs flax only for its sharding rules
 
@@ -325,15 +343,20 @@ def sharded(q: Array, k: Array, v: Array, segment_ids: Array, seed: Array, *, ra
     return flash_attention(q, k, v, segment_ids, seed, rate=rate, interpret=interpret)
   spec = nn.logical_to_mesh_axes(("batch", "length", "heads", "kv"))
   seg_spec = jax.sharding.PartitionSpec(spec[0], None)
-  axes = [a for part in (spec[0], spec[2]) if part is not None
-          for a in ((part,) if isinstance(part, str) else part)]
+  total_heads = q.shape[2]
+
+  def shard_index(part) -> Array:
+    """This device's index along a dim split over `part` (mesh axes, the first major)."""
+    index = jnp.int32(0)
+    for a in () if part is None else (part,) if isinstance(part, str) else part:
+      index = index * mesh.shape[a] + jax.lax.axis_index(a)
+    return index
 
   def local(q, k, v, segment_ids, seed):
-    index = jnp.uint32(0)
-    for a in axes:
-      index = index * np.uint32(mesh.shape[a]) + jax.lax.axis_index(a).astype(jnp.uint32)
-    seed = jnp.stack([_mix32(seed[0] ^ (index * _GOLDEN)), seed[1]])
-    return flash_attention(q, k, v, segment_ids, seed, rate=rate, interpret=interpret)
+    return flash_attention(q, k, v, segment_ids, seed, rate=rate, interpret=interpret,
+                           batch_offset=shard_index(spec[0]) * q.shape[0],
+                           head_offset=shard_index(spec[2]) * q.shape[2],
+                           total_heads=total_heads)
 
   return jax.shard_map(local, in_specs=(spec, spec, spec, seg_spec, jax.sharding.PartitionSpec()),
                        out_specs=spec, check_vma=False)(q, k, v, segment_ids, seed)
