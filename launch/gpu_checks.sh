@@ -22,6 +22,9 @@ MODE=${1:-mfu}
 EXTRA=("${@:2}")
 OUT=${OUT:-/tmp/gpu_checks}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+# JAX's persistent compilation cache: a rerun on the same machine (after a timeout, or the
+# second mode) reads the compiled steps instead of compiling them again.
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/bge_jax_xla_cache}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" | tee -a "$OUT/gpu.txt"
 failed=0
