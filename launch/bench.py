@@ -663,6 +663,9 @@ def bench_gradcache(args) -> dict:
   from bge_jax.train import state as state_lib
 
   impls = [None if x.strip() == "default" else x.strip() for x in args.attention_impls.split(",")]
+  if "pallas" in impls and args.run and jax.default_backend() != "gpu":
+    sys.exit(f"error: --attention-impls pallas with --run needs a GPU (this backend is "
+             f"{jax.default_backend()}); without --run the step is only compiled, which works here")
   base = preset(args.preset, dtype=args.dtype, remat_policy=args.remat)
   params = jax.jit(lambda r: bert.init(base, r)[0])(jax.random.key(0))
   tx, schedule = state_lib.make_optimizer({"lr": 1e-5, "warmup_steps": 1, "clip_norm": 1.0}, 100)
@@ -905,8 +908,8 @@ def main(argv=None):
                  help="comma-separated model.attention_impl values to compare: default (the "
                       "explicit path when training with attention dropout), pallas (the fused "
                       "kernel with dropout; on CPU compiled through Pallas's interpreter, which "
-                      "keeps its block-sized buffers, so the memory figure holds; do not --run "
-                      "it there)")
+                      "keeps its block-sized buffers, so the memory figure holds; --run it on "
+                      "a GPU only)")
   g.add_argument("--q-len", type=int, default=32)
   g.add_argument("--p-len", type=int, default=128)
   g.add_argument("--dtype", default="float32")
