@@ -213,7 +213,8 @@ def main(argv=None) -> int:
 def markdown(rows: list[dict], device: str, args) -> str:
   lines = [f"bge-jax train steps on {device} ({rows[0]['dtype'] if rows else args.dtype}, remat "
            f"{args.remat}, attention dropout {args.attention_dropout}, attention "
-           f"{args.attention_impl or 'default'}); MFU = analytic model FLOPs (bge_jax.flops) / step time / peak.", "",
+           f"{args.attention_impl or 'default'}); MFU = analytic model FLOPs (bge_jax.flops) / "
+           "step time / peak.", "",
            "| stage | shape | rows x tokens | step ms | tokens/s | model TFLOP/s | MFU | "
            "device peak GiB |", "|---|---|---|---|---|---|---|---|"]
   for r in rows:

@@ -171,9 +171,10 @@ def test_sharded_kernel_draws_the_one_device_mask():
   w = jnp.asarray(rng.randn(*q.shape).astype(np.float32))
 
   def value_and_grads(q, k, v, seg, attend):
-    f = lambda q, k, v: jnp.sum(attend(q, k, v, seg, seed, rate=0.1, interpret=True) * w)  # noqa: E731
-    return jax.value_and_grad(lambda *a: f(*a), argnums=(0, 1, 2))(q, k, v), \
-        attend(q, k, v, seg, seed, rate=0.1, interpret=True)
+    def f(q, k, v):
+      return jnp.sum(attend(q, k, v, seg, seed, rate=0.1, interpret=True) * w)
+    return (jax.value_and_grad(f, argnums=(0, 1, 2))(q, k, v),
+            attend(q, k, v, seg, seed, rate=0.1, interpret=True))
 
   mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
   with sharding.activate(mesh):

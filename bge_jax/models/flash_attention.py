@@ -215,7 +215,7 @@ def block_size(length: int) -> int:
   return max(16, min(64, 1 << max(0, length - 1).bit_length()))
 
 
-def _specs(batch, length, heads, head_dim, block):
+def _specs(length, head_dim, block):
   """BlockSpecs over the grid (batch row, head, block index) for [B, L, H, D] tensors."""
   rng = pl.BlockSpec((4,), lambda b, h, i: (0,))
   blocked = pl.BlockSpec((None, block, None, head_dim), lambda b, h, i: (b, i, h, 0))
@@ -240,8 +240,7 @@ def _flash(q, k, v, segment_ids, rng, threshold, total_heads, interpret):
 def _forward(q, k, v, segment_ids, rng, threshold, total_heads, interpret):
   batch, length, heads, head_dim = q.shape
   block = block_size(length)
-  rng_s, blocked, whole, row_blocked, _, seg_blocked, seg_whole = _specs(
-      batch, length, heads, head_dim, block)
+  rng_s, blocked, whole, row_blocked, _, seg_blocked, seg_whole = _specs(length, head_dim, block)
   kernel = functools.partial(_fwd_kernel, scale=1 / math.sqrt(head_dim), threshold=threshold,
                              block_k=block, total_heads=total_heads, precision=_precision(q.dtype))
   o, lse = pl.pallas_call(
@@ -266,7 +265,7 @@ def _flash_bwd(threshold, total_heads, interpret, residuals, do):
   batch, length, heads, head_dim = q.shape
   block = block_size(length)
   rng_s, blocked, whole, row_blocked, row_whole, seg_blocked, seg_whole = _specs(
-      batch, length, heads, head_dim, block)
+      length, head_dim, block)
   # rowsum(dO * O) per query: [B, H, L], float32.
   delta = jnp.einsum("blhd,blhd->bhl", do.astype(jnp.float32), o.astype(jnp.float32))
   common = dict(scale=1 / math.sqrt(head_dim), threshold=threshold, total_heads=total_heads,
