@@ -79,6 +79,15 @@ def _round_up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
 
 
+def _encoding_config(config: BertConfig, overrides: dict[str, Any], caller: str) -> BertConfig:
+  """A saved config for encoding: float32 compute unless `overrides` say otherwise (the saved
+  dtype is the training run's, bf16 on accelerators), then `overrides`; errors name `caller`."""
+  try:
+    return config.replace(**{"dtype": "float32", **overrides})
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{caller}: {e}") from e
+
+
 def _load_tokenizer(folder: str):
   from transformers import AutoTokenizer
   try:
@@ -175,10 +184,7 @@ class Encoder:
     training run used (bf16 on accelerators), and encodings should not depend on where the
     same weights were saved (a checkpoint and its HF export encode alike)."""
     config, params = checkpoint.load_params(path)
-    try:
-      config = config.replace(**{"dtype": "float32", **config_overrides})
-    except (TypeError, ValueError) as e:
-      raise ValueError(f"Encoder.from_checkpoint({path!r}): {e}") from e
+    config = _encoding_config(config, config_overrides, f"Encoder.from_checkpoint({path!r})")
     if tokenizer is None:
       folder = checkpoint.tokenizer_dir(path)
       if folder is None:
@@ -197,10 +203,7 @@ class Encoder:
     pooling / normalize None: the run's own (its loss's). Computes in float32 unless
     `config_overrides` say otherwise, like `from_checkpoint`."""
     step, config, params = checkpoint.load_run_params(path, step)
-    try:
-      config = config.replace(**{"dtype": "float32", **config_overrides})
-    except (TypeError, ValueError) as e:
-      raise ValueError(f"Encoder.from_run({path!r}): {e}") from e
+    config = _encoding_config(config, config_overrides, f"Encoder.from_run({path!r})")
     if pooling is not None and pooling != config.pooling:
       log.warning("%s (step %d) trained with %s pooling; encoding with pooling=%r as requested.",
                   path, step, config.pooling, pooling)

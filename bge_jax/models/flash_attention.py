@@ -215,6 +215,13 @@ def block_size(length: int) -> int:
   return max(16, min(64, 1 << max(0, length - 1).bit_length()))
 
 
+def padded_length(length: int) -> int:
+  """The length the kernels run at: `length` rounded up to a whole number of blocks (the hash
+  numbers positions row * padded_length + col)."""
+  block = block_size(length)
+  return -(-length // block) * block
+
+
 def _specs(length, head_dim, block):
   """BlockSpecs over the grid (batch row, head, block index) for [B, L, H, D] tensors."""
   rng = pl.BlockSpec((4,), lambda b, h, i: (0,))
@@ -315,8 +322,7 @@ def flash_attention(q: Array, k: Array, v: Array, segment_ids: Array, seed: Arra
   if threshold == 0:
     return jnp.zeros_like(q)
   threshold = min(threshold, 65536)
-  block = block_size(length)
-  padded = -(-length // block) * block
+  padded = padded_length(length)
   segment_ids = segment_ids.astype(jnp.int32)
   if padded != length:  # padding keys and queries form their own segment (-1)
     pad = ((0, 0), (0, padded - length), (0, 0), (0, 0))

@@ -21,8 +21,7 @@ def reference_attention(q, k, v, segment_ids, seed, rate):
   s = jnp.where((segment_ids[:, :, None] == segment_ids[:, None, :])[:, None], s, -jnp.inf)
   a = jax.nn.softmax(s, axis=-1)
   threshold = min(fa.keep_threshold(rate), 65536)
-  block = fa.block_size(length)
-  padded = -(-length // block) * block
+  padded = fa.padded_length(length)
   pos = jnp.arange(length)
   bits = jax.vmap(jax.vmap(lambda bh: fa.dropout_bits(seed[0], seed[1], bh, pos, pos, padded)))(
       jnp.arange(batch * heads).reshape(batch, heads))
