@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
-from bge_jax import checkpoint, convert
+from bge_jax import convert, weights
 from bge_jax.config import BertConfig
 from bge_jax.models import bert
 
@@ -196,13 +196,13 @@ def hf_to_jax(src: str, out: str, *, check: bool = False, tol: float = DEFAULT_T
   """Hugging Face folder/file -> bge-jax checkpoint at `out`; returns its absolute path."""
   if check:
     _require_torch()
-  if os.path.isdir(src) and checkpoint.is_checkpoint(src):
+  if os.path.isdir(src) and weights.is_checkpoint(src):
     raise convert.ConversionError(
-        f"SRC {src} is a bge-jax checkpoint ({checkpoint.META_FILE}); use `jax-to-hf` to export "
+        f"SRC {src} is a bge-jax checkpoint ({weights.META_FILE}); use `jax-to-hf` to export "
         "it to Hugging Face.")
   _require_source(src, "a Hugging Face folder, a sentence-transformers folder, or a "
                        ".safetensors/.bin file with config.json beside it")
-  out = _require_output(out, src, overwrite, checkpoint.is_checkpoint, "bge-jax checkpoint")
+  out = _require_output(out, src, overwrite, weights.is_checkpoint, "bge-jax checkpoint")
   try:
     config, params = convert.load_hf(src, strict=not ignore_unknown, param_dtype=dtype)
   except (convert.ConversionError, OSError):
@@ -212,16 +212,16 @@ def hf_to_jax(src: str, out: str, *, check: bool = False, tol: float = DEFAULT_T
         f"{src}: cannot read the weights ({type(e).__name__}: {e}); re-download or re-export "
         "the file.") from e
   weights = convert.resolve(src)[0]
-  tokenizer = checkpoint.tokenizer_folder(src)
+  tokenizer = weights.tokenizer_folder(src)
   _say(f"read: {os.path.abspath(weights)}: {_describe(config)}; tokenizer: "
        f"{tokenizer or 'none (no vocab.txt / tokenizer.json beside the weights)'}")
 
   def write(tmp: str) -> None:
-    _lift(tmp, lambda d: checkpoint.save_params(d, params, config, tokenizer=tokenizer))
+    _lift(tmp, lambda d: weights.save_params(d, params, config, tokenizer=tokenizer))
     if check:
-      written_config, written_params = checkpoint.load_params(tmp)
+      written_config, written_params = weights.load_params(tmp)
       _check(lambda: _torch_from_source(src, config), written_params, written_config,
-             checkpoint.tokenizer_dir(tmp), "the tokenizer copied to OUT/tokenizer", tol)
+             weights.tokenizer_dir(tmp), "the tokenizer copied to OUT/tokenizer", tol)
 
   convert.atomic_output_dir(out, write, overwrite=overwrite)
   parts = "bge_jax.json, params/ " + dtype + (", tokenizer/" if tokenizer else "")
@@ -252,13 +252,13 @@ def jax_to_hf(src: str, out: str, *, check: bool = False, tol: float = DEFAULT_T
     _require_torch()
   _require_source(src, "a bge-jax checkpoint folder (bge_jax.json + params/) or a training "
                        "run's workdir (run_info.json + checkpoints/)")
-  run = os.path.isdir(src) and checkpoint.is_run_workdir(src)
+  run = os.path.isdir(src) and weights.is_run_workdir(src)
   if step is not None and not run:
     raise convert.ConversionError(f"--step {step} is for a training run's workdir "
                                   f"(run_info.json + checkpoints/); SRC {src} is not one.")
-  if not run and (not os.path.isdir(src) or not checkpoint.is_checkpoint(src)):
+  if not run and (not os.path.isdir(src) or not weights.is_checkpoint(src)):
     raise convert.ConversionError(
-        f"SRC {src} is neither a bge-jax checkpoint (no {checkpoint.META_FILE}) nor a training "
+        f"SRC {src} is neither a bge-jax checkpoint (no {weights.META_FILE}) nor a training "
         "run's workdir (run_info.json + checkpoints/); for a Hugging Face folder or file use "
         "`hf-to-jax`.")
   params_dir = os.path.join(src, "params")
@@ -274,10 +274,10 @@ def jax_to_hf(src: str, out: str, *, check: bool = False, tol: float = DEFAULT_T
       max_seq_length = int(run_data["passage_max_length"])
   try:
     if run:
-      step, config, params = checkpoint.load_run_params(src, step)
+      step, config, params = weights.load_run_params(src, step)
       params_dir = os.path.join(src, "checkpoints", str(step))
     else:
-      config, params = checkpoint.load_params(src)
+      config, params = weights.load_params(src)
   except convert.ConversionError:
     raise
   except Exception as e:  # orbax: corrupt or partial params/
@@ -288,7 +288,7 @@ def jax_to_hf(src: str, out: str, *, check: bool = False, tol: float = DEFAULT_T
                    params_dir)
   if pooling is not None:
     config = config.replace(pooling=pooling)
-  tokenizer = checkpoint.tokenizer_folder(src)
+  tokenizer = weights.tokenizer_folder(src)
   what = f"training run, step {step}" if run else "bge-jax checkpoint"
   _say(f"read: {os.path.abspath(src)}: {what}, {_describe(config)}; tokenizer: "
        f"{os.path.abspath(tokenizer) if tokenizer else 'none (no tokenizer/ folder)'}")
@@ -325,7 +325,7 @@ def _validate_params(params: Any, config: BertConfig, src: str, meta: str | None
             for path, leaf in leaves}
 
   want, got = flat(bert.abstract_init(config)[0]), flat(params)
-  meta = meta or os.path.join(src, checkpoint.META_FILE)
+  meta = meta or os.path.join(src, weights.META_FILE)
   fix = (f"{meta} does not describe {params_dir or os.path.join(src, 'params')}; restore the "
          "matching config.")
   missing = sorted(set(want) - set(got))

@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from bge_jax import checkpoint, convert
+from bge_jax import convert, weights
 from bge_jax.config import BertConfig
 from bge_jax.models import bert
 
@@ -160,10 +160,10 @@ class Encoder:
     config_overrides: BertConfig fields, e.g. dtype="bfloat16" for faster, less exact encoding
     on an accelerator (default float32, the numbers of the PyTorch model).
     """
-    if os.path.isdir(path) and checkpoint.is_checkpoint(path):
+    if os.path.isdir(path) and weights.is_checkpoint(path):
       return cls.from_checkpoint(path, pooling, normalize, tokenizer=tokenizer, devices=devices,
                                  **config_overrides)
-    if os.path.isdir(path) and checkpoint.is_run_workdir(path):
+    if os.path.isdir(path) and weights.is_run_workdir(path):
       return cls.from_run(path, pooling, normalize, tokenizer=tokenizer, devices=devices,
                           **config_overrides)
     config, params = convert.load_hf(path, **config_overrides)
@@ -171,7 +171,7 @@ class Encoder:
       log.warning("%s declares %s pooling; encoding with pooling=%r as requested.",
                   path, config.pooling, pooling)
     if tokenizer is None:
-      tokenizer = _load_tokenizer(checkpoint.tokenizer_folder(path) or (
+      tokenizer = _load_tokenizer(weights.tokenizer_folder(path) or (
           path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))))
     return cls(params, config, tokenizer, pooling=pooling, normalize=normalize, devices=devices)
 
@@ -183,10 +183,10 @@ class Encoder:
     otherwise (dtype="bfloat16"): the checkpoint's config records the compute dtype its
     training run used (bf16 on accelerators), and encodings should not depend on where the
     same weights were saved (a checkpoint and its HF export encode alike)."""
-    config, params = checkpoint.load_params(path)
+    config, params = weights.load_params(path)
     config = _encoding_config(config, config_overrides, f"Encoder.from_checkpoint({path!r})")
     if tokenizer is None:
-      folder = checkpoint.tokenizer_dir(path)
+      folder = weights.tokenizer_dir(path)
       if folder is None:
         raise convert.ConversionError(
             f"{path}: the checkpoint has no tokenizer/ folder; pass tokenizer=.")
@@ -202,13 +202,13 @@ class Encoder:
     the params of its newest committed checkpoint (or `step`), with the run's tokenizer.
     pooling / normalize None: the run's own (its loss's). Computes in float32 unless
     `config_overrides` say otherwise, like `from_checkpoint`."""
-    step, config, params = checkpoint.load_run_params(path, step)
+    step, config, params = weights.load_run_params(path, step)
     config = _encoding_config(config, config_overrides, f"Encoder.from_run({path!r})")
     if pooling is not None and pooling != config.pooling:
       log.warning("%s (step %d) trained with %s pooling; encoding with pooling=%r as requested.",
                   path, step, config.pooling, pooling)
     if tokenizer is None:
-      tokenizer = _load_tokenizer(checkpoint.run_tokenizer_folder(path))
+      tokenizer = _load_tokenizer(weights.run_tokenizer_folder(path))
     return cls(params, config, tokenizer, pooling=pooling or config.pooling,
                normalize=config.normalize if normalize is None else normalize, devices=devices)
 

@@ -39,7 +39,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import jax
 import numpy as np
 
-from bge_jax import checkpoint, contrastive
+from bge_jax import contrastive, weights
 from bge_jax.config import BertConfig
 
 log = logging.getLogger(__name__)
@@ -80,12 +80,12 @@ def strip_heads(config: BertConfig, params: Mapping[str, Any]) -> tuple[BertConf
 
 def load_model(path: str, *, encoder_only: bool = True) -> Model:
   """A Hugging Face / sentence-transformers folder, a weight file, a bge-jax checkpoint, or a
-  training run's workdir (its newest checkpoint): `checkpoint.load_source`."""
+  training run's workdir (its newest checkpoint): `weights.load_source`."""
   path = os.fspath(path)
-  config, params, _ = checkpoint.load_source(path)
+  config, params, _ = weights.load_source(path)
   if encoder_only:
     config, params = strip_heads(config, params)
-  return Model(path, config, params, checkpoint.tokenizer_folder(path))
+  return Model(path, config, params, weights.tokenizer_folder(path))
 
 
 def load_models(paths: Sequence[str], *, encoder_only: bool = True) -> list[Model]:

@@ -26,7 +26,7 @@ def get_config(arg: str = "bge-small-en"):
   c.data.dedupe = False  # keep each identical text once
   c.data.on_error = "raise"  # raise | skip (bad rows are counted and reported)
   c.data.max_length = 512
-  c.data.mode = "truncate"  # truncate (FlagEmbedding) | pack (original RetroMAE)
+  c.data.mode = "truncate"  # truncate (FlagEmbedding) | concatenate (original RetroMAE blocks)
   # Texts longer than max_length: truncate (FlagEmbedding) | error (file:line) | skip (counted)
   c.data.overlong = "truncate"
   c.data.encoder_mlm_probability = 0.3

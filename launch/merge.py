@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"error: {out} exists; choose another --out or pass --overwrite.", file=sys.stderr)
     return 2
 
-  from bge_jax import checkpoint, convert, merge
+  from bge_jax import convert, merge, weights
   from bge_jax.data.sources import DataError
 
   try:
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     convert.save_hf(result.params, result.config, out, tokenizer=result.tokenizer,
                     overwrite=args.overwrite)
   else:
-    checkpoint.save_params(out, result.params, result.config, tokenizer=result.tokenizer,
+    weights.save_params(out, result.params, result.config, tokenizer=result.tokenizer,
                            overwrite=args.overwrite)
   print(f"wrote {out} ({args.format}, pooling {result.config.pooling}"
         f"{' + normalize' if result.config.normalize else ''})")

@@ -15,7 +15,7 @@ import safetensors.numpy
 import torch
 import transformers
 
-from bge_jax import checkpoint, convert
+from bge_jax import convert, weights
 from bge_jax.encoder import Encoder
 from bge_jax.models import bert
 from conftest import make_hf_folder
@@ -500,8 +500,8 @@ def test_refuses_invalid_json(bert_copy):
 @pytest.mark.parametrize("family", ["sentence_transformers", "retromae"])
 def test_project_checkpoint_round_trip_is_bit_exact(loaded, tmp_path, family):
   config, params = loaded[family]
-  folder = checkpoint.save_params(str(tmp_path / "ckpt"), params, config)
-  config2, params2 = checkpoint.load_params(folder)
+  folder = weights.save_params(str(tmp_path / "ckpt"), params, config)
+  config2, params2 = weights.load_params(folder)
   assert config2 == config
   assert jax.tree.structure(params2) == jax.tree.structure(params)
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params2), jax.tree.leaves(params)):

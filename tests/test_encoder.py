@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import transformers
 
-from bge_jax import checkpoint, config as config_lib
+from bge_jax import config as config_lib, weights
 from bge_jax.encoder import Encoder, bucket_for, length_buckets
 from bge_jax.models import bert
 
@@ -85,7 +85,7 @@ def test_single_string_empty_and_type_errors(minilm_encoder, st_model):
 
 
 def test_encoder_from_project_checkpoint(minilm_path, minilm_encoder, tmp_path):
-  folder = checkpoint.save_params(str(tmp_path / "ckpt"), minilm_encoder.params,
+  folder = weights.save_params(str(tmp_path / "ckpt"), minilm_encoder.params,
                                   minilm_encoder.config, tokenizer=minilm_path)
   texts = SENTENCES[:5]
   enc = Encoder.from_hf(folder, pooling="mean")  # a checkpoint folder goes to from_checkpoint
@@ -103,7 +103,7 @@ def test_encoder_from_a_bf16_run_checkpoint_computes_in_float32(minilm_path, min
   """A checkpoint records its training run's compute dtype (bf16 on accelerators); encoding
   it gives the float32 embeddings of the same weights unless asked for bf16."""
   bf16 = minilm_encoder.config.replace(dtype="bfloat16")
-  folder = checkpoint.save_params(str(tmp_path / "ckpt"), minilm_encoder.params, bf16,
+  folder = weights.save_params(str(tmp_path / "ckpt"), minilm_encoder.params, bf16,
                                   tokenizer=minilm_path)
   texts = SENTENCES[:5]
   enc = Encoder.from_hf(folder, pooling="mean")

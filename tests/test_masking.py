@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from bge_jax.data.masking import (RetroMAECollator, pack_sequences, sample_whole_word_mask,
+from bge_jax.data.masking import (RetroMAECollator, concatenate_into_blocks, sample_whole_word_mask,
                                   whole_words)
 
 TEXT = (
@@ -280,14 +280,14 @@ def test_pad_to_and_truncation(tokenizer):
 
 # ------------------------------------------------------------------------------ packing
 
-def test_pack_sequences_fills_blocks_and_keeps_every_token():
-  assert pack_sequences([[1, 2], [3, 4, 5], [], [6], [7] * 10], max_length=7) == [
+def test_concatenate_into_blocks_fills_blocks_and_keeps_every_token():
+  assert concatenate_into_blocks([[1, 2], [3, 4, 5], [], [6], [7] * 10], max_length=7) == [
       [1, 2, 3, 4, 5], [6], [7] * 5, [7] * 5]
   rng = np.random.default_rng(0)
   sentences = [list(range(100 * k, 100 * k + int(n))) for k, n in
                enumerate(rng.integers(1, 60, size=300))] + [list(range(50000, 50300))]
   room = 128 - 2
-  blocks = pack_sequences(sentences, max_length=128)
+  blocks = concatenate_into_blocks(sentences, max_length=128)
   stream = [t for s in sentences for t in s]
   assert [t for blk in blocks for t in blk] == stream       # no token lost, order kept
   assert all(0 < len(blk) <= room for blk in blocks)
@@ -366,7 +366,7 @@ def test_other_errors(tokenizer, collator):
   with pytest.raises(ValueError, match="mask_token"):
     RetroMAECollator(_NoMaskTokenizer())
   with pytest.raises(ValueError, match="max_length"):
-    pack_sequences([[1, 2]], max_length=2)
+    concatenate_into_blocks([[1, 2]], max_length=2)
   with pytest.raises(ValueError, match="ratio"):
     sample_whole_word_mask([[1]], 3, 1.0, np.random.default_rng(0))
   with pytest.raises(ValueError, match="word_starts"):

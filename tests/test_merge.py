@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from bge_jax import checkpoint, contrastive, convert, merge
+from bge_jax import contrastive, convert, merge, weights
 from bge_jax import config as config_lib
 from bge_jax.models import bert
 from conftest import REPO, make_tokenizer
@@ -50,21 +50,21 @@ def tiny(tmp_path_factory):
   paths, params = [], []
   for seed in range(3):
     p, _ = bert.init(CONFIG, jax.random.key(seed))
-    p = checkpoint.to_numpy(p)
+    p = weights.to_numpy(p)
     # Spread the values beyond init's 0.02 so models differ clearly in their losses.
     p = jax.tree.map(lambda x, s=seed: x * np.float32(1 + 3 * s), p)
     params.append(p)
     if seed < 2:
       paths.append(convert.save_hf(p, CONFIG, str(root / f"hf{seed}"), tokenizer=str(tok)))
     else:
-      paths.append(checkpoint.save_params(str(root / "ckpt2"), p, CONFIG, tokenizer=str(tok)))
+      paths.append(weights.save_params(str(root / "ckpt2"), p, CONFIG, tokenizer=str(tok)))
   return root, tok, paths, params
 
 
 def _state_dict(path: str) -> dict[str, np.ndarray]:
-  if checkpoint.is_checkpoint(path):
-    config, params = checkpoint.load_params(path)
-    return convert.to_hf_state_dict(checkpoint.to_numpy(params), config)
+  if weights.is_checkpoint(path):
+    config, params = weights.load_params(path)
+    return convert.to_hf_state_dict(weights.to_numpy(params), config)
   return load_file(os.path.join(path, "model.safetensors"))
 
 
@@ -173,9 +173,9 @@ def test_cli_weights_jax_format_roundtrip(tiny, tmp_path, capsys):
   assert _cli()(["--models", paths[0], paths[2], "--weights", "1", "3", "--out", str(out),
                  "--format", "jax"]) == 0
   assert "0.250000" in capsys.readouterr().out
-  config, merged = checkpoint.load_params(str(out))
-  assert checkpoint.tokenizer_dir(str(out)) is not None
-  got = checkpoint.to_numpy(merged)["layers_0"]["intermediate"]["kernel"]
+  config, merged = weights.load_params(str(out))
+  assert weights.tokenizer_dir(str(out)) is not None
+  got = weights.to_numpy(merged)["layers_0"]["intermediate"]["kernel"]
   want = (0.25 * params[0]["layers_0"]["intermediate"]["kernel"].astype(np.float64)
           + 0.75 * params[2]["layers_0"]["intermediate"]["kernel"])
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
@@ -185,7 +185,7 @@ def test_mismatched_models_are_refused_naming_tensor_and_files(tiny, tmp_path, c
   root, tok, paths, _ = tiny
   other_config = CONFIG.replace(intermediate_size=96)
   p, _ = bert.init(other_config, jax.random.key(5))
-  other = convert.save_hf(checkpoint.to_numpy(p), other_config, str(tmp_path / "other"),
+  other = convert.save_hf(weights.to_numpy(p), other_config, str(tmp_path / "other"),
                           tokenizer=str(tok))
   with pytest.raises(merge.MergeError) as e:
     merge.load_models([paths[0], other])
@@ -195,7 +195,7 @@ def test_mismatched_models_are_refused_naming_tensor_and_files(tiny, tmp_path, c
   # A missing layer is named too.
   deeper = CONFIG.replace(num_layers=2)
   p2, _ = bert.init(deeper, jax.random.key(6))
-  deep = convert.save_hf(checkpoint.to_numpy(p2), deeper, str(tmp_path / "deep"))
+  deep = convert.save_hf(weights.to_numpy(p2), deeper, str(tmp_path / "deep"))
   with pytest.raises(merge.MergeError, match="layers_1/.* is in .*deep but not in .*hf0"):
     merge.load_models([paths[0], deep])
   # The CLI: exit 2, one error line, no output.

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from bge_jax import checkpoint
+from bge_jax import weights
 from bge_jax import config as config_lib
 from bge_jax.encoder import Encoder
 from bge_jax.eval import read_sts, sts_spearman
@@ -66,7 +66,7 @@ def run_workdir(tmp_path_factory):
     params = jax.tree.map(lambda x: x * 4.0, params)  # beyond init's 0.02: distinct embeddings
     loop.save_checkpoint(manager, step, state.init_state(params, optax.adam(1e-3)))
     loop.finish_checkpoints(manager)
-    saved[step] = checkpoint.to_numpy(params)
+    saved[step] = weights.to_numpy(params)
   manager.close()
   return workdir, saved, tok
 
@@ -93,9 +93,9 @@ def test_run_workdir_newest_and_chosen_step_agree_with_sts_spearman(run_workdir,
   from bge_jax.eval import mteb_adapter
 
   workdir, saved, tok = run_workdir
-  assert mteb_adapter.is_run_workdir(workdir) and checkpoint.run_steps(workdir) == [3, 7]
+  assert mteb_adapter.is_run_workdir(workdir) and weights.run_steps(workdir) == [3, 7]
   monkeypatch.chdir(workdir.parent)  # a relative workdir (orbax itself needs absolute paths)
-  step, config, params = checkpoint.load_run_params(workdir.name)
+  step, config, params = weights.load_run_params(workdir.name)
   assert step == 7 and config == CONFIG.replace(dtype="bfloat16")
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(saved[7])):
     np.testing.assert_array_equal(np.asarray(a), b)

@@ -195,7 +195,7 @@ def test_two_processes_initialise_from_a_checkpoint_or_a_run(source, tmp_path, m
   the loss curve is the one-process run's from the same source."""
   from test_train import load_config, losses, override
 
-  from bge_jax import checkpoint
+  from bge_jax import weights
   from bge_jax.train import loop
 
   values = overrides("contrastive", tmp_path)
@@ -203,8 +203,8 @@ def test_two_processes_initialise_from_a_checkpoint_or_a_run(source, tmp_path, m
   loop.train(override(load_config("contrastive", "tiny"), **dict(values, num_train_steps=2)),
              str(src))
   if source == "checkpoint":
-    _, config, params = checkpoint.load_run_params(src)
-    checkpoint.save_params(str(tmp_path / "src_ckpt"), params, config)
+    _, config, params = weights.load_run_params(src)
+    weights.save_params(str(tmp_path / "src_ckpt"), params, config)
     src = tmp_path / "src_ckpt"
   values["model.init_from"] = str(src)
 

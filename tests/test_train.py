@@ -148,7 +148,7 @@ def test_init_from_a_checkpoint_takes_the_platforms_compute_dtype(
   run); a run initialised from it follows its own platform's default, not that record."""
   import jax
 
-  from bge_jax import checkpoint
+  from bge_jax import weights
   from bge_jax.config import preset
   from bge_jax.models import bert
   from bge_jax.train import loop
@@ -158,7 +158,7 @@ def test_init_from_a_checkpoint_takes_the_platforms_compute_dtype(
   saved = preset("tiny", vocab_size=len(loop.load_tokenizer(config)), dtype="bfloat16",
                  add_mlm_head=True, add_decoder=True, hf_family="retromae")
   params, _ = bert.init(saved, jax.random.key(0))
-  config.model.init_from = checkpoint.save_params(str(tmp_path / "ckpt"), params, saved)
+  config.model.init_from = weights.save_params(str(tmp_path / "ckpt"), params, saved)
   monkeypatch.setattr(loop.jax, "default_backend", lambda: backend)
   model_config, loaded, _ = loop.model_config_and_weights(config, loop.load_tokenizer(config))
   assert model_config.dtype == expected and loaded is not None
@@ -170,7 +170,7 @@ def test_the_pallas_attention_kernel_is_gpu_only(corpus_and_tokenizer, tmp_path,
   init_from checkpoint (a GPU run's) gives way to the default there, and is kept on GPU."""
   import jax
 
-  from bge_jax import checkpoint
+  from bge_jax import weights
   from bge_jax.config import preset
   from bge_jax.models import bert
   from bge_jax.train import loop
@@ -187,7 +187,7 @@ def test_the_pallas_attention_kernel_is_gpu_only(corpus_and_tokenizer, tmp_path,
   config = tiny_retromae(corpus, tok, 1)
   saved = preset("tiny", vocab_size=len(loop.load_tokenizer(config)), attention_impl="pallas",
                  add_mlm_head=True, add_decoder=True, hf_family="retromae")
-  config.model.init_from = checkpoint.save_params(
+  config.model.init_from = weights.save_params(
       str(tmp_path / "ckpt"), bert.init(saved, jax.random.key(0))[0], saved)
   assert loop.model_config_and_weights(
       config, loop.load_tokenizer(config))[0].attention_impl == "pallas"

@@ -346,8 +346,8 @@ class RetroMAECollator:
     }
 
 
-def pack_sequences(token_id_lists: Sequence[Sequence[int]], max_length: int) -> list[list[int]]:
-  """Packs consecutive tokenised sentences into blocks of at most `max_length - 2` ids.
+def concatenate_into_blocks(token_id_lists: Sequence[Sequence[int]], max_length: int) -> list[list[int]]:
+  """Concatenates consecutive tokenised sentences into blocks of at most `max_length - 2` ids.
 
   The original RetroMAE's pre-training data: sentences (ids without special tokens) are appended
   to the current block while they fit; one that does not fit starts the next block, and one that

@@ -26,7 +26,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from bge_jax.checkpoint import is_run_workdir
+from bge_jax.weights import is_run_workdir
 from bge_jax.eval.sts import read_sts
 
 try:
@@ -287,7 +287,7 @@ def load_encoder(path: str | os.PathLike, pooling: str | None = None,
   pooling / normalize None: the model's own (a sentence-transformers folder's declared pooling,
   the run's `loss.pooling`, else CLS with normalisation, BGE's).
   """
-  from bge_jax import checkpoint, convert
+  from bge_jax import convert, weights
   from bge_jax.encoder import Encoder
 
   path = os.fspath(path)
@@ -297,8 +297,8 @@ def load_encoder(path: str | os.PathLike, pooling: str | None = None,
   if step is not None:
     raise convert.ConversionError(f"{path}: step={step} is for trainer workdirs (with "
                                   "run_info.json and checkpoints/); this is not one.")
-  if os.path.isdir(path) and checkpoint.is_checkpoint(path):
-    declared = checkpoint.load_config(path)
+  if os.path.isdir(path) and weights.is_checkpoint(path):
+    declared = weights.load_config(path)
     own_pooling, own_normalize = declared.pooling, declared.normalize
   else:
     own_pooling, own_normalize = convert.resolve(path)[2:4]

@@ -37,7 +37,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from bge_jax import checkpoint as project_checkpoint
+from bge_jax import weights
 from bge_jax import flops, sharding
 from bge_jax import memory as memory_lib
 from bge_jax.config import BertConfig, preset
@@ -71,7 +71,7 @@ def load_tokenizer(config: Any):
   if not path:
     raise ConfigError("no tokenizer: set config.tokenizer to a folder with tokenizer files "
                       "(or config.model.init_from to a Hugging Face model folder).")
-  folder = project_checkpoint.tokenizer_folder(path) or path
+  folder = weights.tokenizer_folder(path) or path
   try:
     return AutoTokenizer.from_pretrained(folder)
   except (OSError, ValueError) as e:
@@ -94,7 +94,7 @@ def model_config_and_weights(config: Any, tokenizer: Any) -> tuple[BertConfig, d
   if m.init_from:
     path = m.init_from
     # A checkpoint, another run's workdir (its newest checkpoint) or a Hugging Face model.
-    base, params, what = project_checkpoint.load_source(path)
+    base, params, what = weights.load_source(path)
     origin = (f"{path} ({what}, {base.hf_family}, {base.num_layers} layers, "
               f"hidden {base.hidden_size})")
   else:

@@ -1,6 +1,8 @@
-"""The project's own model checkpoint: an orbax params tree, its BertConfig, and the tokenizer.
+"""Model weights on disk, in every form the project reads: its own params folder, a trainer's
+workdir, a Hugging Face folder (`load_source`).
 
-Layout of a checkpoint folder::
+"Params folder" is the project's exported model format (a model, not a training state: the
+trainer's orbax TrainState checkpoints are `bge_jax.train.checkpoints`). Layout::
 
     <dir>/bge_jax.json   {"format": "bge-jax/params", "version": 1, "config": {BertConfig fields}}
     <dir>/params/        orbax StandardCheckpointer tree (same nesting as the Flax params)
