@@ -126,28 +126,42 @@ class BertConfig:
     return total
 
 
-# Shapes per SPEC.md (layers / hidden / heads / ffn / vocab).
-_PRESETS: dict[str, dict[str, int]] = {
+# The shapes (vocab / hidden / layers / heads / ffn) of the published BAAI/bge-* configs (BGE:
+# Xiao et al. 2023, "C-Pack: Packaged Resources To Advance General Chinese Embedding",
+# arXiv:2309.07597; the encoder is BERT, Devlin et al. 2019), plus `tiny` for tests and demos.
+# `lr` is the preset's fine-tuning (stages 2 and 3) peak learning rate, FlagEmbedding's by size;
+# it is not a BertConfig field (see `preset_lr`).
+_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(vocab_size=1024, hidden_size=64, num_layers=2, num_heads=4,
-                 intermediate_size=128, max_position_embeddings=128),
+                 intermediate_size=128, max_position_embeddings=128, lr=1e-3),
     "bge-small-zh": dict(vocab_size=21128, hidden_size=512, num_layers=4, num_heads=8,
-                         intermediate_size=2048),
+                         intermediate_size=2048, lr=3e-5),
     "bge-small-en": dict(vocab_size=30522, hidden_size=384, num_layers=12, num_heads=12,
-                         intermediate_size=1536),
+                         intermediate_size=1536, lr=3e-5),
     "bge-base-zh": dict(vocab_size=21128, hidden_size=768, num_layers=12, num_heads=12,
-                        intermediate_size=3072),
+                        intermediate_size=3072, lr=2e-5),
     "bge-base-en": dict(vocab_size=30522, hidden_size=768, num_layers=12, num_heads=12,
-                        intermediate_size=3072),
+                        intermediate_size=3072, lr=2e-5),
     "bge-large-zh": dict(vocab_size=21128, hidden_size=1024, num_layers=24, num_heads=16,
-                         intermediate_size=4096),
+                         intermediate_size=4096, lr=1e-5),
     "bge-large-en": dict(vocab_size=30522, hidden_size=1024, num_layers=24, num_heads=16,
-                         intermediate_size=4096),
+                         intermediate_size=4096, lr=1e-5),
 }
 PRESETS = tuple(_PRESETS)
 
 
+def _entry(name: str) -> dict[str, Any]:
+  if name not in _PRESETS:
+    raise ValueError(f"unknown model preset {name!r}; choose one of {tuple(_PRESETS)}")
+  return _PRESETS[name]
+
+
 def preset(name: str, **overrides: Any) -> BertConfig:
   """A named model shape (`tiny`, `bge-{small,base,large}-{zh,en}`) with optional overrides."""
-  if name not in _PRESETS:
-    raise ValueError(f"unknown model preset {name!r}; choose one of {PRESETS}")
-  return BertConfig(**{**_PRESETS[name], **overrides})
+  shape = {k: v for k, v in _entry(name).items() if k != "lr"}
+  return BertConfig(**{**shape, **overrides})
+
+
+def preset_lr(name: str) -> float:
+  """The preset's fine-tuning learning rate (stages 2 and 3), stored in its own entry."""
+  return _entry(name)["lr"]

@@ -3,6 +3,8 @@
 from ml_collections import ConfigDict
 from ml_collections.config_dict import placeholder
 
+from bge_jax.config import preset_lr
+
 
 def base_config() -> ConfigDict:
   c = ConfigDict()
@@ -82,16 +84,14 @@ def base_config() -> ConfigDict:
   return c
 
 
-LR_BY_SIZE = {"tiny": 1e-3, "small": 3e-5, "base": 2e-5, "large": 1e-5}
-
-
 def contrastive_config(stage: str, arg: str) -> ConfigDict:
   """Shared defaults of stages 2 and 3 (FlagEmbedding's fine-tuning defaults)."""
   c = base_config()
   c.stage = stage
   c.model.preset = arg or "bge-small-en"
-  size = next((s for s in LR_BY_SIZE if s in c.model.preset), "base")
-  c.optimizer.lr = LR_BY_SIZE[size]
+  # The preset's own lr, chosen here from the config's arg: overriding model.preset alone later
+  # keeps this lr (set optimizer.lr too).
+  c.optimizer.lr = preset_lr(c.model.preset)
   c.optimizer.weight_decay = 0.01
   c.batch_size = 32
 

@@ -1,19 +1,14 @@
-"""Stage 2, general contrastive fine-tuning on unlabeled pairs. `--config configs/contrastive.py:<preset>`.
+"""Stage 2, contrastive fine-tuning on unlabeled pairs. `--config configs/contrastive.py:<preset>`.
 
 In-batch negatives over the global batch (group_size 1: each query's positive plus every other
 passage of the batch). Defaults follow FlagEmbedding: temperature 0.02, CLS pooling + L2
-normalisation, query 32 / passage 128 tokens, lr by model size (small 3e-5, base 2e-5,
-large 1e-5). Initialise from the stage-1 export (`model.init_from=<workdir>/export/hf`) or any
-Hugging Face BERT. Big batches: set `loss.gradcache_chunk` (exact gradients, memory of one
-chunk) and/or `model.remat_policy`.
+normalisation, query 32 / passage 128 tokens, the preset's lr (`bge_jax.config.preset_lr`:
+small 3e-5, base 2e-5, large 1e-5). Initialise from the stage-1 export
+(`model.init_from=<workdir>/export/hf`) or any Hugging Face BERT. Big batches: set
+`loss.gradcache_chunk` (exact gradients, memory of one chunk) and/or `model.remat_policy`.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from common import contrastive_config  # noqa: E402
+from configs.common import contrastive_config
 
 
 def get_config(arg: str = "bge-small-en"):

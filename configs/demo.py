@@ -19,12 +19,8 @@ runs all three; with its data in place, each stage also runs alone, e.g.
 """
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import contrastive  # noqa: E402
-import finetune  # noqa: E402
-import retromae  # noqa: E402
+from configs import contrastive, finetune, retromae
 
 STAGES = ("retromae", "contrastive", "finetune")
 # Queries are identifiers ("json.dumps"); the instruction marks them as such (stage 3, as BGE).

@@ -4,15 +4,10 @@
 hard negatives, drawn again each epoch, repeated when a row has too few), temperature 0.02,
 query instruction (en: "Represent this sentence for searching relevant passages: ", zh: see
 `bge_jax.data.pairs.INSTRUCTIONS`; a row's "prompt" wins), query 32 / passage 128 tokens,
-lr by model size. Mine hard negatives first with `launch/mine.py`.
+the preset's lr (`bge_jax.config.preset_lr`). Mine hard negatives first with `launch/mine.py`.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from common import contrastive_config  # noqa: E402
+from configs.common import contrastive_config
 
 
 def get_config(arg: str = "bge-small-en"):

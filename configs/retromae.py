@@ -6,13 +6,9 @@ FlagEmbedding: encoder mask ratio 0.3, decoder 0.5, max length 512, lr 2e-5 from
 BERT (use ~1e-4 from scratch, as the original RetroMAE recipe).
 """
 
-import os
-import sys
+from ml_collections import ConfigDict
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from common import base_config  # noqa: E402
-from ml_collections import ConfigDict  # noqa: E402
+from configs.common import base_config
 
 
 def get_config(arg: str = "bge-small-en"):

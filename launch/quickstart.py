@@ -43,9 +43,11 @@ METRICS = ("ndcg@10", "recall@1", "mrr@10")
 
 
 def demo_config(stage: str, root: pathlib.Path):
-  spec = importlib.util.spec_from_file_location("bge_jax_demo_config", REPO / "configs" / "demo.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  from bge_jax import config_files
+
+  # The module, not load("demo:..."): the caller also wants its QUERY_INSTRUCTION, and a root
+  # may hold a ':'.
+  module = config_files.load_module(str(REPO / "configs" / "demo.py"))
   return module.get_config(f"{stage},{root}"), module.QUERY_INSTRUCTION
 
 

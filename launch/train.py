@@ -13,14 +13,18 @@ Exit status: 0 done or preempted; 1 a checkpoint that cannot be written/read or 
 stop (the message says which and what to do); 2 a config or data error naming the key.
 """
 
-import difflib
-import importlib.util
 import logging
 import os
 import sys
 
-from absl import app, flags
-from ml_collections import config_flags
+# Before the flags are parsed: config_flags loads the config file by path, and configs/*.py
+# import configs.common (and bge_jax, also from a clone that is not pip-installed).
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+  sys.path.insert(0, REPO)
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "A config file in configs/, optionally with ':arg' (e.g. a model preset).",
@@ -77,7 +81,14 @@ def init_distributed() -> None:
                                     jax.local_device_count(), jax.device_count())
 
 
+# Set once main() runs: an AttributeError before it is config_flags refusing an override; one
+# after it is a bug to show with its traceback, not an "unknown config key".
+_MAIN_STARTED = False
+
+
 def main(argv):
+  global _MAIN_STARTED
+  _MAIN_STARTED = True
   del argv
   logging.getLogger("bge_jax").setLevel(logging.INFO)
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -113,29 +124,18 @@ def _config_arg(argv: list[str]) -> str | None:
   return None
 
 
-def _flat_keys(node, prefix: str = "") -> dict[str, object]:
-  out = {}
-  for k in node.keys():
-    v = node[k]
-    if hasattr(v, "keys") and hasattr(v, "items"):
-      out.update(_flat_keys(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
 def unknown_config_keys(argv: list[str]) -> list[str]:
   """One message per --config.KEY override that the config file does not define."""
+  from bge_jax import config_files
+
   spec = _config_arg(argv)
   if not spec:
     return []
-  path, _, arg = spec.partition(":")
-  if not os.path.isfile(path):
-    return []  # config_flags reports a missing file itself
-  module_spec = importlib.util.spec_from_file_location("_bge_jax_launch_config", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  keys = _flat_keys(module.get_config(arg) if arg else module.get_config())
+  # The file as config_flags reads it (a path, never a bundled name); a missing one is refused
+  # here in one line.
+  path, sep, arg = spec.partition(":")
+  module = config_files.load_module(path)
+  keys = config_files.flat_keys(config_files.get_config(module, arg if sep else None))
   messages = []
   for a in argv:
     if not a.startswith("--config."):
@@ -145,30 +145,22 @@ def unknown_config_keys(argv: list[str]) -> list[str]:
       continue
     if any(k.startswith(key + ".") for k in keys):
       continue  # a whole sub-config; config_flags decides what it accepts
-    messages.append(f"--config.{key}: {path} has no key config.{key}{_suggest(key, keys, path)}")
+    hint = (config_files.suggest(key, keys)
+            or f"; the keys are listed in {path} and configs/common.py")
+    messages.append(f"--config.{key}: {path} has no key config.{key}{hint}")
   return messages
 
 
-def _suggest(key: str, keys, path: str) -> str:
-  """Close matches: siblings (optimizer.lrr -> optimizer.lr), whole keys when the parent is
-  unknown (optimiser.lr -> optimizer.lr), and close names elsewhere (lr -> optimizer.lr)."""
-  parent, _, leaf = key.rpartition(".")
-  siblings = [k.rpartition(".")[2] for k in keys if k.rpartition(".")[0] == parent]
-  close = [f"{parent}.{m}" if parent else m
-           for m in difflib.get_close_matches(leaf, siblings, n=3, cutoff=0.6)]
-  if not siblings:  # a misspelt parent
-    close += [k for k in difflib.get_close_matches(key, list(keys), n=3, cutoff=0.8)]
-  leaves = set(difflib.get_close_matches(leaf, {k.rpartition(".")[2] for k in keys}, n=3,
-                                         cutoff=0.75))
-  close += [k for k in sorted(keys) if k.rpartition(".")[2] in leaves and k not in close]
-  if not close:
-    return f"; the keys are listed in {path} and configs/common.py"
-  return "; did you mean " + ", ".join("config." + c for c in close[:5]) + "?"
-
-
 def _run():
+  # bge_jax (and so jax) is imported here, after __main__ has set XLA_FLAGS.
+  from bge_jax import config_files
+
   flags.mark_flags_as_required(["config", "workdir"])
-  unknown = unknown_config_keys(sys.argv[1:])
+  try:
+    unknown = unknown_config_keys(sys.argv[1:])
+  except (config_files.ConfigFileError, ValueError) as e:  # e.g. an unknown preset as the arg
+    print(f"error: --config {_config_arg(sys.argv[1:])}: {e}", file=sys.stderr)
+    sys.exit(2)
   if unknown:
     for m in unknown:
       print(f"error: unknown config key {m}", file=sys.stderr)
@@ -176,7 +168,8 @@ def _run():
   try:
     app.run(main)
   except AttributeError as e:  # config_flags: an override it refuses after all
-    if "Did you mean" in str(e) or "has no" in str(e) or "not a" in str(e):
+    if not _MAIN_STARTED and ("Did you mean" in str(e) or "has no" in str(e)
+                              or "not a" in str(e)):
       print(f"error: unknown config key: {e}", file=sys.stderr)
       sys.exit(2)
     raise

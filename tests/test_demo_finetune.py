@@ -1,4 +1,4 @@
-"""launch/demo_finetune.py's own logic: the character vocabulary and the bag-of-characters baseline.
+"""launch/demo_finetune.py's own logic: data paths, the character vocabulary, the TF-IDF baseline.
 
 The training runs themselves go through `bge_jax.train.loop.train` (tested elsewhere); what the
 demonstration adds is a deterministic character-level tokenizer for the tiny Chinese model and
@@ -31,6 +31,17 @@ def demo():
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+def test_data_files_default_beside_the_repository_or_under_data_dir(demo, tmp_path):
+  args = demo.parser().parse_args([])
+  demo.data_files(args)
+  assert args.zh_sts == str(REPO.parent / "shared" / "data" / "zh" / "STS-B.valid.data")
+  args = demo.parser().parse_args(["--data-dir", str(tmp_path), "--zh-sts", "own.data"])
+  demo.data_files(args)
+  assert args.en_sts == str(tmp_path / "en" / "stsbenchmark.train-dev.tsv")
+  assert args.zh_train == str(tmp_path / "zh" / "bge_finetune_data.jsonl")
+  assert args.zh_sts == "own.data"  # a file given by its own flag wins
 
 
 def test_char_tokenizer_one_token_per_character(demo, tmp_path):

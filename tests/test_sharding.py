@@ -165,13 +165,8 @@ PAIRS, Q_LEN, P_LEN = 8, 8, 12
 
 def load_run_config(name: str, arg: str = "tiny"):
   """configs/<name>.py:get_config(arg), as launch/train.py would load it."""
-  import importlib.util
-
-  from conftest import REPO
-  spec = importlib.util.spec_from_file_location(f"cfg_{name}", REPO / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  from bge_jax import config_files
+  return config_files.load(f"{name}:{arg}")
 
 
 class _Vocab:

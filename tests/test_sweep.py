@@ -1,20 +1,16 @@
-"""launch/sweep.py: expansion (grid, zip, get_sweep), run names, printed commands (parsed back by
-train.py's own flag machinery), refusals, --collect over fake workdirs, and a real 2-run sweep."""
+"""bge_jax.sweep and launch/sweep.py: expansion (grid, zip, get_sweep), run names, printed
+commands (parsed back by train.py's own flag machinery), refusals, --collect over fake workdirs,
+and a real 2-run sweep."""
 
-import importlib.util
 import json
 import os
 import shlex
-import sys
 
 import pytest
 
+from bge_jax import sweep
 from conftest import REPO, make_corpus, make_tokenizer
-
-SPEC = importlib.util.spec_from_file_location("sweep", REPO / "launch" / "sweep.py")
-sweep = importlib.util.module_from_spec(SPEC)
-sys.modules["sweep"] = sweep  # dataclasses look their module up there
-SPEC.loader.exec_module(sweep)
+from launch import sweep as sweep_cli
 
 CONTRASTIVE = f"{REPO / 'configs' / 'contrastive.py'}:tiny"
 
@@ -37,9 +33,10 @@ def parse_train_command(line: str):
 
 @pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")  # ml_collections' loader
 def test_grid_multiplies_and_commands_parse_back(capsys, tmp_path):
-  code = sweep.main(["--config", CONTRASTIVE, "--workdir", str(tmp_path),
-                     "--grid", "optimizer.lr=1e-5,3e-5,1e-4", "--grid", "loss.temperature=0.01,0.05",
-                     "--set", "num_train_steps=7", "--set", "data.train=/data/pairs.jsonl"])
+  code = sweep_cli.main(["--config", CONTRASTIVE, "--workdir", str(tmp_path),
+                         "--grid", "optimizer.lr=1e-5,3e-5,1e-4",
+                         "--grid", "loss.temperature=0.01,0.05",
+                         "--set", "num_train_steps=7", "--set", "data.train=/data/pairs.jsonl"])
   assert code == 0
   lines = capsys.readouterr().out.strip().splitlines()
   assert len(lines) == 6
@@ -94,6 +91,16 @@ def test_get_sweep_beside_the_config(tmp_path):
     sweep.expand(str(cfg), grid=["seed=3,4"])
 
 
+@pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")  # ml_collections' loader
+def test_a_bundled_config_name_prints_its_file(capsys, tmp_path):
+  assert sweep_cli.main(["--config", "contrastive:tiny", "--workdir", str(tmp_path),
+                         "--grid", "seed=1,2"]) == 0
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert len(lines) == 2 and "contrastive.py:tiny" in lines[0]  # train.py reads files only
+  config, _ = parse_train_command(lines[1])
+  assert config.model.preset == "tiny" and config.seed == 2
+
+
 def test_names_disambiguate_and_stay_short():
   short = sweep._short_keys(["optimizer.lr", "eval.batch_size", "batch_size", "seed"])
   assert short == {"optimizer.lr": "lr", "eval.batch_size": "eval.batch_size",
@@ -107,7 +114,8 @@ def test_names_disambiguate_and_stay_short():
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["--grid", "optimizer.lrr=1,2"], "'optimizer.lrr' is not a config key; did you mean optimizer.lr"),
+    (["--grid", "optimizer.lrr=1,2"],
+     "'optimizer.lrr' is not a config key; did you mean optimizer.lr"),
     (["--grid", "batch_size=8,1.5"], "batch_size=1.5 does not fit the field's type int"),
     (["--grid", "loss.normalize=yes"], "is not a boolean"),
     (["--zip", "batch_size=8,16", "--zip", "seed=1"], "--zip keys need the same number of values"),
@@ -118,7 +126,7 @@ def test_names_disambiguate_and_stay_short():
     (["--set", "seed=1", "--grid", "seed=2,3"], "--set ['seed']: also swept"),
 ])
 def test_refusals_are_one_error_line(capsys, tmp_path, argv, needle):
-  code = sweep.main(["--config", CONTRASTIVE, "--workdir", str(tmp_path)] + argv)
+  code = sweep_cli.main(["--config", CONTRASTIVE, "--workdir", str(tmp_path)] + argv)
   err = capsys.readouterr().err
   assert code == 2
   lines = err.strip().splitlines()
@@ -139,14 +147,15 @@ def _fake_run(workdir, rows, total=None, partial=False):
 
 
 def test_collect_reads_the_final_metrics(capsys, tmp_path):
-  args = ["--config", CONTRASTIVE, "--workdir", str(tmp_path), "--grid", "optimizer.lr=1e-5,2e-5,3e-5"]
+  args = ["--config", CONTRASTIVE, "--workdir", str(tmp_path),
+          "--grid", "optimizer.lr=1e-5,2e-5,3e-5"]
   _fake_run(tmp_path / "lr=1e-05",
             [{"step": 0, "eval/sts_spearman": 0.5}, {"step": 5, "loss": 2.0, "lr": 1e-5},
              {"step": 10, "loss": 1.25, "lr": 0.0}, {"step": 10, "eval/sts_spearman": 0.75}],
             total=10)
   _fake_run(tmp_path / "lr=2e-05", [{"step": 5, "loss": 3.5}], total=10, partial=True)
   out_file = tmp_path / "table.md"
-  assert sweep.main(args + ["--collect", "--out", str(out_file)]) == 0
+  assert sweep_cli.main(args + ["--collect", "--out", str(out_file)]) == 0
   table = capsys.readouterr().out
   assert out_file.read_text() == table
   lines = table.strip().splitlines()
@@ -155,7 +164,7 @@ def test_collect_reads_the_final_metrics(capsys, tmp_path):
   assert lines[2] == "| lr=1e-05 | 1e-05 | 10 (done) | 1.25 | 0.75 |"
   assert lines[3] == "| lr=2e-05 | 2e-05 | 5/10 | 3.5 | — |"
   assert lines[4] == "| lr=3e-05 | 3e-05 | not started | — | — |"
-  assert sweep.main(args + ["--collect", "--metrics", "lr,loss"]) == 0
+  assert sweep_cli.main(args + ["--collect", "--metrics", "lr,loss"]) == 0
   lines = capsys.readouterr().out.strip().splitlines()
   assert lines[0] == "| run | lr | step | lr | loss |"
   assert lines[2].endswith("| 0 | 1.25 |")
@@ -175,7 +184,7 @@ def test_run_two_tiny_runs_then_collect(capsys, tmp_path, monkeypatch):
           "--set", "data.max_length=32", "--set", "model.max_position_embeddings=32",
           "--set", "num_train_steps=2", "--set", "batch_size=4", "--set", "log_every_steps=1",
           "--set", "export=False", "--set", "model.preset=tiny"]
-  assert sweep.main(args + ["--run"]) == 0
+  assert sweep_cli.main(args + ["--run"]) == 0
   out = capsys.readouterr().out
   assert "[sweep 1/2] lr=0.001" in out and "[sweep 2/2] lr=0.003" in out
   rows = [line for line in out.splitlines() if line.startswith("| lr=")]

@@ -1,6 +1,5 @@
 """The trainer end to end on stage 1 (RetroMAE): loss goes down, resume continues exactly, exports."""
 
-import importlib.util
 import json
 import logging
 import os
@@ -12,14 +11,12 @@ import sys
 import numpy as np
 import pytest
 
+from bge_jax import config_files
 from conftest import REPO, make_corpus, make_tokenizer
 
 
 def load_config(name: str, arg: str = ""):
-  spec = importlib.util.spec_from_file_location(f"cfg_{name}", REPO / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return config_files.load(f"{name}:{arg}")
 
 
 @pytest.fixture(scope="module")
