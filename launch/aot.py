@@ -199,14 +199,14 @@ def compile_step(config, devices, mesh_shape: tuple[int, int, int]):
   from bge_jax import sharding
   from bge_jax.config import preset
   from bge_jax.models import bert
-  from bge_jax.train import loop
+  from bge_jax.train import init
   from bge_jax.train import state as state_lib
   from bge_jax.train.stages import get_stage
 
   mesh = sharding.make_mesh(*mesh_shape, devices=devices)
   stage = get_stage(config.stage)
   vocab = preset(config.model.preset).vocab_size
-  base, _, _ = loop.model_config_and_weights(config, _VocabOnly(vocab))
+  base, _, _ = init.model_config_and_weights(config, _VocabOnly(vocab))
   model_config = stage.model_config(base, config)
   longest = (config.data.max_length if config.stage == "retromae"
              else max(config.data.query_max_length, config.data.passage_max_length))

@@ -100,7 +100,9 @@ def main(argv):
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   init_distributed()
 
-  from bge_jax.train.loop import CheckpointError, ConfigError, train
+  from bge_jax.train.checkpoints import CheckpointError
+  from bge_jax.train.init import ConfigError
+  from bge_jax.train.loop import train
   try:
     train(_CONFIG.value, _WORKDIR.value)
   except (ConfigError, ValueError, FileNotFoundError) as e:

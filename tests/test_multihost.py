@@ -144,7 +144,7 @@ def test_two_processes_reproduce_one_process_loss_curve(stage, tmp_path, monkeyp
   rounds to its 8 devices, not 4."""
   from test_train import load_config, losses, override
 
-  from bge_jax.train import loop
+  from bge_jax.train import init, loop
 
   stage, packed = stage.split()[0], stage.endswith("packed")
   values = overrides(stage, tmp_path)
@@ -169,7 +169,7 @@ def test_two_processes_reproduce_one_process_loss_curve(stage, tmp_path, monkeyp
     from bge_jax import contrastive
     unpacked = override(load_config(stage, "tiny"), **{**values, "data.pack": False})
     own = [contrastive.CONTRASTIVE.batcher(
-        unpacked, loop.load_tokenizer(unpacked), types.SimpleNamespace(max_position_embeddings=32),
+        unpacked, init.load_tokenizer(unpacked), types.SimpleNamespace(max_position_embeddings=32),
         i, 2).packed_rows_needed(range(contrastive.PACK_CALIBRATION_STEPS)) for i in range(2)]
     agreed = {side: max(n[side] for n in own) for side in own[0]}
     for out in outputs:

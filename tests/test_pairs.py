@@ -340,7 +340,7 @@ def test_batcher_in_a_thread_beside_other_calls_of_its_tokenizer(tmp_path, tok):
   # The trainer runs the batcher in its prefetch thread while the evaluator tokenises with the
   # same tokenizer on the main thread. A fast tokenizer sets padding/truncation as state on its
   # backend at every call, so a shared one hands each thread the other's padding (CI, stop 9).
-  from bge_jax.train.loop import Prefetcher
+  from bge_jax.data.prefetch import Prefetcher
 
   src = fe_source(tmp_path, 0, 64, nneg=5)
   kw = dict(batch_size=8, group_size=4, query_max_length=16, passage_max_length=24)
@@ -483,7 +483,7 @@ def test_prefetcher_close_joins_its_thread_and_reraises_errors():
   import threading
   import time
 
-  from bge_jax.train.loop import Prefetcher
+  from bge_jax.data.prefetch import Prefetcher
 
   def slow(step):
     time.sleep(0.05)

@@ -246,28 +246,30 @@ def test_disk_full_while_saving_names_the_folder(tmp_path, monkeypatch):
 
   import orbax.checkpoint as ocp
 
-  from bge_jax.train import loop
+  from bge_jax.train import checkpoints
 
-  manager = loop.open_checkpoints(str(tmp_path / "ckpt"), 3)
+  manager = checkpoints.open_checkpoints(str(tmp_path / "ckpt"), 3)
 
   def full(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 
   monkeypatch.setattr(ocp.CheckpointManager, "save", full)
-  with pytest.raises(loop.CheckpointError, match=r"checkpoint step 7 in .*ckpt: the disk is full"):
-    loop.save_checkpoint(manager, 7, _tiny_state())
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=r"checkpoint step 7 in .*ckpt: the disk is full"):
+    checkpoints.save_checkpoint(manager, 7, _tiny_state())
   # Checked before each save too: less free space than the state's bytes (4x4 float32 + int).
-  monkeypatch.setattr(loop.shutil, "disk_usage", lambda path: SimpleNamespace(free=60))
-  with pytest.raises(loop.CheckpointError, match=r"ckpt: the disk is full .*a checkpoint takes"):
-    loop.save_checkpoint(manager, 8, _tiny_state())
+  monkeypatch.setattr(checkpoints.shutil, "disk_usage", lambda path: SimpleNamespace(free=60))
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=r"ckpt: the disk is full .*a checkpoint takes"):
+    checkpoints.save_checkpoint(manager, 8, _tiny_state())
   monkeypatch.undo()
   manager.close()
   # Not a write failure: the original error, unchanged.
-  manager = loop.open_checkpoints(str(tmp_path / "ckpt2"), 3)
+  manager = checkpoints.open_checkpoints(str(tmp_path / "ckpt2"), 3)
   monkeypatch.setattr(ocp.CheckpointManager, "save",
                       lambda *a, **k: (_ for _ in ()).throw(KeyError("boom")))
   with pytest.raises(KeyError):
-    loop.save_checkpoint(manager, 1, _tiny_state())
+    checkpoints.save_checkpoint(manager, 1, _tiny_state())
 
 
 def permissions_enforced(folder) -> bool:
@@ -286,7 +288,7 @@ def permissions_enforced(folder) -> bool:
 
 
 def test_read_only_checkpoint_folder_is_a_clear_error(tmp_path):
-  from bge_jax.train import loop
+  from bge_jax.train import checkpoints
 
   if not permissions_enforced(tmp_path):
     pytest.skip(f"uid {os.geteuid()} ignores file permissions (root)")
@@ -296,15 +298,15 @@ def test_read_only_checkpoint_folder_is_a_clear_error(tmp_path):
   ro.mkdir(parents=True)
   ro.chmod(0o500)
   try:
-    with pytest.raises(loop.CheckpointError, match=rf"{ro}: permission denied"):
-      loop.open_checkpoints(str(ro), 3)
+    with pytest.raises(checkpoints.CheckpointError, match=rf"{ro}: permission denied"):
+      checkpoints.open_checkpoints(str(ro), 3)
     # While saving: the folder turns read-only after the manager opened it.
     ok = tmp_path / "ok"
-    manager = loop.open_checkpoints(str(ok), 3)
+    manager = checkpoints.open_checkpoints(str(ok), 3)
     ok.chmod(0o500)
-    with pytest.raises(loop.CheckpointError, match=r"ok: permission denied"):
-      loop.save_checkpoint(manager, 1, _tiny_state())
-      loop.finish_checkpoints(manager)
+    with pytest.raises(checkpoints.CheckpointError, match=r"ok: permission denied"):
+      checkpoints.save_checkpoint(manager, 1, _tiny_state())
+      checkpoints.finish_checkpoints(manager)
   finally:
     ro.chmod(0o700)
     if (tmp_path / "ok").exists():

@@ -127,14 +127,14 @@ def test_resume_with_another_process_count_warns(corpus_and_tokenizer, tmp_path,
     ("gpu", "float32", "float32"), ("cpu", "bfloat16", "bfloat16")])
 def test_compute_dtype_defaults_to_bf16_on_accelerators(corpus_and_tokenizer, monkeypatch,
                                                          backend, dtype, expected):
-  from bge_jax.train import loop
+  from bge_jax.train import init
 
   corpus, tok = corpus_and_tokenizer
   config = tiny_retromae(corpus, tok, 1)
   if dtype is not None:
     config.model.dtype = dtype
-  monkeypatch.setattr(loop.jax, "default_backend", lambda: backend)
-  model_config, _, _ = loop.model_config_and_weights(config, loop.load_tokenizer(config))
+  monkeypatch.setattr(init.jax, "default_backend", lambda: backend)
+  model_config, _, _ = init.model_config_and_weights(config, init.load_tokenizer(config))
   assert model_config.dtype == expected and model_config.param_dtype == "float32"
 
 
@@ -148,16 +148,16 @@ def test_init_from_a_checkpoint_takes_the_platforms_compute_dtype(
   from bge_jax import weights
   from bge_jax.config import preset
   from bge_jax.models import bert
-  from bge_jax.train import loop
+  from bge_jax.train import init
 
   corpus, tok = corpus_and_tokenizer
   config = tiny_retromae(corpus, tok, 1)
-  saved = preset("tiny", vocab_size=len(loop.load_tokenizer(config)), dtype="bfloat16",
+  saved = preset("tiny", vocab_size=len(init.load_tokenizer(config)), dtype="bfloat16",
                  add_mlm_head=True, add_decoder=True, hf_family="retromae")
   params, _ = bert.init(saved, jax.random.key(0))
   config.model.init_from = weights.save_params(str(tmp_path / "ckpt"), params, saved)
-  monkeypatch.setattr(loop.jax, "default_backend", lambda: backend)
-  model_config, loaded, _ = loop.model_config_and_weights(config, loop.load_tokenizer(config))
+  monkeypatch.setattr(init.jax, "default_backend", lambda: backend)
+  model_config, loaded, _ = init.model_config_and_weights(config, init.load_tokenizer(config))
   assert model_config.dtype == expected and loaded is not None
 
 
@@ -170,27 +170,27 @@ def test_the_pallas_attention_kernel_is_gpu_only(corpus_and_tokenizer, tmp_path,
   from bge_jax import weights
   from bge_jax.config import preset
   from bge_jax.models import bert
-  from bge_jax.train import loop
+  from bge_jax.train import init
 
   corpus, tok = corpus_and_tokenizer
   config = tiny_retromae(corpus, tok, 1)
   config.model.attention_impl = "pallas"
-  with pytest.raises(loop.ConfigError, match="model.attention_impl='pallas' is a GPU"):
-    loop.model_config_and_weights(config, loop.load_tokenizer(config))
-  monkeypatch.setattr(loop.jax, "default_backend", lambda: "gpu")
-  assert loop.model_config_and_weights(
-      config, loop.load_tokenizer(config))[0].attention_impl == "pallas"
+  with pytest.raises(init.ConfigError, match="model.attention_impl='pallas' is a GPU"):
+    init.model_config_and_weights(config, init.load_tokenizer(config))
+  monkeypatch.setattr(init.jax, "default_backend", lambda: "gpu")
+  assert init.model_config_and_weights(
+      config, init.load_tokenizer(config))[0].attention_impl == "pallas"
 
   config = tiny_retromae(corpus, tok, 1)
-  saved = preset("tiny", vocab_size=len(loop.load_tokenizer(config)), attention_impl="pallas",
+  saved = preset("tiny", vocab_size=len(init.load_tokenizer(config)), attention_impl="pallas",
                  add_mlm_head=True, add_decoder=True, hf_family="retromae")
   config.model.init_from = weights.save_params(
       str(tmp_path / "ckpt"), bert.init(saved, jax.random.key(0))[0], saved)
-  assert loop.model_config_and_weights(
-      config, loop.load_tokenizer(config))[0].attention_impl == "pallas"
-  monkeypatch.setattr(loop.jax, "default_backend", lambda: "cpu")
+  assert init.model_config_and_weights(
+      config, init.load_tokenizer(config))[0].attention_impl == "pallas"
+  monkeypatch.setattr(init.jax, "default_backend", lambda: "cpu")
   with caplog.at_level(logging.INFO, logger="bge_jax.train"):
-    model_config, loaded, _ = loop.model_config_and_weights(config, loop.load_tokenizer(config))
+    model_config, loaded, _ = init.model_config_and_weights(config, init.load_tokenizer(config))
   assert model_config.attention_impl is None and loaded is not None
   assert any("attention_impl='pallas' (GPU only)" in r.getMessage() for r in caplog.records)
 
@@ -229,14 +229,14 @@ def test_a_step_larger_than_the_device_is_refused_before_it_runs(corpus_and_toke
 
 
 def test_process_count_check_is_quiet_when_unchanged_or_unknown(tmp_path, caplog):
-  from bge_jax.train.loop import _warn_if_processes_changed
+  from bge_jax.train.run_info import warn_if_processes_changed
 
   with caplog.at_level(logging.WARNING, logger="bge_jax.train"):
-    _warn_if_processes_changed(str(tmp_path), 5)  # no run_info.json
+    warn_if_processes_changed(str(tmp_path), 5)  # no run_info.json
     (tmp_path / "run_info.json").write_text('{"processes": 1}')
-    _warn_if_processes_changed(str(tmp_path), 5)
+    warn_if_processes_changed(str(tmp_path), 5)
     (tmp_path / "run_info.json").write_text('{"processes": 1')  # torn
-    _warn_if_processes_changed(str(tmp_path), 5)
+    warn_if_processes_changed(str(tmp_path), 5)
   assert not caplog.records
 
 

@@ -1,11 +1,14 @@
-"""Metrics out of the loop: a JSONL log and TensorBoard event files (tensorboardX, no TensorFlow)."""
+"""Metrics out of the loop: metrics.jsonl (write, read, trim on resume), tensorboardX events."""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from typing import Any, Mapping
+
+log = logging.getLogger("bge_jax.train")
 
 
 class MetricWriter:
@@ -86,3 +89,28 @@ def read_metrics(run: str) -> list[dict[str, Any]]:
                             f"{line.strip()[:80]!r}.")
     rows.append({k: _NON_FINITE.get(v, v) if isinstance(v, str) else v for k, v in row.items()})
   return rows
+
+
+def drop_metrics_after(workdir: str, step: int) -> None:
+  """On resume: rows logged after the restored step (a killed run's lost steps) are dropped, so
+  metrics.jsonl holds each step once, as the uninterrupted run would. A torn last line goes too."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return
+
+  def row_step(line: str) -> int | None:
+    try:
+      return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+      return None
+
+  with open(path) as f:
+    lines = f.readlines()
+  kept = [x if x.endswith("\n") else x + "\n" for x in lines
+          if (s := row_step(x)) is not None and s <= step]
+  if len(kept) != len(lines):
+    with open(path + ".tmp", "w") as f:
+      f.writelines(kept)
+    os.replace(path + ".tmp", path)
+    log.info("metrics.jsonl: dropped %d rows after step %d (not in any checkpoint)",
+             len(lines) - len(kept), step)
