@@ -116,3 +116,20 @@ def suggest(key: str, keys: Iterable[str], prefix: str = "config.") -> str:
   if not close:
     return ""
   return "; did you mean " + ", ".join(prefix + c for c in close[:5]) + "?"
+
+
+def set_keys(config, values: dict[str, Any]):
+  """Sets dotted keys ({"optimizer.lr": 1e-4}) on a ConfigDict, as --config.optimizer.lr=1e-4
+  would; returns the config. An unknown key raises KeyError naming it and the closest ones."""
+  keys = flat_keys(config)
+  for key, value in values.items():
+    *parents, leaf = key.split(".")
+    node = config
+    for part in parents:
+      if part not in node:
+        raise KeyError(f"{key!r} is not a config key{suggest(key, keys)}")
+      node = node[part]
+    if leaf not in node:
+      raise KeyError(f"{key!r} is not a config key{suggest(key, keys)}")
+    node[leaf] = value
+  return config

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -209,6 +209,43 @@ def max_over_processes(need: Mapping[str, int], process_count: int) -> dict[str,
   return {s: int(v) for s, v in zip(sides, np.max(np.reshape(every, (-1, len(sides))), axis=0))}
 
 
+def packed_rows(config, process_count: int, devices_per_process: int,
+                measure: Callable[[], Mapping[str, int]] | None = None,
+                ) -> tuple[dict[str, int], int]:
+  """(rows per process of each packed side, the multiple they are rounded to).
+
+  The rows are data.pack_rows_fraction of the texts; with data.pack_rows_fraction = 0, the most
+  rows any process needs over the first PACK_CALIBRATION_STEPS batches (`measure()`) plus 5%, or
+  without `measure` (no data) all of them. Rounded up to a multiple of the process's devices and
+  of the GradCache parts.
+  """
+  d = config.data
+  if config.get("grad_accum_steps", 1) > 1:
+    raise ValueError(f"config.data.pack=True with config.grad_accum_steps="
+                     f"{config.grad_accum_steps}: packed rows do not split into micro-batches; "
+                     "use loss.gradcache_chunk for memory instead, or data.pack=False.")
+  fraction = float(d.get("pack_rows_fraction", 0.0))
+  need = measure() if fraction == 0.0 and measure is not None else None
+  fraction = fraction or 1.0
+  local_batch = config.batch_size // process_count
+  local = {"query": local_batch, "passage": local_batch * d.group_size}
+  chunk = config.loss.gradcache_chunk
+  rows, multiples = {}, set()
+  for side, n in local.items():
+    total = n * process_count
+    parts = total // chunk if 0 < chunk < total else 1
+    multiple = math.lcm(devices_per_process, parts)
+    multiples.add(multiple)
+    if need is not None:
+      fraction = min(1.0, (need[side] + max(1, math.ceil(0.05 * need[side]))) / n)
+    rows[side] = packing.rows_for(n, fraction, multiple)
+  log.info("data.pack: %s packed rows per process for %s texts (%s)", rows, local,
+           f"needed at most {need} over the first {PACK_CALIBRATION_STEPS} batches"
+           + (f" of {process_count} processes" if process_count > 1 else "")
+           if need is not None else f"pack_rows_fraction={fraction}")
+  return rows, math.lcm(*multiples)
+
+
 class ContrastiveStage:
   """Stage 2 (unlabeled pairs, in-batch negatives) and stage 3 (hard negatives, instructions)."""
 
@@ -226,6 +263,13 @@ class ContrastiveStage:
               chunk_size=l.gradcache_chunk, use_teacher_scores=d.use_teacher_scores)
     return lambda params, batch, rng: loss(params, model_config, batch, rng=rng, **kw)
 
+  @staticmethod
+  def _check_lengths(config, model_config) -> None:
+    for key in ("query_max_length", "passage_max_length"):
+      if config.data[key] > model_config.max_position_embeddings:
+        raise ValueError(f"config.data.{key}={config.data[key]} exceeds the model's "
+                         f"max_position_embeddings={model_config.max_position_embeddings}.")
+
   def batcher(self, config, tokenizer, model_config, process_index, process_count):
     from bge_jax.data.pairs import ContrastiveBatcher, open_contrastive_data
 
@@ -235,10 +279,7 @@ class ContrastiveStage:
       raise ValueError("config.data.train is empty: give FlagEmbedding JSONL files (query, pos, "
                        "neg), pair JSONL/TSV files, folders or globs, comma-separated; each "
                        "spec is one dataset (a batch is drawn from one dataset).")
-    for key in ("query_max_length", "passage_max_length"):
-      if d[key] > model_config.max_position_embeddings:
-        raise ValueError(f"config.data.{key}={d[key]} exceeds the model's "
-                         f"max_position_embeddings={model_config.max_position_embeddings}.")
+    self._check_lengths(config, model_config)
     datasets = [(spec, open_contrastive_data(spec, kind=d.kind, on_error=d.on_error))
                 for spec in specs]
     if not config.loss.in_batch_negatives and d.group_size == 1:
@@ -255,44 +296,53 @@ class ContrastiveStage:
         process_index=process_index, process_count=process_count,
         no_in_batch_datasets=tuple(no_in_batch), use_teacher_scores=d.use_teacher_scores)
     if d.get("pack", False):
-      rows, multiple = self._packed_rows(config, batcher, process_count)
+      measure = lambda: max_over_processes(  # noqa: E731
+          batcher.packed_rows_needed(range(PACK_CALIBRATION_STEPS)), process_count)
+      rows, multiple = packed_rows(config, process_count, jax.local_device_count(), measure)
       batcher.enable_packing(rows, grow_multiple=multiple if process_count == 1 else None)
     return batcher
 
-  @staticmethod
-  def _packed_rows(config, batcher, process_count: int) -> tuple[dict[str, int], int]:
-    """(rows per process of each packed side, the multiple they are rounded to).
+  def abstract_batch(self, config, model_config, *, process_count=1, devices_per_process=1):
+    """`ContrastiveBatcher`'s arrays for the global batch: int32 token arrays [B, Lq] and
+    [B*G, Lp] (packed: `packed_rows` rows per process, their text slots [B] and [B*G]), float32
+    teacher_scores [B, G] with data.use_teacher_scores, and the int32 in_batch_negatives flag.
 
-    The rows are data.pack_rows_fraction of the texts, or (0 = auto) the most the first
-    PACK_CALIBRATION_STEPS batches need on any process plus 5%; rounded up to a multiple of the
-    local devices and of the GradCache parts.
+    Packed rows with data.pack_rows_fraction=0 are sized from the data in training; without data
+    this takes fraction 1 (one row per text: the largest step a batch can compile to).
     """
+    self._check_lengths(config, model_config)
     d = config.data
-    if config.get("grad_accum_steps", 1) > 1:
-      raise ValueError(f"config.data.pack=True with config.grad_accum_steps="
-                       f"{config.grad_accum_steps}: packed rows do not split into micro-batches; "
-                       "use loss.gradcache_chunk for memory instead, or data.pack=False.")
-    fraction = float(d.get("pack_rows_fraction", 0.0))
-    local = {"query": batcher.batch_size, "passage": batcher.batch_size * batcher.group_size}
-    need = None
-    if fraction == 0.0:
-      need = max_over_processes(batcher.packed_rows_needed(range(PACK_CALIBRATION_STEPS)),
-                                process_count)
-    chunk = config.loss.gradcache_chunk
-    rows, multiples = {}, set()
-    for side, n in local.items():
-      total = n * process_count
-      parts = total // chunk if 0 < chunk < total else 1
-      multiple = math.lcm(jax.local_device_count(), parts)
-      multiples.add(multiple)
-      if need is not None:
-        fraction = min(1.0, (need[side] + max(1, math.ceil(0.05 * need[side]))) / n)
-      rows[side] = packing.rows_for(n, fraction, multiple)
-    log.info("data.pack: %s packed rows per process for %s texts (%s)", rows, local,
-             f"needed at most {need} over the first {PACK_CALIBRATION_STEPS} batches"
-             + (f" of {process_count} processes" if process_count > 1 else "")
-             if need is not None else f"pack_rows_fraction={fraction}")
-    return rows, math.lcm(*multiples)
+    b, g = config.batch_size, d.group_size
+    sides = {"query": (b, d.query_max_length), "passage": (b * g, d.passage_max_length)}
+    shapes: dict[str, tuple[tuple[int, ...], Any]] = {}
+    if d.get("pack", False):
+      rows, _ = packed_rows(config, process_count, devices_per_process)
+      for side, (n, length) in sides.items():
+        shapes.update({f"{side}_{k}": ((rows[side] * process_count, length), jnp.int32)
+                       for k in packing.PACKED_SUFFIXES if k != "text_slot"})
+        shapes[f"{side}_text_slot"] = ((n,), jnp.int32)
+    else:
+      for side, (n, length) in sides.items():
+        shapes[f"{side}_input_ids"] = shapes[f"{side}_attention_mask"] = ((n, length), jnp.int32)
+    if d.use_teacher_scores:
+      shapes["teacher_scores"] = ((b, g), jnp.float32)
+    shapes["in_batch_negatives"] = ((), jnp.int32)
+    return {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in shapes.items()}
+
+  def step_flops(self, config, model_config, batch, process_count=1):
+    """`flops.contrastive_step_flops` from the batch's shapes; packed sides hold more texts than
+    rows, so the texts are counted by their slots."""
+    from bge_jax import flops
+
+    q_rows, q_len = batch["query_input_ids"].shape
+    p_rows, p_len = batch["passage_input_ids"].shape
+    b = batch["query_text_slot"].shape[0] if "query_text_slot" in batch else q_rows
+    passages = batch["passage_text_slot"].shape[0] if "passage_text_slot" in batch else p_rows
+    return flops.contrastive_step_flops(
+        model_config, b * process_count, q_len, p_len, passages // b,
+        gradcache_chunk=config.loss.gradcache_chunk, query_rows=q_rows * process_count,
+        passage_rows=p_rows * process_count,
+        micro_batches=getattr(config, "grad_accum_steps", 1))
 
   def export(self, params, model_config, tokenizer, out_dir, config):
     """An HF BertModel + sentence-transformers folder (the loss's pooling, Normalize)."""

@@ -15,13 +15,14 @@ configurations. MFU here follows PaLM's "model FLOPs" (Chowdhery et al. 2022, ap
   returned separately as `StepFlops.recompute`, and `StepFlops.hardware` = model + recompute
   ("hardware FLOPs utilisation" = HFU).
 
-tests/test_flops.py checks these formulas against XLA's cost analysis on small shapes.
+Formulas only: each stage turns its batch's shapes into these (`Stage.step_flops`).
+tests/test_flops.py checks them against XLA's own counts on small shapes.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any
 
 from bge_jax.config import BertConfig
 
@@ -133,37 +134,6 @@ def contrastive_step_flops(config: BertConfig, queries: int, q_len: int, p_len: 
   if chunked(passages):
     recompute += encoder_flops(config, p_rows, p_len)
   return StepFlops(3 * forward, recompute)
-
-
-def train_step_flops(config: Any, model_config: BertConfig, batch: Mapping[str, Any],
-                     process_count: int = 1) -> StepFlops:
-  """FLOPs of one trainer step from the run config and one (process-local) batch's shapes.
-
-  `config`: the run ConfigDict (reads `stage`, `data.encoder_mlm_probability`,
-  `loss.gradcache_chunk`, `grad_accum_steps`);
-  `batch`: arrays (or anything with `.shape`) named as the stage's collator names them; the
-  global batch is `process_count` times the local one.
-  """
-  stage = config.stage
-  if stage == "retromae":
-    from bge_jax.data.masking import max_predictions
-
-    b, length = batch["encoder_input_ids"].shape
-    return retromae_step_flops(model_config, b * process_count, length, encoder_predictions=(
-        max_predictions(length, config.data.encoder_mlm_probability)))
-  if stage in ("contrastive", "finetune"):
-    q_rows, q_len = batch["query_input_ids"].shape
-    p_rows, p_len = batch["passage_input_ids"].shape
-    # Packed sides (bge_jax.data.packing) hold more texts than rows: count the texts by slot.
-    b = batch["query_text_slot"].shape[0] if "query_text_slot" in batch else q_rows
-    passages = batch["passage_text_slot"].shape[0] if "passage_text_slot" in batch else p_rows
-    return contrastive_step_flops(model_config, b * process_count, q_len, p_len, passages // b,
-                                  gradcache_chunk=config.loss.gradcache_chunk,
-                                  query_rows=q_rows * process_count,
-                                  passage_rows=p_rows * process_count,
-                                  micro_batches=getattr(config, "grad_accum_steps", 1))
-  raise ValueError(f"config.stage={stage!r}: no FLOPs formula; known stages: retromae, "
-                   "contrastive, finetune")
 
 
 def peak_flops(device: Any = None) -> float | None:

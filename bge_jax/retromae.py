@@ -108,16 +108,21 @@ class RetroMAEStage:
 
     return stage_loss
 
+  @staticmethod
+  def _check_length(config, model_config) -> None:
+    if config.data.max_length > model_config.max_position_embeddings:
+      raise ValueError(
+          f"config.data.max_length={config.data.max_length} exceeds the model's "
+          f"max_position_embeddings={model_config.max_position_embeddings}; lower "
+          "config.data.max_length.")
+
   def batcher(self, config, tokenizer, model_config, process_index, process_count):
     from bge_jax.data.masking import RetroMAECollator
     from bge_jax.data.sources import open_text_source
     from bge_jax.data.text_batcher import TextBatcher
 
     d = config.data
-    if d.max_length > model_config.max_position_embeddings:
-      raise ValueError(
-          f"config.data.max_length={d.max_length} exceeds the model's max_position_embeddings="
-          f"{model_config.max_position_embeddings}; lower config.data.max_length.")
+    self._check_length(config, model_config)
     specs = [s for s in d.train.split(",") if s.strip()]
     if not specs:
       raise ValueError("config.data.train is empty: give JSONL/txt files, folders, globs or "
@@ -130,6 +135,25 @@ class RetroMAEStage:
     return TextBatcher(source, tokenizer, collator, config.batch_size // process_count,
                        seed=config.seed, max_length=d.max_length, mode=d.mode,
                        process_index=process_index, overlong=d.overlong)
+
+  def abstract_batch(self, config, model_config, *, process_count=1, devices_per_process=1):
+    """The collator's arrays, all int32, padded to data.max_length: [B, L] each and the
+    decoder's [B, L, L] attention mask (`masking.RetroMAECollator`)."""
+    del process_count, devices_per_process  # every row has the same shape
+    self._check_length(config, model_config)
+    b, length = config.batch_size, config.data.max_length
+    shapes = {k: (b, length) for k in BATCH_KEYS}
+    shapes["decoder_attention_mask"] = (b, length, length)
+    return {k: jax.ShapeDtypeStruct(shape, jnp.int32) for k, shape in shapes.items()}
+
+  def step_flops(self, config, model_config, batch, process_count=1):
+    """`flops.retromae_step_flops`, the encoder's MLM head on the loss's bounded positions."""
+    from bge_jax import flops
+    from bge_jax.data.masking import max_predictions
+
+    b, length = batch["encoder_input_ids"].shape
+    return flops.retromae_step_flops(model_config, b * process_count, length, encoder_predictions=(
+        max_predictions(length, config.data.encoder_mlm_probability)))
 
   def export(self, params, model_config, tokenizer, out_dir, config):
     """The encoder + MLM head as an HF folder (stage 2's input) and the full RetroMAE state."""

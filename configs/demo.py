@@ -22,7 +22,11 @@ import os
 
 from configs import contrastive, finetune, retromae
 
-STAGES = ("retromae", "contrastive", "finetune")
+STAGES = ("retromae", "contrastive", "finetune")  # in the order they run
+TITLES = {"retromae": "stage 1: RetroMAE pre-training from scratch",
+          "contrastive": "stage 2: contrastive, unlabeled pairs, in-batch negatives",
+          "finetune": "stage 3: hard negatives + query instruction"}
+MINED = "finetune"  # trains on negatives mined with the model of the stage before
 # Queries are identifiers ("json.dumps"); the instruction marks them as such (stage 3, as BGE).
 QUERY_INSTRUCTION = "Find the documentation of this Python name: "
 

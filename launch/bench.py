@@ -252,17 +252,6 @@ def _torch_state(params, config):
           for k, v in convert.to_hf_state_dict(params, config).items()}
 
 
-def _jax_step(loss_fn, donate: bool):
-  import jax
-
-  from bge_jax.train import state as state_lib
-  tx, schedule = state_lib.make_optimizer(
-      {"lr": 1e-5, "warmup_steps": 1, "clip_norm": 1.0, "weight_decay": 0.01}, 1000)
-  step = jax.jit(state_lib.make_train_step(loss_fn, tx, schedule),
-                 donate_argnums=(0,) if donate else ())
-  return step, (lambda params: state_lib.init_state(params, tx))
-
-
 def _torch_optimizer(model):
   import torch
   return torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01, fused=True)
@@ -278,16 +267,16 @@ def _memory(jax_call, torch_call, compiled=None) -> dict:
 
 
 class _JaxTrainer:
-  """A jitted bge-jax train step on numpy batches; holds the (donated) state."""
+  """The trainer's step (`bge_jax.testing.programs.benchmark_program`: the same optimizer as the
+  PyTorch side) on numpy batches; holds the (donated) state."""
 
-  def __init__(self, loss_fn, params, batch, donate: bool):
+  def __init__(self, program, params, batch, donate: bool):
     import jax
-    step, init = _jax_step(loss_fn, donate)
-    self.state = jax.jit(init)(params)
+    self.state = program.init_state(params)
     self.batch = batch
     self.key = jax.random.key(0)
     t = time.perf_counter()
-    self.compiled = step.lower(self.state, batch, self.key).compile()
+    self.compiled = program.compile(self.state, batch, self.key, donate=donate)
     self.compile_s = time.perf_counter() - t
     self.loss = None
 
@@ -306,9 +295,17 @@ def bench_stage1(preset_name: str, shape: dict, args) -> dict:
   from bge_jax import convert, flops, retromae
   from bge_jax.config import preset
   from bge_jax.testing.torch_reference import TorchRetroMAE
+  from bge_jax.testing.programs import benchmark_program
 
-  config = preset(preset_name, add_mlm_head=True, add_decoder=True, hf_family="retromae",
-                  remat_policy=args.remat, attention_impl=args.attention_impl)
+  # The trainer's stage-1 step; the dense variant swaps in the loss with the MLM head on every
+  # position (what the sparse head saves). The model config is the stage's (MLM head, decoder).
+  def dense(p, bt, rng):
+    return retromae.loss(p, program.model_config, bt, rng)
+
+  program = benchmark_program("retromae.py", preset(
+      preset_name, remat_policy=args.remat, attention_impl=args.attention_impl),
+      dense if args.dense_mlm_head else None)
+  config = program.model_config
   b, length = shape["s1_batch"], shape["s1_len"]
   params = _init(config)
   batch = retromae_batch(np.random.RandomState(0), b, length, config.vocab_size)
@@ -329,9 +326,7 @@ def bench_stage1(preset_name: str, shape: dict, args) -> dict:
     return float(out["loss"])
 
   k = None if args.dense_mlm_head else s1_predictions(length)
-  jax_step = _JaxTrainer(
-      lambda p, bt, rng: retromae.loss(p, config, bt, rng, max_encoder_predictions=k), params,
-      batch, donate=not args.no_donate)
+  jax_step = _JaxTrainer(program, params, batch, donate=not args.no_donate)
   del params
   first = {"jax": jax_step(), "torch": torch_step()}
   cpu: dict = {}
@@ -350,9 +345,10 @@ def bench_stage2(preset_name: str, shape: dict, args) -> dict:
   import transformers
   from torch.nn import functional as F
 
-  from bge_jax import contrastive, convert, flops
+  from bge_jax import convert, flops
   from bge_jax.config import preset
   from bge_jax.data import packing
+  from bge_jax.testing.programs import benchmark_program
 
   config = preset(preset_name, remat_policy=args.remat, attention_impl=args.attention_impl)
   b = shape["s2_batch"]
@@ -380,8 +376,8 @@ def bench_stage2(preset_name: str, shape: dict, args) -> dict:
     opt.step()
     return float(loss)
 
-  loss_fn = lambda p, bt, rng: contrastive.loss(  # noqa: E731
-      p, config, bt, temperature=temperature, group_size=1, rng=rng)
+  program = benchmark_program("contrastive.py", config,
+                              **{"loss.temperature": temperature, "data.group_size": 1})
   extra = {}
   jax_batch = batch
   if args.pack:  # the trainer's data.pack: texts several to a row, as few rows as fit
@@ -390,7 +386,7 @@ def bench_stage2(preset_name: str, shape: dict, args) -> dict:
     extra = {"packed_rows": {s: int(jax_batch[f"{s}_input_ids"].shape[0])
                              for s in ("query", "passage")},
              "pack_host_ms": round(1e3 * (time.perf_counter() - t), 2)}
-  jax_step = _JaxTrainer(loss_fn, params, jax_batch, donate=not args.no_donate)
+  jax_step = _JaxTrainer(program, params, jax_batch, donate=not args.no_donate)
   del params
   first = {"jax": jax_step(), "torch": torch_step()}
   cpu: dict = {}
@@ -657,25 +653,25 @@ def bench_gradcache(args) -> dict:
   import jax
   import jax.numpy as jnp
 
-  from bge_jax import contrastive, memory
+  from bge_jax import memory
   from bge_jax.config import preset
-  from bge_jax.models import bert
-  from bge_jax.train import state as state_lib
+  from bge_jax.testing.programs import benchmark_program
 
   impls = [None if x.strip() == "default" else x.strip() for x in args.attention_impls.split(",")]
   if "pallas" in impls and args.run and jax.default_backend() != "gpu":
     sys.exit(f"error: --attention-impls pallas with --run needs a GPU (this backend is "
              f"{jax.default_backend()}); without --run the step is only compiled, which works here")
   base = preset(args.preset, dtype=args.dtype, remat_policy=args.remat)
-  params = jax.jit(lambda r: bert.init(base, r)[0])(jax.random.key(0))
-  tx, schedule = state_lib.make_optimizer({"lr": 1e-5, "warmup_steps": 1, "clip_norm": 1.0}, 100)
+  params = None
   rows = []
   for b, chunk, impl in itertools.product([int(x) for x in args.batches.split(",")],
                                           [int(x) for x in args.chunks.split(",")], impls):
     config = base.replace(attention_impl=impl)
-    loss_fn = lambda p, batch, rng, chunk=chunk, config=config: contrastive.loss(
-        p, config, batch, temperature=0.02, group_size=1, rng=rng, chunk_size=chunk)
-    step = jax.jit(state_lib.make_train_step(loss_fn, tx, schedule), donate_argnums=(0,))
+    # The trainer's stage-2 step (GradCache with a chunk smaller than the batch).
+    program = benchmark_program("contrastive.py", config, **{
+        "loss.temperature": 0.02, "data.group_size": 1, "loss.gradcache_chunk": chunk})
+    if params is None:  # the same weights for every row
+      params = program.init_params(jax.random.key(0))
     key = jax.random.key(b)
     batch = {
         "query_input_ids": jax.random.randint(key, (b, args.q_len), 5, config.vocab_size),
@@ -683,9 +679,9 @@ def bench_gradcache(args) -> dict:
         "passage_input_ids": jax.random.randint(key, (b, args.p_len), 5, config.vocab_size),
         "passage_attention_mask": jnp.ones((b, args.p_len), jnp.int32),
     }
-    state = jax.jit(lambda p: state_lib.init_state(p, tx))(params)
+    state = program.init_state(params)
     t = time.perf_counter()
-    compiled = step.lower(state, batch, key).compile()
+    compiled = program.compile(state, batch, key)
     compile_s = time.perf_counter() - t
     mem = memory.analysis(compiled)
     need = memory.peak_bytes(mem)

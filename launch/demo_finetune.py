@@ -68,9 +68,9 @@ ZH_TRAIN = "zh/bge_finetune_data.jsonl"
 ZH_STS = "zh/STS-B.valid.data"
 
 
-def load_config(name: str, arg: str):
+def load_config(config_file: str, arg: str):
   from bge_jax import config_files
-  return config_files.load(f"{name}:{arg}")
+  return config_files.load(f"{os.path.join(config_files.CONFIGS, config_file)}:{arg}")
 
 
 def data_files(args) -> None:
@@ -126,29 +126,21 @@ def prepare_workdir(workdir: pathlib.Path, overwrite: bool) -> None:
   workdir.mkdir(parents=True, exist_ok=True)
 
 
-def as_command(config_name: str, preset: str, workdir: pathlib.Path, overrides: dict) -> str:
-  parts = ["python", "launch/train.py", f"--config=configs/{config_name}.py:{preset}",
+def as_command(config_file: str, preset: str, workdir: pathlib.Path, overrides: dict) -> str:
+  parts = ["python", "launch/train.py", f"--config=configs/{config_file}:{preset}",
            f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in overrides.items()]
   return " ".join(shlex.quote(p) for p in parts)
 
 
-def apply(c, overrides: dict) -> None:
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-
-
 def run(name: str, preset: str, overrides: dict, workdir: pathlib.Path,
-        config_name: str = "finetune") -> dict:
+        config_file: str = "finetune.py") -> dict:
   from bge_jax.train.loop import train
   from bge_jax.train.metrics import read_metrics
 
-  c = load_config(config_name, preset)
-  apply(c, overrides)
-  print(f"== {name}: equivalent command\n   {as_command(config_name, preset, workdir, overrides)}",
+  from bge_jax import config_files
+
+  c = config_files.set_keys(load_config(config_file, preset), overrides)
+  print(f"== {name}: equivalent command\n   {as_command(config_file, preset, workdir, overrides)}",
         flush=True)
   t0 = time.time()
   train(c, str(workdir))
@@ -327,7 +319,7 @@ def chinese(args, out: pathlib.Path) -> dict:
         "log_every_steps": args.log_every, "checkpoint.every_steps": 10 ** 6,
     }
     stage1 = run("(b) stage 1: RetroMAE on the passages of bge_finetune_data", "tiny", overrides,
-                 workdir, config_name="retromae")
+                 workdir, config_file="retromae.py")
     init_from = str(workdir / "export" / "hf")
 
   workdir = out / "zh_tiny"

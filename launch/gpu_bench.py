@@ -4,9 +4,11 @@
   python launch/gpu_bench.py --smoke                                          # tiny shapes, CPU ok
 
 Why a separate script from launch/bench.py: it runs on a bare CUDA JAX image (jax, flax, optax,
-transformers; no ml_collections, grain, tfds, torch), so it imports only bge_jax's model, loss,
-step and FLOPs modules and its numpy-only synthetic batches (`bge_jax.testing.batches`), none of
-which import those at module level, and it needs no network.
+transformers, absl, PyYAML; no grain, tfds, torch), so it imports only bge_jax's model, loss,
+step and FLOPs modules and its numpy-only synthetic batches (`bge_jax.testing.batches`), and it
+needs no network. The step is the trainer's own (`bge_jax.train.program`, from configs/
+contrastive.py and configs/retromae.py), so the one package beyond that image is ml_collections
+(pure Python; launch/gpu_checks.sh installs it from a carried wheel, see there).
 
 Per stage: random bge-base weights (bf16 compute, float32 params and AdamW state), full-length
 synthetic batches already on the device (the input pipeline is not measured), the step compiled
@@ -38,12 +40,10 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bge_jax import contrastive, flops, memory, retromae  # noqa: E402
-from bge_jax.data.masking import max_predictions  # noqa: E402
+from bge_jax import flops, memory  # noqa: E402
 from bge_jax.config import preset  # noqa: E402
-from bge_jax.models import bert  # noqa: E402
 from bge_jax.testing import batches  # noqa: E402
-from bge_jax.train import state as state_lib  # noqa: E402
+from bge_jax.testing.programs import benchmark_program  # noqa: E402
 
 
 def _shrink(rows: int) -> int:
@@ -51,21 +51,18 @@ def _shrink(rows: int) -> int:
   return max(1, (rows * 3 // 4) // 8 * 8 or rows // 2)
 
 
-def run_stage(name: str, config, loss_fn, make_batch, rows: int, flops_fn, args) -> dict:
+def run_stage(name: str, program, make_batch, rows: int, args) -> dict:
   """Compile (shrinking `rows` until XLA's memory analysis and the first step fit the
   device), then time steps."""
+  config = program.model_config
   device = jax.devices()[0]
   limit = memory.device_limit(device)
-  tx, schedule = state_lib.make_optimizer(
-      {"lr": 1e-5, "warmup_steps": 1, "clip_norm": 1.0, "weight_decay": 0.01}, 1000)
-  step = jax.jit(state_lib.make_train_step(loss_fn, tx, schedule), donate_argnums=(0,))
-  init = jax.jit(lambda r: state_lib.init_state(bert.init(config, r)[0], tx))
   key = jax.random.key(1)
   while True:
-    state = init(jax.random.key(0))
+    state = program.init_state(program.init_params(jax.random.key(0)))
     batch = jax.device_put(make_batch(np.random.RandomState(0), rows))
     t = time.perf_counter()
-    compiled = step.lower(state, batch, key).compile()
+    compiled = program.compile(state, batch, key)
     compile_s = time.perf_counter() - t
     need = memory.peak_bytes(compiled)
     print(f"[{name}] rows={rows}: compiled in {compile_s:.1f} s, XLA needs "
@@ -95,7 +92,7 @@ def run_stage(name: str, config, loss_fn, make_batch, rows: int, flops_fn, args)
   step_s = statistics.median(times)
   tokens = sum(int(v.size) for k, v in batch.items() if k.endswith("input_ids")
                and not k.startswith("decoder"))
-  model = flops_fn(rows)
+  model = program.step_flops(batch)
   peak = args.peak_tflops * 1e12 if args.peak_tflops else flops.peak_flops(device)
   stats = device.memory_stats() or {}
   row = {"stage": name, "preset": config_name(args), "dtype": config.dtype, "rows": rows,
@@ -176,26 +173,18 @@ def main(argv=None) -> int:
   rows = []
   for stage in [s.strip() for s in args.stages.split(",") if s.strip()]:
     if stage == "2":
-      config = base
-      loss_fn = lambda prm, b, rng, c=config: contrastive.loss(  # noqa: E731
-          prm, c, b, temperature=0.02, group_size=1, rng=rng)
+      program = benchmark_program("contrastive.py", base)
       rows.append(run_stage(
-          "stage2", config, loss_fn,
-          lambda rng, n, c=config: batches.pair_batch(rng, n, c.vocab_size, q_len=args.query_len,
-                                                       p_len=args.seq),
-          args.stage2_pairs,
-          lambda n, c=config: flops.contrastive_step_flops(c, n, args.query_len, args.seq), args))
+          "stage2", program,
+          lambda rng, n, c=base: batches.pair_batch(rng, n, c.vocab_size, q_len=args.query_len,
+                                                    p_len=args.seq),
+          args.stage2_pairs, args))
     elif stage == "1":
-      config = base.replace(add_mlm_head=True, add_decoder=True, hf_family="retromae")
-      k = max_predictions(args.seq, 0.3)  # the trainer's sparse encoder MLM head
-      loss_fn = lambda prm, b, rng, c=config: retromae.loss(  # noqa: E731
-          prm, c, b, rng, max_encoder_predictions=k)
+      program = benchmark_program("retromae.py", base)
       rows.append(run_stage(
-          "stage1", config, loss_fn,
-          lambda rng, n, c=config: batches.retromae_batch(rng, n, args.seq, c.vocab_size),
-          args.stage1_batch,
-          lambda n, c=config: flops.retromae_step_flops(c, n, args.seq, encoder_predictions=k),
-          args))
+          "stage1", program,
+          lambda rng, n, c=base: batches.retromae_batch(rng, n, args.seq, c.vocab_size),
+          args.stage1_batch, args))
     else:
       print(f"error: --stages {stage!r}: use 1 and/or 2, comma-separated", file=sys.stderr)
       return 2

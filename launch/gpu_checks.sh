@@ -27,6 +27,20 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/bge_jax_xla_cache}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" | tee -a "$OUT/gpu.txt"
+# gpu_bench builds the trainer's own step from configs/, which need ml_collections (pure Python;
+# its needs absl-py and PyYAML are on the device image, ml_collections is not). Carry its wheel:
+# here, once, `pip download --no-deps -d .whl ml-collections` (and `echo /.whl/ >>
+# .git/info/exclude`); name .whl in the device call's carry.
+if ! python3 -c "import ml_collections" 2>/dev/null; then
+  if ls .whl/ml_collections-*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --target /tmp/bge_jax_site .whl/ml_collections-*.whl
+    export PYTHONPATH=$PYTHONPATH:/tmp/bge_jax_site
+  else
+    echo "error: ml_collections is not installed and no .whl/ml_collections-*.whl was carried" \
+      "(see the comment above this line in launch/gpu_checks.sh)" >&2
+    exit 2
+  fi
+fi
 failed=0
 # run SECONDS NAME COMMAND...: one check under a time limit, its log in $OUT/NAME.log.
 run() {

@@ -36,19 +36,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-STAGES = (("stage1", "retromae", "stage 1: RetroMAE pre-training from scratch"),
-          ("stage2", "contrastive", "stage 2: contrastive, unlabeled pairs, in-batch negatives"),
-          ("stage3", "finetune", "stage 3: hard negatives + query instruction"))
 METRICS = ("ndcg@10", "recall@1", "mrr@10")
 
 
-def demo_config(stage: str, root: pathlib.Path):
+def demo_configs():
+  """configs/demo.py as a module: its STAGES (get_config's args, in order), TITLES, MINED and
+  QUERY_INSTRUCTION (load("demo:...") would give one config, and a root may hold a ':')."""
   from bge_jax import config_files
-
-  # The module, not load("demo:..."): the caller also wants its QUERY_INSTRUCTION, and a root
-  # may hold a ':'.
-  module = config_files.load_module(str(REPO / "configs" / "demo.py"))
-  return module.get_config(f"{stage},{root}"), module.QUERY_INSTRUCTION
+  return config_files.load_module(str(REPO / "configs" / "demo.py"))
 
 
 def write_data(out: pathlib.Path, vocab_size: int) -> dict[str, int]:
@@ -138,14 +133,18 @@ def main(argv=None) -> int:
   results: dict[str, dict] = {}
   timings: dict[str, float] = {}
   encoder = None  # the previous stage's export (stage 3 mines its negatives with stage 2's)
-  for i, (name, stage, title) in enumerate(STAGES, 1):
+  demo = demo_configs()
+  names = [f"stage{i}" for i in range(1, len(demo.STAGES) + 1)]
+  for i, (name, stage) in enumerate(zip(names, demo.STAGES), 1):
+    title = demo.TITLES[stage]
     print(f"== {i}. {title}", flush=True)
     start = time.time()
-    config, instruction = demo_config(stage, out)
+    config = demo.get_config(f"{stage},{out}")
+    instruction = config.data.get("query_instruction") or None
     config.num_train_steps = max(2, round(config.num_train_steps * args.scale))
     config.eval.every_steps = 0
     config.checkpoint.every_steps = config.num_train_steps
-    if stage == "finetune":
+    if stage == demo.MINED:
       summary = mine(out, encoder, instruction)
       print(f"   mining hard negatives with the stage-2 model: {summary}", flush=True)
     train(config, str(out / name))
@@ -157,7 +156,7 @@ def main(argv=None) -> int:
       results["random init"] = heldout_scores(
           out, Encoder(random_params, model_config, encoder.tokenizer, pooling="mean"))
     results[f"after {title.split(':')[0]}"] = heldout_scores(
-        out, encoder, instruction if stage == "finetune" else None)
+        out, encoder, instruction)
     timings[name] = time.time() - start
 
   if not args.skip_minilm:
@@ -167,8 +166,8 @@ def main(argv=None) -> int:
     if reference is not None:
       results["all-MiniLM-L6-v2 (pretrained, converted)"] = reference
 
-  curves = plot_runs([str(out / name) for name, _, _ in STAGES], str(out / "curves.png"),
-                     labels=[title.split(":")[0] for _, _, title in STAGES])
+  curves = plot_runs([str(out / name) for name in names], str(out / "curves.png"),
+                     labels=[demo.TITLES[stage].split(":")[0] for stage in demo.STAGES])
   export = out / "stage3" / "export" / "hf"
   report = render_report(results, counts, timings, curves, export, time.time() - t0)
   (out / "report.md").write_text(report)

@@ -1,6 +1,6 @@
 """The sharding rules compile for TPU: the trainer's stage-1 and stage-2 steps, AOT on v5e:2x2.
 
-launch/aot.py lowers the real train step for abstract TPU devices and compiles it with libtpu's
+bge_jax.aot (launch/aot.py) lowers the trainer's own train step for abstract TPU devices and compiles it with libtpu's
 compiler on this CPU host. Here a tiny model on a (data, fsdp, tensor) = (1, 2, 2) mesh of a 2x2
 v5e slice: the step must compile (no sharding the TPU partitioner refuses), keep the train state
 in the rules' shardings, and its per-chip arguments must be the sharded state, not a replica.
@@ -12,19 +12,12 @@ import importlib.util
 import numpy as np
 import pytest
 
-from conftest import REPO
+from bge_jax import aot
 
 needs_libtpu = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None,
     reason="libtpu is not installed (pip install -e '.[tpu-aot]'): no TPU compiler to compile "
            "for TPU topologies")
-
-SPEC = importlib.util.spec_from_file_location("aot", REPO / "launch" / "aot.py")
-aot = importlib.util.module_from_spec(SPEC)
-import sys  # noqa: E402
-
-sys.modules["aot"] = aot  # dataclasses look their module up there
-SPEC.loader.exec_module(aot)
 
 MESH = (1, 2, 2)
 
@@ -49,9 +42,8 @@ def _bytes(tree, per_device_mesh=None):
 @needs_libtpu
 @pytest.mark.slow  # the TPU compiler takes minutes per step on 2 shared CPU cores
 @pytest.mark.parametrize("case", [
-    aot.Case("retromae", 8, lengths=(64,)),
-    aot.Case("contrastive", 16, lengths=(16, 32)),
-    aot.Case("contrastive", 16, gradcache_chunk=4, lengths=(16, 32)),
+    aot.cases_for(4, 8, [], 1, "1", stage1_length=64)[0],
+    *aot.cases_for(4, 0, [16], 1, "2", stage2_lengths=(16, 32)),
 ], ids=["stage1", "stage2", "stage2-gradcache"])
 def test_real_step_compiles_for_tpu_with_the_rules(devices, case):
   import jax
@@ -59,7 +51,8 @@ def test_real_step_compiles_for_tpu_with_the_rules(devices, case):
   from bge_jax.train import state as state_lib
 
   config = aot.run_config(case, "tiny", "bfloat16", None)
-  compiled, state_sh, model_config = aot.compile_step(config, devices, MESH)
+  program = aot.program_for(config, devices, MESH)
+  compiled, state_sh, model_config = program.compile(), program.state_sharding, program.model_config
 
   # The state comes out in the rules' shardings (params split over fsdp and tensor).
   out_state_sh = compiled.output_shardings[0]
@@ -95,23 +88,28 @@ def test_gradcache_chunk_is_whole_rows_per_chip():
   assert aot.gradcache_chunk(32768, 256, 8) == 256 * 8
   assert aot.gradcache_chunk(19200, 128, 8) == 128 * 6  # 150 rows per chip
   cases = aot.cases_for(256, 768, [19200], 8, "12")
-  assert [(c.stage, c.batch, c.gradcache_chunk, c.seq) for c in cases] == [
-      ("retromae", 768, 0, "512"), ("contrastive", 19200, 0, "q32/p128"),
-      ("contrastive", 19200, 1280, "q32/p128")]
+  assert [(c.config_file, c.batch, c.gradcache_chunk, c.seq) for c in cases] == [
+      ("retromae.py", 768, 0, "512"), ("contrastive.py", 19200, 0, "q32/p128"),
+      ("contrastive.py", 19200, 1280, "q32/p128")]
+  assert [c.describe() for c in cases] == ["stage 1", "stage 2", "stage 2 GradCache 1280"]
 
 
 def test_cases_for_can_select_gradcache_on_or_off():
   only_on = aot.cases_for(256, 768, [19200, 32768], 8, "2", gradcache="on")
   assert [(c.batch, c.gradcache_chunk) for c in only_on] == [(19200, 1280), (32768, 2048)]
   only_off = aot.cases_for(256, 768, [32768], 8, "12", gradcache="off")
-  assert [(c.stage, c.gradcache_chunk) for c in only_off] == [("retromae", 0), ("contrastive", 0)]
+  assert [(c.label, c.gradcache_chunk) for c in only_off] == [("stage 1", 0), ("stage 2", 0)]
   with pytest.raises(ValueError, match="gradcache"):
     aot.cases_for(256, 768, [32768], 8, "2", gradcache="yes")
 
 
-def test_compiler_stack_flags_are_set_for_libtpu():
-  """libtpu reads them at its first use; an unknown flag would abort it (so the v5e:2x2 compile
-  above also shows it accepts them)."""
+def test_compiler_stack_flags_are_set_for_libtpu(monkeypatch):
+  """libtpu reads them at its first use (topology_devices sets them first); an unknown flag
+  would abort it (so the v5e:2x2 compile above also shows it accepts them)."""
   import os
+  monkeypatch.setenv("LIBTPU_INIT_ARGS", "--xla_internal_thread_stack_size_bytes=1048576")
+  aot.set_compiler_environment()
   args = os.environ["LIBTPU_INIT_ARGS"].split()
-  assert all(flag in args for flag in aot.COMPILER_STACK_FLAGS)
+  # A size the user set is kept; the other flag is added.
+  assert "--xla_internal_thread_stack_size_bytes=1048576" in args and len(args) == 2
+  assert aot.COMPILER_STACK_FLAGS[0] in args

@@ -22,6 +22,7 @@ from bge_jax import contrastive, flops, retromae
 from bge_jax.config import preset
 from bge_jax.data import masking
 from bge_jax.models import bert
+from bge_jax.train.stages import get_stage
 
 B, L, Q_LEN, G = 4, 32, 8, 2
 COST_TOL = 1.25  # XLA count / analytic, upper bound (element-wise ops on tiny shapes)
@@ -164,22 +165,18 @@ def test_gradcache_recompute_is_one_forward():
       flops.encoder_flops(c, 128, 32)
 
 
-def test_train_step_flops_reads_run_config_and_batch():
+def test_stage_step_flops_read_run_config_and_batch():
   c = _config()
-  run = types.SimpleNamespace(stage="finetune", loss=types.SimpleNamespace(gradcache_chunk=0))
+  run = types.SimpleNamespace(loss=types.SimpleNamespace(gradcache_chunk=0))
   batch = {"query_input_ids": jnp.zeros((B, Q_LEN)), "passage_input_ids": jnp.zeros((B * G, L))}
-  got = flops.train_step_flops(run, c, batch, process_count=2)
+  got = get_stage("finetune").step_flops(run, c, batch, process_count=2)
   assert got == flops.contrastive_step_flops(c, 2 * B, Q_LEN, L, G)
-  run.stage = "retromae"
   run.data = types.SimpleNamespace(encoder_mlm_probability=0.3)
-  got = flops.train_step_flops(run, c, {"encoder_input_ids": jnp.zeros((B, L))})
+  got = get_stage("retromae").step_flops(run, c, {"encoder_input_ids": jnp.zeros((B, L))})
   # The trainer's encoder MLM head runs on the collator's bound of labelled positions per row.
   k = masking.max_predictions(L, 0.3)
   assert 0 < k < L and got == flops.retromae_step_flops(c, B, L, encoder_predictions=k)
   assert got.model < flops.retromae_step_flops(c, B, L).model
-  run.stage = "distill"
-  with pytest.raises(ValueError, match="config.stage='distill'"):
-    flops.train_step_flops(run, c, batch)
 
 
 def test_micro_batches_score_their_own_passages():
@@ -201,20 +198,19 @@ def test_micro_batches_score_their_own_passages():
   want = flops.contrastive_step_flops(c, B, Q_LEN, L, G, micro_batches=2)
   assert hlo_dot_flops(lowered) == want.model
   assert want.model < flops.contrastive_step_flops(c, B, Q_LEN, L, G).model
-  run = types.SimpleNamespace(stage="finetune", loss=types.SimpleNamespace(gradcache_chunk=0),
-                              grad_accum_steps=2)
-  got = flops.train_step_flops(run, c, {"query_input_ids": jnp.zeros((B, Q_LEN)),
-                                        "passage_input_ids": jnp.zeros((B * G, L))})
+  run = types.SimpleNamespace(loss=types.SimpleNamespace(gradcache_chunk=0), grad_accum_steps=2)
+  got = get_stage("finetune").step_flops(run, c, {"query_input_ids": jnp.zeros((B, Q_LEN)),
+                                                  "passage_input_ids": jnp.zeros((B * G, L))})
   assert got == want
 
 
-def test_train_step_flops_of_a_packed_batch_counts_rows_for_the_encoder():
+def test_step_flops_of_a_packed_batch_count_rows_for_the_encoder():
   c = _config()
-  run = types.SimpleNamespace(stage="finetune", loss=types.SimpleNamespace(gradcache_chunk=0))
+  run = types.SimpleNamespace(loss=types.SimpleNamespace(gradcache_chunk=0))
   rows_q, rows_p = B // 2, B * G // 2
   packed = {"query_input_ids": jnp.zeros((rows_q, Q_LEN)), "query_text_slot": jnp.zeros((B,)),
             "passage_input_ids": jnp.zeros((rows_p, L)), "passage_text_slot": jnp.zeros((B * G,))}
-  got = flops.train_step_flops(run, c, packed, process_count=2)
+  got = get_stage("finetune").step_flops(run, c, packed, process_count=2)
   padded = flops.contrastive_step_flops(c, 2 * B, Q_LEN, L, G)
   # The encoder on half the rows; the score matrices still over every text.
   scores = 3 * (2 * (2 * B) * (2 * B * G) * c.hidden_size + 2 * (2 * B) * G * c.hidden_size)

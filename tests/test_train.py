@@ -42,13 +42,8 @@ def tiny_retromae(corpus, tokenizer, steps, **kw):
 
 def override(c, **kw):
   """Sets dotted keys ("optimizer.lr") on a ConfigDict, as --config.optimizer.lr would."""
-  for k, v in kw.items():
-    node = c
-    *parents, leaf = k.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
-  return c
+  from bge_jax import config_files
+  return config_files.set_keys(c, kw)
 
 
 def losses(workdir):

@@ -36,10 +36,9 @@ from jax.experimental import multihost_utils
 from bge_jax import flops, sharding
 from bge_jax import memory as memory_lib
 from bge_jax.data.prefetch import Prefetcher
-from bge_jax.models import bert
 from bge_jax.train import checkpoints, init, run_info
 from bge_jax.train import metrics as metrics_lib
-from bge_jax.train import state as state_lib
+from bge_jax.train import program as program_lib
 from bge_jax.train.evaluate import make_evaluator
 from bge_jax.train.init import ConfigError
 from bge_jax.train.metrics import MetricWriter
@@ -91,27 +90,19 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   batcher = stage.batcher(config, tokenizer, model_config, jax.process_index(), jax.process_count())
   total_steps = total_train_steps(config, batcher.num_examples * jax.process_count())
 
-  # --- Optimizer and shardings ----------------------------------------------------------------
-  tx, schedule = state_lib.make_optimizer(config.optimizer.to_dict(), total_steps)
-  abstract_params, logical = bert.abstract_init(model_config)
-  param_sh = sharding.logical_to_sharding(logical, mesh)
-  abstract_state = jax.eval_shape(lambda p: state_lib.init_state(p, tx), abstract_params)
-  repl = sharding.replicated(mesh)
-  state_sh = sharding.train_state_sharding(abstract_state, param_sh, tx, mesh)
+  # --- The step: optimizer, shardings, the jitted step (the one builder, also AOT's) ----------
+  prog = program_lib.build(config, stage, model_config, mesh, total_steps)
 
   # --- Restore or initialise (never materialising unsharded parameters on device) -------------
   manager = checkpoints.open_checkpoints(os.path.join(workdir, "checkpoints"),
                                          config.checkpoint.keep)
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        abstract_state, state_sh)
-  state, manager = checkpoints.restore_newest(manager, target, workdir)
+  state, manager = checkpoints.restore_newest(manager, prog.abstract_state, workdir)
   if state is not None:
     log.info("resumed from %s at step %d", manager.directory, int(jax.device_get(state.step)))
   else:
-    rng_init = jax.random.key(config.seed)
-    fresh = jax.jit(lambda r: bert.init(model_config, r)[0], out_shardings=param_sh)(rng_init)
-    params, new_parts = init.merge_loaded(fresh, loaded, param_sh)
-    state = jax.jit(lambda p: state_lib.init_state(p, tx), out_shardings=state_sh)(params)
+    fresh = prog.init_params(jax.random.key(config.seed))
+    params, new_parts = init.merge_loaded(fresh, loaded, prog.param_sharding)
+    state = prog.init_state(params)
     log.info("initialised from %s; freshly initialised parts: %s", origin, new_parts)
   start_step = int(jax.device_get(state.step))
   nonfinite_seen = int(jax.device_get(state.nonfinite_steps))
@@ -119,24 +110,13 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     # Also at step 0: a killed run that saved no checkpoint yet.
     metrics_lib.drop_metrics_after(workdir, start_step)
 
-  # --- The step ---------------------------------------------------------------------------------
-  stage_loss = stage.loss_fn(config, model_config)
-
-  def loss_fn(params, batch, rng):
-    return stage_loss(params, batch, rng if config.dropout else None)
-
+  # --- Compiled steps, one per batch shape ----------------------------------------------------
   skip_nonfinite = bool(config.get("skip_nonfinite_updates", False))
-  step_fn = state_lib.make_train_step(loss_fn, tx, schedule, config.grad_accum_steps,
-                                      skip_nonfinite=skip_nonfinite)
   probe = batcher(start_step)
   # The device peak for MFU: config.peak_tflops per device, or the detected accelerator's (none
   # on CPU).
   peak = float(config.get("peak_tflops", 0.0) or 0.0) * 1e12 or flops.peak_flops()
-  # Batch-major arrays split over (data, fsdp); 0-d flags (e.g. in_batch_negatives) replicated.
-  batch_sh = {k: sharding.batch_sharding(mesh, v.ndim) if v.ndim else repl
-              for k, v in probe.items()}
-  jit_step = jax.jit(step_fn, in_shardings=(state_sh, batch_sh, repl),
-                     out_shardings=(state_sh, repl), donate_argnums=(0,))
+  batch_sh = prog.batch_sharding(probe)
 
   def global_batch(local):
     return {k: jax.make_array_from_process_local_data(batch_sh[k], v) for k, v in local.items()}
@@ -152,16 +132,14 @@ def train(config: Any, workdir: str) -> dict[str, float]:
       if programs:
         log.warning("compiling the train step for new batch shapes: %s",
                     {k: s for k, s in shapes if s != np.shape(probe[k])})
-      with sharding.activate(mesh):
-        compiled = jit_step.lower(state, global_batch(local), jax.random.key(0)).compile()
+      compiled = prog.lower(state, global_batch(local), jax.random.key(0)).compile()
       if programs:
         first = next(iter(programs.values()))[0]
         log.warning("that step needs %s per device (the first one: %s)",
                     memory_lib.describe(memory_lib.peak_bytes(compiled)),
                     memory_lib.describe(memory_lib.peak_bytes(first)))
       _check_fits(compiled, config, grown=bool(programs))
-      programs[shapes] = (compiled, flops.train_step_flops(config, model_config, local,
-                                                           jax.process_count()).model)
+      programs[shapes] = (compiled, prog.step_flops(local, jax.process_count()).model)
     return programs[shapes]
 
   # Compiled ahead of the loop: the memory analysis is printed before the first step.

@@ -1,4 +1,10 @@
-"""What the trainer knows of a stage: its model parts, loss, host batches and exports."""
+"""The stage interface and registry: all the trainer, AOT and benchmarks know of a stage.
+
+A stage supplies its model parts, loss, host batches, abstract batch (shapes and dtypes for a
+config, with no data), step FLOPs and exports. Nothing outside the stage modules and this
+registry names a stage (tests/test_stages.py checks): adding one is a module with an object of
+this protocol and a line in `_REGISTRY`.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ import jax
 import numpy as np
 
 from bge_jax.config import BertConfig
+from bge_jax.flops import StepFlops
 
 
 class Batcher(Protocol):
@@ -36,6 +43,16 @@ class Stage(Protocol):
   def batcher(self, config: Any, tokenizer: Any, model_config: BertConfig,
               process_index: int, process_count: int) -> Batcher: ...
 
+  def abstract_batch(self, config: Any, model_config: BertConfig, *, process_count: int = 1,
+                     devices_per_process: int = 1) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch's shapes and dtypes (no shardings) that `batcher` yields for `config`:
+    what AOT compilation, memory checks and benchmarks compile for, without data."""
+
+  def step_flops(self, config: Any, model_config: BertConfig, batch: Mapping[str, Any],
+                 process_count: int = 1) -> StepFlops:
+    """Analytic FLOPs of one train step (`bge_jax.flops`) from a process-local batch's shapes
+    (anything with `.shape`); the global batch is `process_count` times it."""
+
   def export(self, params: Any, model_config: BertConfig, tokenizer: Any, out_dir: str,
              config: Any) -> list[str]:
     """Writes the stage's artefacts under out_dir; returns their paths."""
@@ -46,6 +63,9 @@ _REGISTRY = {
     "contrastive": "bge_jax.contrastive:CONTRASTIVE",
     "finetune": "bge_jax.contrastive:FINETUNE",
 }
+
+
+STAGE_NAMES = tuple(_REGISTRY)
 
 
 def get_stage(name: str) -> Stage:
