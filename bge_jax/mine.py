@@ -26,6 +26,8 @@ import dataclasses
 import functools
 import json
 import logging
+import os
+import tempfile
 from typing import Any, Iterable, Iterator, Sequence
 
 import jax
@@ -201,7 +203,7 @@ def exact_top_k(queries: np.ndarray, corpus: np.ndarray, k: int, *,
 
 
 # --------------------------------------------------------------------------------------------
-# Inputs.
+# Inputs, and the output file.
 
 
 def _type_name(value: Any) -> str:
@@ -281,6 +283,32 @@ def read_candidate_pool(path: str) -> list[str]:
   if not texts:
     raise MiningInputError(f"{path}: the candidate pool has no rows")
   return texts
+
+
+def write_rows(path: str, rows: Iterable[dict]) -> None:
+  """Writes `rows` as JSONL to `path` atomically: to a temporary file beside it, then renamed,
+  so `path` holds either its old content or all the rows, and no temporary file is left."""
+  folder = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+  try:
+    # mkstemp makes the file 0600: give it the mode an ordinary open() would (or the old file's).
+    if os.path.exists(path):
+      mode = os.stat(path).st_mode & 0o777
+    else:
+      umask = os.umask(0)
+      os.umask(umask)
+      mode = 0o666 & ~umask
+    os.fchmod(fd, mode)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      for row in rows:
+        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
 
 
 def parse_range(spec: str | Sequence[int]) -> tuple[int, int]:

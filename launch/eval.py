@@ -24,10 +24,6 @@ import os
 import sys
 import time
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
 
 class _Refused(Exception):
   """An error reported as one `error:` line with exit status 2."""
@@ -148,4 +144,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+  # The command's process defaults, set before main() imports transformers; importing this
+  # module (tests call main() in-process) leaves the importer's environment alone.
+  os.environ.setdefault("HF_HUB_OFFLINE", "1")
+  os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+  os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
   sys.exit(main())

@@ -29,10 +29,6 @@ import argparse
 import os
 import sys
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
 
 def _parser() -> argparse.ArgumentParser:
   summary, _, details = __doc__.partition("\n\n")
@@ -114,4 +110,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+  # The command's process defaults, set before main() imports transformers; importing this
+  # module (tests call main() in-process) leaves the importer's environment alone.
+  os.environ.setdefault("HF_HUB_OFFLINE", "1")
+  os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+  os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
   sys.exit(main())

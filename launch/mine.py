@@ -14,14 +14,9 @@ naming file:line.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
-import tempfile
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,30 +51,6 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--block-size", type=int, default=None, metavar="N",
                  help="corpus rows scored at a time per device (default: 8192).")
   return p
-
-
-def _write_atomic(path: str, rows: list[dict]) -> None:
-  folder = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-  try:
-    # mkstemp makes the file 0600: give it the mode an ordinary open() would (or the old file's).
-    if os.path.exists(path):
-      mode = os.stat(path).st_mode & 0o777
-    else:
-      umask = os.umask(0)
-      os.umask(umask)
-      mode = 0o666 & ~umask
-    os.fchmod(fd, mode)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      for row in rows:
-        f.write(json.dumps(row, ensure_ascii=False) + "\n")
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
 
 
 def _fail(message: str) -> int:
@@ -135,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         block_size=args.block_size or mine.DEFAULT_BLOCK_SIZE)
   except ValueError as e:
     return _fail(str(e))
-  _write_atomic(args.output, mined)
+  mine.write_rows(args.output, mined)
   print(f"mined {stats.rows} rows -> {args.output}: corpus {stats.corpus_size} passages, "
         f"ranks {start}-{end}, {stats.negative_number} negatives per row, "
         f"{stats.topped_up} of {stats.rows} rows topped up with random passages"
@@ -144,4 +115,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+  # The command's process defaults, set before main() imports transformers; importing this
+  # module (tests call main() in-process) leaves the importer's environment alone.
+  os.environ.setdefault("HF_HUB_OFFLINE", "1")
+  os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
   sys.exit(main())

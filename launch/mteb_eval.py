@@ -36,11 +36,6 @@ import os
 import pathlib
 import sys
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "en" / "stsbenchmark.train-dev.tsv"
 
@@ -126,4 +121,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+  # The command's process defaults, set before main() imports transformers; importing this
+  # module (tests call main() in-process) leaves the importer's environment alone.
+  os.environ.setdefault("HF_HUB_OFFLINE", "1")
+  os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+  os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+  os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
   sys.exit(main())

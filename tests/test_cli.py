@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from bge_jax import convert_cli
 from conftest import REPO, make_hf_folder
+from conversion import convert as convert_cmd
 
 SCRIPT = REPO / "conversion" / "convert.py"
 FAMILIES = ("bert", "bert_mlm", "sentence_transformers", "retromae")
@@ -30,7 +30,7 @@ def hf_folder(tmp_path, capsys):
 
 
 def cli(*argv) -> int:
-  return convert_cli.main([str(a) for a in argv])
+  return convert_cmd.main([str(a) for a in argv])
 
 
 def deltas(stdout: str) -> dict[str, float]:

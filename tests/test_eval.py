@@ -17,15 +17,9 @@ from bge_jax.encoder import Encoder
 from bge_jax.eval import (EvalDataError, evaluate_retrieval, load_beir, read_qrels, read_sts,
                           retrieval_metrics, sts_spearman, topk_inner_product)
 from conftest import REPO, WORDS, make_hf_folder, make_tokenizer
+from launch import eval as eval_cli
 
 EVAL_SCRIPT = REPO / "launch" / "eval.py"
-
-
-def _load_eval_cli():
-  spec = importlib.util.spec_from_file_location("eval_cli", EVAL_SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 # ---------------------------------------------------------------------------------------------
@@ -454,12 +448,11 @@ def test_eval_cli_runs_as_a_subprocess(tmp_path, tiny_model, beir_folder, beir_r
 
 
 def test_eval_cli_sts_and_refusals(tmp_path, tiny_model, capsys):
-  cli = _load_eval_cli()
   sts = tmp_path / "pairs.data"
   sts.write_text("alpha beta\talpha beta\t5\nriver city\tmusic paper\t0\n"
                  "ocean forest\tocean stone\t3\n")
-  assert cli.main(["sts", "--model", str(tiny_model), "--data", str(sts), "--out",
-                   str(tmp_path / "sts.json")]) == 0
+  assert eval_cli.main(["sts", "--model", str(tiny_model), "--data", str(sts), "--out",
+                        str(tmp_path / "sts.json")]) == 0
   assert "spearman" in capsys.readouterr().out
   assert json.loads((tmp_path / "sts.json").read_text())["pairs"] == 3
 
@@ -474,7 +467,7 @@ def test_eval_cli_sts_and_refusals(tmp_path, tiny_model, capsys):
       (["sts", "--model", str(tiny_model)], "required: --data"),
   ]
   for argv, message in cases:
-    assert cli.main(argv) == 2, argv
+    assert eval_cli.main(argv) == 2, argv
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: "), err
     assert re.search(message, err[0]), (message, err[0])

@@ -6,7 +6,6 @@ read back from the model files, the example losses with `contrastive.loss` on a 
 transformers' AutoModel.
 """
 
-import importlib.util
 import json
 import os
 
@@ -18,9 +17,9 @@ from safetensors.numpy import load_file
 from bge_jax import contrastive, convert, merge, weights
 from bge_jax import config as config_lib
 from bge_jax.models import bert
-from conftest import REPO, make_tokenizer
+from conftest import make_tokenizer
+from launch import merge as merge_cli
 
-SCRIPT = REPO / "launch" / "merge.py"
 # The reference loss compiles at LLVM -O0 (as tests/test_contrastive.py): same float32 semantics.
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
 # The tiny preset with one layer and a vocabulary the test tokenizer fits in (fast compiles).
@@ -33,13 +32,6 @@ EXAMPLES = [
     {"query": "dense sparse rank", "pos": ["dense sparse rank score batch"],
      "neg": ["ocean forest", "graph river", "cloud light", "garden city"]},
 ]
-
-
-def _cli():
-  spec = importlib.util.spec_from_file_location("launch_merge", SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.main
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +138,7 @@ def test_cli_examples_writes_hf_folder_loadable_by_automodel(tiny, tmp_path, cap
   examples = tmp_path / "few.jsonl"
   examples.write_text("".join(json.dumps(e) + "\n" for e in EXAMPLES))
   out = tmp_path / "merged"
-  assert _cli()(["--models", *paths, "--examples", str(examples), "--out", str(out)]) == 0
+  assert merge_cli.main(["--models", *paths, "--examples", str(examples), "--out", str(out)]) == 0
   printed = capsys.readouterr().out
   weights = [float(line.split()[0]) for line in printed.splitlines()
              if line.startswith("  ") and "loss" in line]
@@ -170,8 +162,8 @@ def test_cli_examples_writes_hf_folder_loadable_by_automodel(tiny, tmp_path, cap
 def test_cli_weights_jax_format_roundtrip(tiny, tmp_path, capsys):
   _, _, paths, params = tiny
   out = tmp_path / "merged_ckpt"
-  assert _cli()(["--models", paths[0], paths[2], "--weights", "1", "3", "--out", str(out),
-                 "--format", "jax"]) == 0
+  assert merge_cli.main(["--models", paths[0], paths[2], "--weights", "1", "3", "--out",
+                         str(out), "--format", "jax"]) == 0
   assert "0.250000" in capsys.readouterr().out
   config, merged = weights.load_params(str(out))
   assert weights.tokenizer_dir(str(out)) is not None
@@ -200,12 +192,12 @@ def test_mismatched_models_are_refused_naming_tensor_and_files(tiny, tmp_path, c
     merge.load_models([paths[0], deep])
   # The CLI: exit 2, one error line, no output.
   out = tmp_path / "never"
-  assert _cli()(["--models", paths[0], other, "--out", str(out)]) == 2
+  assert merge_cli.main(["--models", paths[0], other, "--out", str(out)]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("error: cannot merge: tensor layers_0/"), err
   assert not out.exists() and not [q for q in tmp_path.iterdir() if ".tmp-" in q.name]
   # An existing output is refused before anything loads.
-  assert _cli()(["--models", *paths[:2], "--out", str(tmp_path / "other")]) == 2
+  assert merge_cli.main(["--models", *paths[:2], "--out", str(tmp_path / "other")]) == 2
   assert "exists" in capsys.readouterr().err
 
 
@@ -218,8 +210,8 @@ def test_minilm_merge_keeps_mean_pooling_and_refuses_a_tiny_partner(minilm_path,
   noisy = jax.tree.map(lambda x: x + rng.normal(0, 0.01, x.shape).astype(x.dtype), params)
   noisy_path = convert.save_hf(noisy, config, str(tmp_path / "noisy"), tokenizer=minilm_path)
   out = tmp_path / "merged"
-  assert _cli()(["--models", minilm_path, noisy_path, "--weights", "0.6", "0.4",
-                 "--out", str(out)]) == 0
+  assert merge_cli.main(["--models", minilm_path, noisy_path, "--weights", "0.6", "0.4",
+                         "--out", str(out)]) == 0
   capsys.readouterr()
   pooling = json.loads((out / "1_Pooling" / "config.json").read_text())
   assert pooling["pooling_mode_mean_tokens"] and not pooling["pooling_mode_cls_token"]

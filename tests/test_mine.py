@@ -1,6 +1,5 @@
 """Hard-negative mining: exact top-k vs numpy brute force, sharding, sampling rules, the command."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,6 +12,7 @@ from bge_jax import mine
 from bge_jax.encoder import Encoder
 from bge_jax.sharding import make_mesh
 from conftest import REPO, WORDS, make_hf_folder, make_tokenizer
+from launch import mine as mine_cli
 
 SCRIPT = REPO / "launch" / "mine.py"
 
@@ -268,14 +268,7 @@ def test_row_and_argument_refusals(encoder):
 
 
 # ---------------------------------------------------------------------------------------------
-# launch/mine.py
-
-
-def _load_cli():
-  spec = importlib.util.spec_from_file_location("launch_mine", SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+# The output file (mine.write_rows) and launch/mine.py
 
 
 def write_jsonl(path, rows) -> str:
@@ -290,6 +283,28 @@ def read_jsonl(path) -> list[dict]:
 def assert_nothing_written(folder, out) -> None:
   assert not out.exists()
   assert not [p.name for p in folder.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_write_rows_replaces_atomically_and_keeps_the_mode(tmp_path):
+  rows = [{"query": "q", "pos": ["p"], "neg": ["n", "café"]}]
+  out = tmp_path / "out.jsonl"
+  mine.write_rows(str(out), rows)
+  umask = os.umask(0)
+  os.umask(umask)
+  assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # as open() would make it, not 0600
+  assert read_jsonl(out) == rows and "café" in out.read_text(encoding="utf-8")
+  os.chmod(out, 0o640)
+  mine.write_rows(str(out), rows * 2)
+  assert out.stat().st_mode & 0o777 == 0o640 and read_jsonl(out) == rows * 2
+
+  def interrupted():
+    yield rows[0]
+    raise KeyboardInterrupt
+
+  with pytest.raises(KeyboardInterrupt):
+    mine.write_rows(str(out), interrupted())
+  assert read_jsonl(out) == rows * 2  # the old content, and no temporary file beside it
+  assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
 
 
 def test_cli_subprocess(tiny_model, encoder, rows, tmp_path):
@@ -328,7 +343,6 @@ def test_cli_subprocess(tiny_model, encoder, rows, tmp_path):
 
 
 def test_cli_refusals(tiny_model, tmp_path, capsys):
-  cli = _load_cli()
   good = {"query": "alpha beta", "pos": ["gamma delta."], "neg": ["model vector."]}
   folder = tmp_path / "work"
   folder.mkdir()
@@ -339,7 +353,7 @@ def test_cli_refusals(tiny_model, tmp_path, capsys):
     train.write_text("".join(line + "\n" for line in lines))
     argv = ["--model", str(tiny_model), "--input", str(train), "--output", str(out),
             "--max-length", "32", *extra]
-    code = cli.main(argv)
+    code = mine_cli.main(argv)
     err = capsys.readouterr().err.strip()
     assert code == 2, err
     assert err.startswith("error: ") and len(err.splitlines()) == 1 and needle in err, err
@@ -360,19 +374,19 @@ def test_cli_refusals(tiny_model, tmp_path, capsys):
   refused([ok], "--candidate-pool", str(folder / "pool.jsonl"),
           needle='pool.jsonl:2: expected an object {"text": ...}, got no field "text"')
   train = folder / "train.jsonl"
-  assert cli.main(["--model", str(folder / "nope"), "--input", str(train), "--output",
-                   str(out)]) == 2
+  assert mine_cli.main(["--model", str(folder / "nope"), "--input", str(train), "--output",
+                        str(out)]) == 2
   assert "--model" in capsys.readouterr().err
   assert_nothing_written(folder, out)
-  assert cli.main(["--model", str(tiny_model), "--input", str(train), "--output",
-                   str(folder / "no" / "out.jsonl")]) == 2
+  assert mine_cli.main(["--model", str(tiny_model), "--input", str(train), "--output",
+                        str(folder / "no" / "out.jsonl")]) == 2
   assert "does not exist" in capsys.readouterr().err
 
   # In process, the happy path with a pool too small for the request: a summary with the count.
   train.write_text(ok + "\n")
   (folder / "pool.jsonl").write_text('{"text": "alpha."}\n{"text": "beta."}\n')
-  assert cli.main(["--model", str(tiny_model), "--input", str(train), "--output", str(out),
-                   "--candidate-pool", str(folder / "pool.jsonl"), "--range", "0-10"]) == 0
+  assert mine_cli.main(["--model", str(tiny_model), "--input", str(train), "--output", str(out),
+                        "--candidate-pool", str(folder / "pool.jsonl"), "--range", "0-10"]) == 0
   summary = capsys.readouterr().out.strip().splitlines()[-1]
   assert "corpus 2 passages" in summary and "0 of 1 rows topped up" in summary
   assert summary.endswith("1 left short (the corpus is too small)")
@@ -401,7 +415,7 @@ def test_mine_toy_finetune_data_with_minilm(minilm_path, shared_data, tmp_path):
   assert top3 >= len(rows) // 2
 
   out = tmp_path / "mined.jsonl"
-  cli = _load_cli()
-  assert cli.main(["--model", minilm_path, "--pooling", "mean", "--input", str(path), "--output",
-                   str(out), "--range", "2-200", "--negatives", "15", "--batch-size", "64"]) == 0
+  assert mine_cli.main(["--model", minilm_path, "--pooling", "mean", "--input", str(path),
+                        "--output", str(out), "--range", "2-200", "--negatives", "15",
+                        "--batch-size", "64"]) == 0
   assert read_jsonl(out) == mined

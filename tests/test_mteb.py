@@ -2,12 +2,11 @@
 
 Skipped when mteb (the optional extra `bge-jax[eval]`) is not installed. The models are the
 bundled all-MiniLM-L6-v2 on the English STS-B dev pairs (slow) and a tiny model saved as a
-trainer workdir's checkpoints (the format the trainer writes, via `bge_jax.train.checkpoints`'
-save functions) on a generated STS file; the reference is `bge_jax.eval.sts_spearman` over an
+trainer workdir's checkpoints (the format `bge_jax.train.loop` writes, via its own save
+functions) on a generated STS file; the reference is `bge_jax.eval.sts_spearman` over an
 `Encoder` built directly from the same params.
 """
 
-import importlib.util
 import json
 import re
 
@@ -20,22 +19,15 @@ from bge_jax import config as config_lib
 from bge_jax.encoder import Encoder
 from bge_jax.eval import read_sts, sts_spearman
 from bge_jax.models import bert
-from conftest import REPO, WORDS, make_tokenizer
+from conftest import WORDS, make_tokenizer
+from launch import mteb_eval
 
 pytest.importorskip("mteb")
 
-SCRIPT = REPO / "launch" / "mteb_eval.py"
 SCORE = re.compile(r"cosine_spearman: (\S+)")
 OURS = re.compile(r"bge_jax.eval.sts_spearman: (\S+)")
 CONFIG = config_lib.preset("tiny", num_layers=1, vocab_size=64, max_position_embeddings=64,
                            pooling="mean")
-
-
-def _cli():
-  spec = importlib.util.spec_from_file_location("launch_mteb_eval", SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.main
 
 
 def _scores(stdout: str) -> tuple[float, float]:
@@ -48,7 +40,7 @@ def run_workdir(tmp_path_factory):
   config.json as the trainer writes them; returns (workdir, {step: params}, tokenizer folder)."""
   import optax
 
-  from bge_jax.train import checkpoints, state
+  from bge_jax.train import loop, state
 
   root = tmp_path_factory.mktemp("mteb_run")
   tok = make_tokenizer(root / "tok")
@@ -59,13 +51,13 @@ def run_workdir(tmp_path_factory):
       "stage": "contrastive", "model": {**CONFIG.to_dict(), "dtype": "bfloat16"}}))
   (workdir / "config.json").write_text(json.dumps({"tokenizer": str(tok),
                                                    "model": {"init_from": ""}}))
-  manager = checkpoints.open_checkpoints(str(workdir / "checkpoints"), keep=3)
+  manager = loop.open_checkpoints(str(workdir / "checkpoints"), keep=3)
   saved = {}
   for step, seed in ((3, 0), (7, 1)):
     params, _ = bert.init(CONFIG, jax.random.key(seed))
     params = jax.tree.map(lambda x: x * 4.0, params)  # beyond init's 0.02: distinct embeddings
-    checkpoints.save_checkpoint(manager, step, state.init_state(params, optax.adam(1e-3)))
-    checkpoints.finish_checkpoints(manager)
+    loop.save_checkpoint(manager, step, state.init_state(params, optax.adam(1e-3)))
+    loop.finish_checkpoints(manager)
     saved[step] = weights.to_numpy(params)
   manager.close()
   return workdir, saved, tok
@@ -113,7 +105,7 @@ def test_run_workdir_newest_and_chosen_step_agree_with_sts_spearman(run_workdir,
   for step in (3, 7):
     argv = ["--model", str(workdir), "--data", str(sts_file), "--split", "", "--check",
             "--max-length", "32"]
-    assert _cli()(argv + (["--step", "3"] if step == 3 else [])) == 0
+    assert mteb_eval.main(argv + (["--step", "3"] if step == 3 else [])) == 0
     out = capsys.readouterr().out
     assert "(all rows, 30 pairs, mean pooling)" in out, out
     mteb_score, ours_in_cli = _scores(out)
@@ -129,23 +121,23 @@ def test_run_workdir_newest_and_chosen_step_agree_with_sts_spearman(run_workdir,
 def test_refusals_are_one_error_line(run_workdir, sts_file, tmp_path, capsys):
   workdir, _, _ = run_workdir
   base = ["--data", str(sts_file), "--split", ""]
-  assert _cli()(["--model", str(workdir), "--step", "5", *base]) == 2
+  assert mteb_eval.main(["--model", str(workdir), "--step", "5", *base]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "no step 5" in err[0] and "[3, 7]" in err[0], err
   empty = tmp_path / "fresh_run"
   (empty / "checkpoints").mkdir(parents=True)
   (empty / "run_info.json").write_text(json.dumps({"model": CONFIG.to_dict()}))
-  assert _cli()(["--model", str(empty), *base]) == 2
+  assert mteb_eval.main(["--model", str(empty), *base]) == 2
   assert "no committed checkpoint yet" in capsys.readouterr().err
-  assert _cli()(["--model", str(tmp_path / "nothing"), *base]) == 2
+  assert mteb_eval.main(["--model", str(tmp_path / "nothing"), *base]) == 2
   assert "no such file or folder" in capsys.readouterr().err
 
 
 @pytest.mark.slow
 def test_cli_minilm_on_stsb_dev_matches_bge_jax_evaluator(minilm_path, shared_data, capsys):
   data = shared_data / "en" / "stsbenchmark.train-dev.tsv"
-  assert _cli()(["--model", minilm_path, "--data", str(data), "--split", "dev", "--limit", "200",
-                 "--max-length", "128", "--check"]) == 0
+  assert mteb_eval.main(["--model", minilm_path, "--data", str(data), "--split", "dev",
+                         "--limit", "200", "--max-length", "128", "--check"]) == 0
   out = capsys.readouterr().out
   print(out)
   assert "(dev, 200 pairs, mean pooling)" in out  # the folder's own pooling (1_Pooling)
@@ -171,8 +163,8 @@ def test_cli_minilm_retrieval_on_local_beir_folder_matches_evaluate_retrieval(
         fr.write(f"q{i}\tq{i}-pos{j}\t1\n")
       for j, text in enumerate(row["neg"][:20]):
         fc.write(json.dumps({"_id": f"q{i}-neg{j}", "text": text}) + "\n")
-  assert _cli()(["--model", minilm_path, "--retrieval", str(folder), "--max-length", "256",
-                 "--query-instruction", "query: ", "--check"]) == 0
+  assert mteb_eval.main(["--model", minilm_path, "--retrieval", str(folder), "--max-length",
+                         "256", "--query-instruction", "query: ", "--check"]) == 0
   out = capsys.readouterr().out
   print(out)
   mteb_score = float(re.search(r"ndcg_at_10: (\S+)", out).group(1))

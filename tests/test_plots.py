@@ -6,7 +6,6 @@ here over tensorboardX's Event proto (no TensorFlow / tensorboard needed), CRCs 
 compared with the JSONL log the same writer produced.
 """
 
-import importlib.util
 import json
 import os
 import struct
@@ -16,17 +15,9 @@ import pytest
 
 from bge_jax.train import plots
 from bge_jax.train.metrics import MetricWriter, read_metrics
-from conftest import REPO
+from launch import plot as plot_cli
 
-SCRIPT = REPO / "launch" / "plot.py"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def _cli():
-  spec = importlib.util.spec_from_file_location("launch_plot", SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.main
 
 
 def fake_run(folder, steps=30, seed=0, evals=True):
@@ -100,11 +91,11 @@ def test_missing_empty_or_bad_logs_are_clear_errors(tmp_path):
 def test_cli(tmp_path, capsys):
   a = fake_run(tmp_path / "run1")
   out = tmp_path / "c.png"
-  assert _cli()([str(a), str(a / "metrics.jsonl"), "--out", str(out), "--labels", "x", "y",
-                 "--metrics", "loss", "--title", "t"]) == 0
+  assert plot_cli.main([str(a), str(a / "metrics.jsonl"), "--out", str(out), "--labels", "x",
+                        "y", "--metrics", "loss", "--title", "t"]) == 0
   assert f"wrote {out}" in capsys.readouterr().out
   png_size(out)
-  assert _cli()([str(tmp_path / "missing"), "--out", str(tmp_path / "d.png")]) == 2
+  assert plot_cli.main([str(tmp_path / "missing"), "--out", str(tmp_path / "d.png")]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("error: ") and "missing" in err[0]
 

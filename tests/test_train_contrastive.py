@@ -108,7 +108,7 @@ def test_stage3_hard_negatives_with_gradcache_matches_plain(data, tmp_path):
 def test_no_negatives_at_all_is_refused(data):
   """in_batch_negatives=False with groups of one passage: every query's loss would be 0."""
   from bge_jax import contrastive
-  from bge_jax.train.init import load_tokenizer
+  from bge_jax.train.loop import load_tokenizer
 
   rows, tok = data
   config = tiny("contrastive", rows, tok, 1, **{"loss.in_batch_negatives": False})
@@ -124,7 +124,7 @@ def test_pack_refusals(data):
   """data.pack refuses grad accumulation; sizing rows for several processes needs them running
   (or an explicit fraction); there a batch that does not fit stops with the key to raise."""
   from bge_jax import contrastive
-  from bge_jax.train.init import load_tokenizer
+  from bge_jax.train.loop import load_tokenizer
 
   rows, tok = data
   config = tiny("finetune", rows, tok, 3, **{"data.group_size": 4, "data.pack": True})
@@ -167,8 +167,7 @@ def test_packed_batches_that_outgrow_their_rows_grow_on_one_process(data, tmp_pa
 
   from bge_jax import contrastive
   from bge_jax.data import packing
-  from bge_jax.train.init import load_tokenizer
-  from bge_jax.train.loop import train
+  from bge_jax.train.loop import load_tokenizer, train
 
   _, tok = data
   # Two datasets (a batch comes from one): short passages pack ~3 to a row, long ones 1.
@@ -241,7 +240,7 @@ def test_packed_process_shards_assemble_the_global_batch(data):
   from bge_jax import contrastive
   from bge_jax.config import preset
   from bge_jax.models import bert
-  from bge_jax.train.init import load_tokenizer
+  from bge_jax.train.loop import load_tokenizer
 
   rows, tok = data
   config = tiny("finetune", rows, tok, 3, **{"data.group_size": 2, "data.pack": True,
@@ -368,15 +367,16 @@ def test_jax_to_hf_exports_a_run_like_its_own_export(data, tmp_path, capsys):
   import jax
   from safetensors.numpy import load_file
 
-  from bge_jax import Encoder, convert_cli
+  from bge_jax import Encoder
   from bge_jax.train.loop import train
+  from conversion import convert as convert_cmd
 
   rows, tok = data
   run = tmp_path / "run"
   train(tiny("contrastive", rows, tok, 3, **{"checkpoint.every_steps": 2, "checkpoint.keep": 5}),
         str(run))
   ours = tmp_path / "hf"
-  assert convert_cli.main(["jax-to-hf", str(run), str(ours)]) == 0
+  assert convert_cmd.main(["jax-to-hf", str(run), str(ours)]) == 0
   assert "training run, step 3" in capsys.readouterr().out
   export = run / "export" / "hf"
   a, b = load_file(ours / "model.safetensors"), load_file(export / "model.safetensors")
@@ -399,12 +399,12 @@ def test_jax_to_hf_exports_a_run_like_its_own_export(data, tmp_path, capsys):
   earlier_encoder = Encoder.from_run(str(run), step=2)
   assert earlier_encoder.config.pooling == "cls" and earlier_encoder.config.dtype == "float32"
   earlier = tmp_path / "hf2"
-  assert convert_cli.main(["jax-to-hf", str(run), str(earlier), "--step", "2"]) == 0
+  assert convert_cmd.main(["jax-to-hf", str(run), str(earlier), "--step", "2"]) == 0
   c = load_file(earlier / "model.safetensors")
   assert any(not np.array_equal(c[k], a[k]) for k in a)  # step 2's weights, not step 3's
   capsys.readouterr()
-  assert convert_cli.main(["jax-to-hf", str(run), str(tmp_path / "hf3"), "--step", "5"]) == 2
+  assert convert_cmd.main(["jax-to-hf", str(run), str(tmp_path / "hf3"), "--step", "5"]) == 2
   assert "no step 5; the run has steps [2, 3]" in capsys.readouterr().err
-  assert convert_cli.main(["jax-to-hf", str(ours), str(tmp_path / "hf4"), "--step", "2"]) == 2
+  assert convert_cmd.main(["jax-to-hf", str(ours), str(tmp_path / "hf4"), "--step", "2"]) == 2
   assert "--step 2 is for a training run's workdir" in capsys.readouterr().err
   assert not (tmp_path / "hf3").exists() and not (tmp_path / "hf4").exists()

@@ -1,0 +1,1 @@
+"""The conversion command (python conversion/convert.py) over bge_jax.interop."""

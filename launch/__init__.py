@@ -1,0 +1,1 @@
+"""The command lines (python launch/<name>.py): argument parsing over the bge_jax package."""
