@@ -2,8 +2,8 @@
 
 Skipped when mteb (the optional extra `bge-jax[eval]`) is not installed. The models are the
 bundled all-MiniLM-L6-v2 on the English STS-B dev pairs (slow) and a tiny model saved as a
-trainer workdir's checkpoints (the format `bge_jax.train.loop` writes, via its own save
-functions) on a generated STS file; the reference is `bge_jax.eval.sts_spearman` over an
+trainer workdir's checkpoints (the format the trainer writes, via `bge_jax.train.checkpoints`'
+save functions) on a generated STS file; the reference is `bge_jax.eval.sts_spearman` over an
 `Encoder` built directly from the same params.
 """
 
@@ -40,7 +40,7 @@ def run_workdir(tmp_path_factory):
   config.json as the trainer writes them; returns (workdir, {step: params}, tokenizer folder)."""
   import optax
 
-  from bge_jax.train import loop, state
+  from bge_jax.train import checkpoints, state
 
   root = tmp_path_factory.mktemp("mteb_run")
   tok = make_tokenizer(root / "tok")
@@ -51,13 +51,13 @@ def run_workdir(tmp_path_factory):
       "stage": "contrastive", "model": {**CONFIG.to_dict(), "dtype": "bfloat16"}}))
   (workdir / "config.json").write_text(json.dumps({"tokenizer": str(tok),
                                                    "model": {"init_from": ""}}))
-  manager = loop.open_checkpoints(str(workdir / "checkpoints"), keep=3)
+  manager = checkpoints.open_checkpoints(str(workdir / "checkpoints"), keep=3)
   saved = {}
   for step, seed in ((3, 0), (7, 1)):
     params, _ = bert.init(CONFIG, jax.random.key(seed))
     params = jax.tree.map(lambda x: x * 4.0, params)  # beyond init's 0.02: distinct embeddings
-    loop.save_checkpoint(manager, step, state.init_state(params, optax.adam(1e-3)))
-    loop.finish_checkpoints(manager)
+    checkpoints.save_checkpoint(manager, step, state.init_state(params, optax.adam(1e-3)))
+    checkpoints.finish_checkpoints(manager)
     saved[step] = weights.to_numpy(params)
   manager.close()
   return workdir, saved, tok

@@ -108,7 +108,7 @@ def test_stage3_hard_negatives_with_gradcache_matches_plain(data, tmp_path):
 def test_no_negatives_at_all_is_refused(data):
   """in_batch_negatives=False with groups of one passage: every query's loss would be 0."""
   from bge_jax import contrastive
-  from bge_jax.train.loop import load_tokenizer
+  from bge_jax.train.init import load_tokenizer
 
   rows, tok = data
   config = tiny("contrastive", rows, tok, 1, **{"loss.in_batch_negatives": False})
@@ -124,7 +124,7 @@ def test_pack_refusals(data):
   """data.pack refuses grad accumulation; sizing rows for several processes needs them running
   (or an explicit fraction); there a batch that does not fit stops with the key to raise."""
   from bge_jax import contrastive
-  from bge_jax.train.loop import load_tokenizer
+  from bge_jax.train.init import load_tokenizer
 
   rows, tok = data
   config = tiny("finetune", rows, tok, 3, **{"data.group_size": 4, "data.pack": True})
@@ -167,7 +167,8 @@ def test_packed_batches_that_outgrow_their_rows_grow_on_one_process(data, tmp_pa
 
   from bge_jax import contrastive
   from bge_jax.data import packing
-  from bge_jax.train.loop import load_tokenizer, train
+  from bge_jax.train.init import load_tokenizer
+  from bge_jax.train.loop import train
 
   _, tok = data
   # Two datasets (a batch comes from one): short passages pack ~3 to a row, long ones 1.
@@ -240,7 +241,7 @@ def test_packed_process_shards_assemble_the_global_batch(data):
   from bge_jax import contrastive
   from bge_jax.config import preset
   from bge_jax.models import bert
-  from bge_jax.train.loop import load_tokenizer
+  from bge_jax.train.init import load_tokenizer
 
   rows, tok = data
   config = tiny("finetune", rows, tok, 3, **{"data.group_size": 2, "data.pack": True,
