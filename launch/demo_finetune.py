@@ -56,10 +56,6 @@ import sys
 import time
 from typing import Iterable, Sequence
 
-os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # The shared data folder beside the checkout (../shared/data), or --data-dir; the files in it:
 DATA_DIR = REPO.parent / "shared" / "data"
@@ -443,4 +439,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+  # The command's process defaults, set before JAX and transformers load; importing this module
+  # (the tests) leaves the importer's environment alone.
+  os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false")
+  os.environ.setdefault("HF_HUB_OFFLINE", "1")
+  os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
   sys.exit(main())

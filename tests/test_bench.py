@@ -5,33 +5,24 @@ batches must satisfy SPEC's invariants (the same checker as the parity tests), t
 must see an allocation of known size and not invent one, and the interleaving must alternate.
 """
 
-import importlib.util
 import json
-import pathlib
 
 import numpy as np
 import pytest
 
 from test_retromae import assert_spec_invariants
 
-LAUNCH = pathlib.Path(__file__).resolve().parents[1] / "launch"
-
-
-def _load(name: str):
-  spec = importlib.util.spec_from_file_location(f"launch_{name}", LAUNCH / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
 
 @pytest.fixture(scope="module")
 def bench():
-  return _load("bench")
+  from launch import bench
+  return bench
 
 
 @pytest.fixture(scope="module")
 def gpu_bench():
-  return _load("gpu_bench")
+  from launch import gpu_bench
+  return gpu_bench
 
 
 def test_bench_retromae_batch_meets_spec(bench):

@@ -6,7 +6,6 @@ a TF-IDF baseline scored by the same STS code. Both are checked here against ref
 another way (the texts' own characters, scikit-learn's TfidfVectorizer).
 """
 
-import importlib.util
 import pathlib
 
 import numpy as np
@@ -26,11 +25,8 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def demo():
-  path = REPO / "launch" / "demo_finetune.py"
-  spec = importlib.util.spec_from_file_location("demo_finetune", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  from launch import demo_finetune
+  return demo_finetune
 
 
 def test_data_files_default_beside_the_repository_or_under_data_dir(demo, tmp_path):
