@@ -121,29 +121,29 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   def global_batch(local):
     return {k: jax.make_array_from_process_local_data(batch_sh[k], v) for k, v in local.items()}
 
-  programs: dict[tuple, tuple[Any, float]] = {}
+  compiled_steps: dict[tuple, tuple[Any, float]] = {}
 
-  def program(local) -> tuple[Any, float]:
+  def compiled_step_for(local) -> tuple[Any, float]:
     """(the step compiled for this batch's shapes, its analytic model FLOPs: PaLM convention,
     remat/GradCache recompute not counted). Every batch has the probe's shapes, except packed
     ones that outgrew their rows (one process only, `ContrastiveBatcher.enable_packing`)."""
     shapes = tuple((k, np.shape(v)) for k, v in sorted(local.items()))
-    if shapes not in programs:
-      if programs:
+    if shapes not in compiled_steps:
+      if compiled_steps:
         log.warning("compiling the train step for new batch shapes: %s",
                     {k: s for k, s in shapes if s != np.shape(probe[k])})
       compiled = prog.lower(state, global_batch(local), jax.random.key(0)).compile()
-      if programs:
-        first = next(iter(programs.values()))[0]
+      if compiled_steps:
+        first = next(iter(compiled_steps.values()))[0]
         log.warning("that step needs %s per device (the first one: %s)",
                     memory_lib.describe(memory_lib.peak_bytes(compiled)),
                     memory_lib.describe(memory_lib.peak_bytes(first)))
-      _check_fits(compiled, config, grown=bool(programs))
-      programs[shapes] = (compiled, prog.step_flops(local, jax.process_count()).model)
-    return programs[shapes]
+      _check_fits(compiled, config, grown=bool(compiled_steps))
+      compiled_steps[shapes] = (compiled, prog.step_flops(local, jax.process_count()).model)
+    return compiled_steps[shapes]
 
   # Compiled ahead of the loop: the memory analysis is printed before the first step.
-  memory = memory_lib.analysis(program(probe)[0])
+  memory = memory_lib.analysis(compiled_step_for(probe)[0])
   if is_main:
     if start_step:
       run_info.warn_if_processes_changed(workdir, start_step)
@@ -177,7 +177,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     for step in range(start_step, total_steps):
       local = probe if step == start_step else prefetch.next()[1]
       t = time.perf_counter()
-      compiled_step, step_flops = program(local)
+      compiled_step, step_flops = compiled_step_for(local)
       window_start += time.perf_counter() - t  # a compile for new shapes is not step time
       window_tokens += batcher.real_tokens(local) * jax.process_count()
       window_flops += step_flops
