@@ -154,7 +154,7 @@ class Encoder:
   def from_hf(cls, path: str, pooling: str = "cls", normalize: bool = True, *,
               tokenizer: Any = None, devices: Sequence[jax.Device] | None = None,
               **config_overrides: Any) -> "Encoder":
-    """From a Hugging Face / sentence-transformers folder, a bge-jax checkpoint folder, or a
+    """From a Hugging Face / sentence-transformers folder, a bge-jax params folder, or a
     training run's workdir (`from_run`: its newest checkpoint).
 
     config_overrides: BertConfig fields, e.g. dtype="bfloat16" for faster, less exact encoding
@@ -179,7 +179,7 @@ class Encoder:
   def from_checkpoint(cls, path: str, pooling: str = "cls", normalize: bool = True, *,
                       tokenizer: Any = None, devices: Sequence[jax.Device] | None = None,
                       **config_overrides: Any) -> "Encoder":
-    """From a bge-jax checkpoint folder. It computes in float32 unless `config_overrides` say
+    """From a bge-jax params folder. It computes in float32 unless `config_overrides` say
     otherwise (dtype="bfloat16"): the checkpoint's config records the compute dtype its
     training run used (bf16 on accelerators), and encodings should not depend on where the
     same weights were saved (a checkpoint and its HF export encode alike)."""

@@ -46,16 +46,16 @@ class CheckFailed(Exception):
 def hf_to_jax(src: str, out: str, *, check: bool = False, tol: float = DEFAULT_TOL,
               overwrite: bool = False, ignore_unknown: bool = False,
               dtype: str = "float32") -> str:
-  """Hugging Face folder/file -> bge-jax checkpoint at `out`; returns its absolute path."""
+  """Hugging Face folder/file -> bge-jax params folder at `out`; returns its absolute path."""
   if check:
     _require_torch()
   if os.path.isdir(src) and weights.is_checkpoint(src):
     raise convert.ConversionError(
-        f"SRC {src} is a bge-jax checkpoint ({weights.META_FILE}); use `jax-to-hf` to export "
+        f"SRC {src} is a bge-jax params folder ({weights.META_FILE}); use `jax-to-hf` to export "
         "it to Hugging Face.")
   _require_source(src, "a Hugging Face folder, a sentence-transformers folder, or a "
                        ".safetensors/.bin file with config.json beside it")
-  out = _require_output(out, src, overwrite, weights.is_checkpoint, "bge-jax checkpoint")
+  out = _require_output(out, src, overwrite, weights.is_checkpoint, "bge-jax params folder")
   try:
     config, params = convert.load_hf(src, strict=not ignore_unknown, param_dtype=dtype)
   except (convert.ConversionError, OSError):
@@ -78,7 +78,7 @@ def hf_to_jax(src: str, out: str, *, check: bool = False, tol: float = DEFAULT_T
 
   convert.atomic_output_dir(out, write, overwrite=overwrite)
   parts = "bge_jax.json, params/ " + dtype + (", tokenizer/" if tokenizer else "")
-  _say(f"wrote: {out}: bge-jax checkpoint ({parts})")
+  _say(f"wrote: {out}: bge-jax params folder ({parts})")
   return out
 
 
@@ -90,11 +90,11 @@ def jax_to_hf(src: str, out: str, *, check: bool = False, tol: float = DEFAULT_T
               overwrite: bool = False, sentence_transformers: bool = True,
               pooling: str | None = None, max_seq_length: int | None = None,
               step: int | None = None) -> str:
-  """bge-jax checkpoint, or a training run's workdir (its newest checkpoint, or `step`) ->
+  """bge-jax params folder, or a training run's workdir (its newest checkpoint, or `step`) ->
   Hugging Face (+ sentence-transformers) folder at `out`."""
   if check:
     _require_torch()
-  _require_source(src, "a bge-jax checkpoint folder (bge_jax.json + params/) or a training "
+  _require_source(src, "a bge-jax params folder (bge_jax.json + params/) or a training "
                        "run's workdir (run_info.json + checkpoints/)")
   run = os.path.isdir(src) and weights.is_run_workdir(src)
   if step is not None and not run:
@@ -102,7 +102,7 @@ def jax_to_hf(src: str, out: str, *, check: bool = False, tol: float = DEFAULT_T
                                   f"(run_info.json + checkpoints/); SRC {src} is not one.")
   if not run and (not os.path.isdir(src) or not weights.is_checkpoint(src)):
     raise convert.ConversionError(
-        f"SRC {src} is neither a bge-jax checkpoint (no {weights.META_FILE}) nor a training "
+        f"SRC {src} is neither a bge-jax params folder (no {weights.META_FILE}) nor a training "
         "run's workdir (run_info.json + checkpoints/); for a Hugging Face folder or file use "
         "`hf-to-jax`.")
   params_dir = os.path.join(src, "params")
@@ -133,7 +133,7 @@ def jax_to_hf(src: str, out: str, *, check: bool = False, tol: float = DEFAULT_T
   if pooling is not None:
     config = config.replace(pooling=pooling)
   tokenizer = weights.tokenizer_folder(src)
-  what = f"training run, step {step}" if run else "bge-jax checkpoint"
+  what = f"training run, step {step}" if run else "bge-jax params folder"
   _say(f"read: {os.path.abspath(src)}: {what}, {_describe(config)}; tokenizer: "
        f"{os.path.abspath(tokenizer) if tokenizer else 'none (no tokenizer/ folder)'}")
 

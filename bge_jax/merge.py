@@ -79,7 +79,7 @@ def strip_heads(config: BertConfig, params: Mapping[str, Any]) -> tuple[BertConf
 
 
 def load_model(path: str, *, encoder_only: bool = True) -> Model:
-  """A Hugging Face / sentence-transformers folder, a weight file, a bge-jax checkpoint, or a
+  """A Hugging Face / sentence-transformers folder, a weight file, a bge-jax params folder, or a
   training run's workdir (its newest checkpoint): `weights.load_source`."""
   path = os.fspath(path)
   config, params, _ = weights.load_source(path)

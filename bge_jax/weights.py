@@ -75,7 +75,7 @@ def load_params(path: str, shardings: Any = None) -> tuple[BertConfig, Any]:
   path = os.path.abspath(path)
   if not is_checkpoint(path):
     raise convert.ConversionError(
-        f"{path}: not a bge-jax checkpoint (no {META_FILE}); for a Hugging Face folder use "
+        f"{path}: not a bge-jax params folder (no {META_FILE}); for a Hugging Face folder use "
         "bge_jax.convert.load_hf.")
   config = load_config(path)
   checkpointer = ocp.StandardCheckpointer()
@@ -171,7 +171,7 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
 
 
 def tokenizer_folder(path: str | os.PathLike) -> str | None:
-  """The folder with the tokenizer files of a model source: a bge-jax checkpoint's tokenizer/,
+  """The folder with the tokenizer files of a model source: a bge-jax params folder's tokenizer/,
   a training run's (`run_tokenizer_folder`), else the folder itself or the one holding its
   weights (a sentence-transformers module, a single weight file's folder). None: none found."""
   path = os.fspath(path)
@@ -191,13 +191,13 @@ def tokenizer_folder(path: str | os.PathLike) -> str | None:
 
 
 def load_source(path: str | os.PathLike) -> tuple[BertConfig, Any, str]:
-  """(config, params as host arrays, what it is) of any model source: a bge-jax checkpoint
+  """(config, params as host arrays, what it is) of any model source: a bge-jax params folder
   folder, a training run's workdir (its newest checkpoint: finished or not), or a Hugging Face /
   sentence-transformers folder or weight file (`convert.load_hf`)."""
   path = os.fspath(path)
   if os.path.isdir(path) and is_checkpoint(path):
     config, params = load_params(path)
-    return config, to_numpy(params), "bge-jax checkpoint"
+    return config, to_numpy(params), "bge-jax params folder"
   if os.path.isdir(path) and is_run_workdir(path):
     step, config, params = load_run_params(path)
     return config, to_numpy(params), f"training run, step {step}"

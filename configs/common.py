@@ -17,7 +17,7 @@ def base_config() -> ConfigDict:
   # Shape preset when training from scratch: tiny, bge-{small,base,large}-{zh,en}.
   c.model.preset = "bge-small-en"
   # Initial weights: a Hugging Face / sentence-transformers folder, a .safetensors/.bin file with
-  # config.json beside it (e.g. FlagEmbedding's RetroMAE state), a bge-jax checkpoint, or another
+  # config.json beside it (e.g. FlagEmbedding's RetroMAE state), a bge-jax params folder, or another
   # run's workdir (the params of its newest checkpoint, e.g. a stage-1 run stopped early).
   # Empty = from scratch. A checkpoint in the workdir always wins (auto-resume).
   c.model.init_from = ""

@@ -50,7 +50,7 @@ formats:
     BertModel), the tokenizer files, sentence-transformers modules.json + 1_Pooling (+
     2_Normalize), and retromae_state.safetensors (FlagEmbedding naming) when the params hold a
     RetroMAE decoder.
-  bge-jax checkpoint (what `hf-to-jax` writes, `jax-to-hf` reads, training loads):
+  bge-jax params folder (what `hf-to-jax` writes, `jax-to-hf` reads, training loads):
     DIR/bge_jax.json  {"format": "bge-jax/params", "version": 1, "config": {BertConfig fields}}
     DIR/params/       orbax StandardCheckpointer tree, nested like the Flax params
     DIR/tokenizer/    Hugging Face tokenizer files (vocab.txt, tokenizer.json, ...), when known
@@ -83,7 +83,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
   parser = _Parser(
       prog=prog or "convert.py",
       description=_fill("Convert BERT weights between Hugging Face / sentence-transformers / "
-                        "FlagEmbedding RetroMAE files and bge-jax checkpoints."),
+                        "FlagEmbedding RetroMAE files and bge-jax params folders."),
       epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="command", required=True, metavar="{hf-to-jax,jax-to-hf}")
 
@@ -98,15 +98,15 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="replace OUT when it is a previous output of this command")
 
   h2j = sub.add_parser(
-      "hf-to-jax", help="Hugging Face folder or file -> bge-jax checkpoint",
+      "hf-to-jax", help="Hugging Face folder or file -> bge-jax params folder",
       description=_fill("Read a Hugging Face BERT (folder, sentence-transformers folder, single "
                         ".safetensors/.bin with config.json beside it, or FlagEmbedding "
-                        "RetroMAE state .bin) and write a bge-jax checkpoint (bge_jax.json + "
+                        "RetroMAE state .bin) and write a bge-jax params folder (bge_jax.json + "
                         "params/ + tokenizer/) at OUT. Tokenizer files next to the weights are "
                         "copied."),
       epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
   h2j.add_argument("src", metavar="SRC", help="Hugging Face folder or weight file")
-  h2j.add_argument("out", metavar="OUT", help="bge-jax checkpoint folder to create")
+  h2j.add_argument("out", metavar="OUT", help="bge-jax params folder to create")
   h2j.add_argument("--ignore-unknown", action="store_true",
                    help="drop tensors that are not part of the BERT encoder, pooler, MLM head "
                         "or RetroMAE decoder (a warning lists them) instead of refusing")
@@ -116,8 +116,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
   h2j.set_defaults(run=_run_hf_to_jax)
 
   j2h = sub.add_parser(
-      "jax-to-hf", help="bge-jax checkpoint -> Hugging Face / sentence-transformers folder",
-      description=_fill("Read a bge-jax checkpoint and write a folder that transformers "
+      "jax-to-hf", help="bge-jax params folder -> Hugging Face / sentence-transformers folder",
+      description=_fill("Read a bge-jax params folder and write a folder that transformers "
                         "(AutoModel; AutoModelForMaskedLM when it holds an MLM head, which "
                         "AutoModel then reports as unused) and sentence-transformers load. "
                         "The tokenizer comes from the checkpoint's "
@@ -128,7 +128,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         "tokenizer, as the run's own export would write them."),
       epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
   j2h.add_argument("src", metavar="SRC",
-                   help="bge-jax checkpoint folder (has bge_jax.json), or a training run's "
+                   help="bge-jax params folder (has bge_jax.json), or a training run's "
                         "workdir (run_info.json + checkpoints/): its newest checkpoint, or --step")
   j2h.add_argument("--step", type=int, default=None, metavar="N",
                    help="with a run workdir as SRC: the checkpoint of step N (default: newest)")

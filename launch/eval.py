@@ -4,7 +4,7 @@
   python launch/eval.py retrieval --model PATH --data DIR [--query-instruction TEXT]
 
 --model takes any path `Encoder.from_hf` takes: a Hugging Face or sentence-transformers folder
-(with tokenizer files), a bge-jax checkpoint folder, an exported folder, or a training run's
+(with tokenizer files), a bge-jax params folder, an exported folder, or a training run's
 workdir (its newest checkpoint, also while the run goes on).
 
 sts: FILE is the STS Benchmark TSV (header with score, sentence1, sentence2; --split picks the

@@ -3,7 +3,7 @@
   python launch/merge.py --models FINETUNED BASE --weights 0.5 0.5 --out merged/
   python launch/merge.py --models A B C --examples few.jsonl --out merged/ [--format jax]
 
-Every model is a Hugging Face folder, a sentence-transformers folder or a bge-jax checkpoint
+Every model is a Hugging Face folder, a sentence-transformers folder or a bge-jax params folder
 folder; all must have the same architecture (a mismatch is refused, naming the first differing
 tensor and both paths). Only the encoder is merged unless --keep-heads (MLM head, pooler and
 RetroMAE decoder are not used by sentence embeddings).
@@ -18,7 +18,7 @@ the gain on the new task without losing general quality, or weight several exper
 The merged model takes the first model's config (pooling, normalisation) and tokenizer: list
 the fine-tuned model first. Output (--format hf, the default): a Hugging Face BertModel folder
 with sentence-transformers files (modules.json, 1_Pooling, 2_Normalize) that transformers,
-sentence-transformers and bge_jax.Encoder load; --format jax: a bge-jax checkpoint folder. The
+sentence-transformers and bge_jax.Encoder load; --format jax: a bge-jax params folder. The
 output appears only when complete (written to a temporary folder, then renamed). Errors print
 one `error:` line and exit 2.
 """

@@ -25,7 +25,7 @@ def _parser() -> argparse.ArgumentParser:
                               epilog=details.split("\n\n", 1)[1],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--model", required=True, metavar="PATH",
-                 help="Hugging Face / sentence-transformers folder, bge-jax checkpoint folder, "
+                 help="Hugging Face / sentence-transformers folder, bge-jax params folder, "
                       "or a training run's workdir (its newest checkpoint).")
   p.add_argument("--input", required=True, metavar="JSONL",
                  help='training rows {"query", "pos", "neg"?, ...}.')

@@ -7,7 +7,7 @@
       [--query-instruction TEXT] [--check]
 
 --model is an exported folder (a run's export/hf), any Hugging Face or sentence-transformers
-folder, a bge-jax checkpoint folder, or the WORKDIR of a run (still training or finished): its
+folder, a bge-jax params folder, or the WORKDIR of a run (still training or finished): its
 newest committed checkpoint, or --step N, is read (params only) with the run's model config and
 tokenizer. Pooling defaults to the model's own (the folder's 1_Pooling, the run's loss.pooling,
 else CLS). --data defaults to the English STS Benchmark TSV in ../shared/data (dev split); the
@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--model", required=True,
-                      help="HF / sentence-transformers folder, bge-jax checkpoint, or run workdir")
+                      help="HF / sentence-transformers folder, bge-jax params folder, or run "
+                           "workdir")
   parser.add_argument("--step", type=int, help="checkpoint step of a run workdir (default: newest)")
   parser.add_argument("--tokenizer", help="tokenizer folder (default: the model's / the run's)")
   parser.add_argument("--data", default=str(DEFAULT_DATA), help="STS file (read_sts formats)")

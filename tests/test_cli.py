@@ -92,7 +92,7 @@ def test_round_trip_with_check_is_bit_exact(tmp_path, hf_folder, capsys, family)
   assert re.search(rf"^read: .*family {family}, ", stdout, re.M), stdout
   assert set(deltas(stdout)) == {"last hidden state", "pooled embedding"}
   assert max(deltas(stdout).values()) < 1e-4
-  assert "check: passed" in stdout and f"wrote: {ckpt}: bge-jax checkpoint" in stdout
+  assert "check: passed" in stdout and f"wrote: {ckpt}: bge-jax params folder" in stdout
   meta = json.loads((ckpt / "bge_jax.json").read_text())
   assert meta["format"] == "bge-jax/params" and meta["config"]["hf_family"] == family
   assert (ckpt / "params").is_dir() and not (ckpt / "tokenizer").exists()
@@ -193,7 +193,7 @@ def test_overwrite_replaces_previous_output_only(tmp_path, hf_folder, capsys):
   other.mkdir()
   (other / "keep.txt").write_text("mine")
   assert_refused(capsys, cli("hf-to-jax", src, other, "--overwrite"), None, str(other),
-                 "not a bge-jax checkpoint")
+                 "not a bge-jax params folder")
   assert (other / "keep.txt").read_text() == "mine"
 
 

@@ -36,7 +36,7 @@ EXAMPLES = [
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-  """Three tiny models (seeds 0, 1, 2): two HF folders and one bge-jax checkpoint."""
+  """Three tiny models (seeds 0, 1, 2): two HF folders and one bge-jax params folder."""
   root = tmp_path_factory.mktemp("merge")
   tok = make_tokenizer(root / "tokenizer")
   paths, params = [], []

@@ -190,7 +190,7 @@ def test_two_processes_reproduce_one_process_loss_curve(stage, tmp_path, monkeyp
 @pytest.mark.slow
 @pytest.mark.parametrize("source", ["checkpoint", "run"])
 def test_two_processes_initialise_from_a_checkpoint_or_a_run(source, tmp_path, monkeypatch):
-  """model.init_from a bge-jax checkpoint or another run's workdir, on 2 processes: each
+  """model.init_from a bge-jax params folder or another run's workdir, on 2 processes: each
   restores the params onto its own devices (process 1 cannot place arrays on process 0's), and
   the loss curve is the one-process run's from the same source."""
   from test_train import load_config, losses, override

@@ -270,7 +270,7 @@ def local_retrieval_task(folder: str | os.PathLike, split: str = "test", *,
 
 
 # ---------------------------------------------------------------------------------------------
-# Models to evaluate: exported folders, bge-jax checkpoints, and runs still training.
+# Models to evaluate: exported folders, bge-jax params folders, and runs still training.
 # ---------------------------------------------------------------------------------------------
 
 def load_encoder(path: str | os.PathLike, pooling: str | None = None,
@@ -281,7 +281,7 @@ def load_encoder(path: str | os.PathLike, pooling: str | None = None,
 
   * a trainer workdir (`is_run_workdir`): its newest committed checkpoint (or `step`), with the
     run's model config (pooling and normalisation of the loss) and tokenizer;
-  * a bge-jax checkpoint folder, a Hugging Face or sentence-transformers folder (e.g. a run's
+  * a bge-jax params folder, a Hugging Face or sentence-transformers folder (e.g. a run's
     `export/hf`): as `Encoder.from_hf`.
 
   pooling / normalize None: the model's own (a sentence-transformers folder's declared pooling,
