@@ -1,8 +1,9 @@
 """launch/bench.py and launch/gpu_bench.py: their batches, measures and a smoke run.
 
 The benchmarks' numbers are only as good as their inputs and meters: the synthetic RetroMAE
-batches must satisfy SPEC's invariants (the same checker as the parity tests), the memory meter
-must see an allocation of known size and not invent one, and the interleaving must alternate.
+batches must satisfy RetroMAE's batch invariants (the same checker as the parity tests), the
+memory meter must see an allocation of known size and not invent one, and the interleaving must
+alternate.
 """
 
 import json
@@ -10,7 +11,7 @@ import json
 import numpy as np
 import pytest
 
-from test_retromae import assert_spec_invariants
+from test_retromae import assert_batch_invariants
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def gpu_bench():
 
 def test_bench_retromae_batch_meets_spec(bench):
   batch = bench.retromae_batch(np.random.RandomState(0), 6, 24, vocab=300)
-  assert_spec_invariants(batch)
+  assert_batch_invariants(batch)
   real = batch["encoder_attention_mask"]
   assert real.sum(1).min() < 24 == real.sum(1).max(), "rows must be ragged, one full"
   # Within the collator's bound, which the benchmark's sparse MLM head relies on.
@@ -40,7 +41,7 @@ def test_full_length_retromae_batch_meets_spec():
   from bge_jax.testing import batches
 
   batch = batches.retromae_batch(np.random.RandomState(0), 3, 16, vocab=300)
-  assert_spec_invariants(batch)
+  assert_batch_invariants(batch)
   assert (batch["encoder_attention_mask"] == 1).all()
   assert (batch["encoder_labels"] != -100).sum(1).max() <= max_predictions(16, 0.3)
   pairs = batches.pair_batch(np.random.RandomState(0), 4, 300, q_len=8, p_len=16)

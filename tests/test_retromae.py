@@ -1,8 +1,9 @@
-"""Parity of the RetroMAE (stage 1) loss with an independent PyTorch implementation of SPEC.
+"""Parity of the RetroMAE (stage 1) loss with an independent PyTorch implementation.
 
 The reference (bge_jax/testing/torch_reference.py) is FlagEmbedding's RetroMAEForPretraining
 rebuilt from transformers' BertForMaskedLM (`lm`) and a two-stream decoder layer written from
-SPEC's math (`c_head`, with HF BertLayer parameter names). Both sides read the same random FlagEmbedding-style state dict
+the RetroMAE paper's enhanced decoding (Xiao et al. 2022, arXiv:2205.12035, section 3.3; `c_head`,
+with HF BertLayer parameter names). Both sides read the same random FlagEmbedding-style state dict
 (conftest.make_hf_folder(..., "retromae", seed)); losses and every parameter's gradient are
 compared in float32 with dropout off (torch .eval(), JAX rng=None).
 """
@@ -39,7 +40,7 @@ LOSS_KEYS = ("loss", "encoder_loss", "decoder_loss")
 # ---------------------------------------------------------------------------------------------
 
 def make_batch(vocab_size: int, seed: int, lengths=LENGTHS[SEEDS[0]]) -> dict[str, np.ndarray]:
-  """A RetroMAE batch as the collator names it, following SPEC's invariants.
+  """A RetroMAE batch as the collator names it, with the invariants of `assert_batch_invariants`.
 
   Encoder: ~30% of real positions (never [CLS]) labelled, 80% [MASK] / 10% random / 10% kept.
   Decoder mask: per example a pool of min(L, 128) random masks (ratio 0.5 over positions
@@ -85,12 +86,13 @@ def make_batch(vocab_size: int, seed: int, lengths=LENGTHS[SEEDS[0]]) -> dict[st
   batch = {"encoder_input_ids": as_int(enc_ids), "encoder_attention_mask": as_int(real),
            "encoder_labels": as_int(enc_labels), "decoder_input_ids": as_int(ids),
            "decoder_attention_mask": as_int(dec_mask), "decoder_labels": as_int(dec_labels)}
-  assert_spec_invariants(batch)
+  assert_batch_invariants(batch)
   return batch
 
 
-def assert_spec_invariants(batch) -> None:
-  """SPEC's position-specific mask and decoder labels, for a batch of right-padded rows."""
+def assert_batch_invariants(batch) -> None:
+  """RetroMAE's position-specific decoder mask and decoder labels (arXiv:2205.12035, section
+  3.3, as FlagEmbedding's collator builds them), for a batch of right-padded rows."""
   real = batch["encoder_attention_mask"].astype(bool)
   n = real.sum(axis=1)
   m = batch["decoder_attention_mask"]
@@ -281,7 +283,7 @@ def test_parity_on_collator_batch(files, report, query_stream, sparse):
   rng = np.random.RandomState(seed)
   examples = [rng.randint(4, vocab_size, size=n - 2).tolist() for n in LENGTHS[seed]]
   batch = collator(examples, step=3)
-  assert_spec_invariants(batch)
+  assert_batch_invariants(batch)
   k = masking.max_predictions(LENGTH, collator.encoder_mlm_probability) if sparse else None
   if sparse:  # the bound is tight on the full-length rows, and smaller than the length
     assert (batch["encoder_labels"] != -100).sum(axis=1).max() == k < LENGTH
