@@ -3,8 +3,9 @@
 The reference is the C-Pack paper's (arXiv:2309.07597) and FlagEmbedding's math, written here in
 PyTorch over transformers' BertModel read from the same random folder
 (conftest.make_hf_folder(..., "bert", seed)), eval mode: CLS or mean pooling,
-torch.nn.functional.normalize, scores q @ p.T / temperature over the whole batch with targets i*G (in-batch negatives) or over the own group with target 0, and the
-distillation loss -(softmax(teacher) * log_softmax(group scores / temperature)).sum(-1).mean().
+torch.nn.functional.normalize, scores q @ p.T / temperature over the whole batch with targets
+i*G (in-batch negatives) or over the own group with target 0, and the distillation loss
+-(softmax(teacher) * log_softmax(group scores / temperature)).sum(-1).mean().
 Losses and every parameter's gradient are compared in float32 with dropout off.
 """
 
