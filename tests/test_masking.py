@@ -278,7 +278,18 @@ def test_pad_to_and_truncation(tokenizer):
     RetroMAECollator(tokenizer, max_length=16, pad_to=8)([list(range(1000, 1020))], step=0)
 
 
-# ------------------------------------------------------------------------------ packing
+# ------------------------------------------------------------------------------ concatenation
+
+def test_the_old_mode_name_pack_is_refused_with_the_new_one():
+  """Stage 1's data.mode='pack' was renamed 'concatenate' (stages 2-3's data.pack is another
+  thing); the old value stops with the key and its new name, before any data is read."""
+  from bge_jax.data.text_batcher import TextBatcher
+
+  with pytest.raises(ValueError, match=r"config.data.mode='pack' is now called 'concatenate'"):
+    TextBatcher(None, None, None, 1, seed=0, max_length=8, mode="pack", process_index=0)
+  with pytest.raises(ValueError, match=r"config.data.mode='blocks'; use 'truncate'"):
+    TextBatcher(None, None, None, 1, seed=0, max_length=8, mode="blocks", process_index=0)
+
 
 def test_concatenate_into_blocks_fills_blocks_and_keeps_every_token():
   assert concatenate_into_blocks([[1, 2], [3, 4, 5], [], [6], [7] * 10], max_length=7) == [

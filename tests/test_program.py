@@ -94,7 +94,8 @@ def test_aot_lowers_the_trainers_own_program(tmp_path, monkeypatch):
     assert _aot_text(_config(tmp_path / key, **{key: value})) != trainer, key
 
 
-@pytest.mark.parametrize("which", ["finetune-packed-teacher", "finetune", "retromae"])
+@pytest.mark.parametrize("which", ["finetune-packed-teacher", "finetune", "retromae",
+                                   "retromae-concatenate"])
 def test_abstract_batches_match_the_batchers(tmp_path, which):
   """Stage.abstract_batch gives the shapes and dtypes of the batcher's real global batch."""
   import jax
@@ -103,11 +104,14 @@ def test_abstract_batches_match_the_batchers(tmp_path, which):
   from bge_jax.train import init
   from bge_jax.train.stages import get_stage
 
-  if which == "retromae":
+  if which.startswith("retromae"):
     config = config_files.load("retromae:tiny")
     config.tokenizer = str(make_tokenizer(tmp_path / "tok"))
-    config.data.train = str(make_corpus(tmp_path / "corpus.jsonl", 32))
+    # Short texts (3-6 words): several fit one 32-token row when concatenated.
+    config.data.train = str(make_corpus(tmp_path / "corpus.jsonl", 128, min_words=3, max_words=6))
     config.data.max_length = 32
+    if which == "retromae-concatenate":
+      config.data.mode = "concatenate"
   elif which == "finetune":
     config = _config(tmp_path, **{"data.pack": False, "data.use_teacher_scores": False})
   else:
@@ -115,10 +119,14 @@ def test_abstract_batches_match_the_batchers(tmp_path, which):
   stage = get_stage(config.stage)
   tokenizer = init.load_tokenizer(config)
   model_config = stage.model_config(init.model_config_and_weights(config, tokenizer)[0], config)
-  batch = stage.batcher(config, tokenizer, model_config, 0, 1)(0)
+  batcher = stage.batcher(config, tokenizer, model_config, 0, 1)
+  batch = batcher(0)
   abstract = stage.abstract_batch(config, model_config,
                                   devices_per_process=jax.local_device_count())
   assert {k: (v.shape, str(v.dtype)) for k, v in batch.items()} == \
       {k: (v.shape, str(v.dtype)) for k, v in abstract.items()}
   if which == "finetune-packed-teacher":
     assert "teacher_scores" in abstract and "query_segment_ids" in abstract
+  if which == "retromae-concatenate":  # the 128 texts concatenated into fewer, longer rows
+    assert "blocks of concatenated texts" in batcher.describe()
+    assert 8 <= batcher.num_examples < 128 / 3, batcher.num_examples
