@@ -509,3 +509,23 @@ def test_prefetcher_close_joins_its_thread_and_reraises_errors():
   finally:
     prefetch.close()
   assert not prefetch._thread.is_alive()
+
+
+@pytest.mark.parametrize("name", ["d.jsonl.gz", "d.tsv.gz"])
+def test_truncated_gz_names_the_file_or_keeps_the_rows_before(tmp_path, name):
+  lines = ([json.dumps(r) for r in fe_rows(0, 3000)] if name.endswith(".jsonl.gz")
+           else [f"query {i}\tpassage {i} of a longer corpus" for i in range(3000)])
+  data = gzip.compress("".join(line + "\n" for line in lines).encode())
+  p = tmp_path / name
+  p.write_bytes(data[:len(data) // 2])
+  after = write_jsonl(tmp_path / "e.jsonl", fe_rows(1, 1))
+  with pytest.raises(DataError, match=r"truncated or corrupt: re-download or recompress") as e:
+    open_contrastive_data([str(p), str(after)])
+  assert str(e.value).startswith(f"{p}:") and "on_error='skip'" in str(e.value)
+  src = open_contrastive_data([str(p), str(after)], on_error="skip")
+  kept = len(src) - 1
+  assert 0 < kept < 3000 and src.skipped == {"damaged_file": 1}
+  prefix = "query 0 " if name.endswith(".jsonl.gz") else "query "
+  assert [r.query for r in src][:kept] == [f"{prefix}{i}" for i in range(kept)]
+  assert src[kept].query == "query 1 0"
+  assert f"damaged_file 1 (first at {p}:{kept + 1})" in src.summary()

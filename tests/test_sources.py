@@ -657,3 +657,47 @@ def test_finetune_data_as_pretraining_corpus(shared_data, name):
   assert len(dd) == len(set(passages)) and list(dd) == list(dict.fromkeys(passages))
   assert dd.skipped.get("duplicate", 0) == len(passages) - len(dd)
   assert len(open_text_source(str(path), field="query,pos,neg")) == len(passages) + len(rows)
+
+
+def write_truncated_gz(path: pathlib.Path, lines: list[str]) -> pathlib.Path:
+  """`lines` gzipped, the stream cut in half (a download or copy that stopped early)."""
+  data = gzip.compress("".join(line + "\n" for line in lines).encode())
+  path.write_bytes(data[:len(data) // 2])
+  return path
+
+
+@pytest.mark.parametrize("name,line", [
+    ("a.jsonl.gz", lambda i: json.dumps({"text": f"row {i} of a longer corpus"})),
+    ("a.txt.gz", lambda i: f"row {i} of a longer corpus")])
+def test_truncated_gz_names_the_file_or_keeps_the_rows_before(tmp_path, name, line, caplog):
+  p = write_truncated_gz(tmp_path / name, [line(i) for i in range(3000)])
+  after = write_jsonl(tmp_path / "b.jsonl", ["after the damaged file"])
+  with pytest.raises(DataError, match=r"truncated or corrupt: re-download or recompress") as e:
+    open_text_source([p, after])
+  assert str(e.value).startswith(f"{p}:") and "on_error='skip'" in str(e.value)
+  assert "\n" not in str(e.value)
+  with caplog.at_level(logging.WARNING, logger="bge_jax.data.sources"):
+    src = open_text_source([p, after], on_error="skip")
+  texts = list(src)
+  kept = len(texts) - 1
+  assert 0 < kept < 3000 and texts[:kept] == [f"row {i} of a longer corpus" for i in range(kept)]
+  assert texts[-1] == "after the damaged file"
+  assert src.skipped == {"damaged_file": 1}
+  assert f"damaged_file 1 (first at {p}:{kept + 1})" in src.summary()
+  assert f"{p}:{kept + 1}: the file is truncated or corrupt" in caplog.text
+
+
+def test_corrupt_gz_and_damaged_json_array(tmp_path):
+  bad = tmp_path / "bad.jsonl.gz"
+  bad.write_bytes(b"not gzip at all\n")
+  with pytest.raises(DataError, match=rf"^{bad}:1: the file is truncated or corrupt"):
+    open_text_source(bad)
+  ok = write_jsonl(tmp_path / "ok.jsonl", ["fine"])
+  assert open_text_source([bad, ok], on_error="skip").skipped == {"damaged_file": 1}
+  # A JSON array cannot be read in part: it refuses in both modes.
+  arr = tmp_path / "arr.json.gz"
+  rows = [json.dumps({"text": f"item {i} of the array"}) for i in range(3000)]
+  write_truncated_gz(arr, ["[" + ",\n".join(rows) + "]"])
+  for on_error in ("raise", "skip"):
+    with pytest.raises(DataError, match=rf"^{arr}: the file is truncated .*cannot be read in part"):
+      open_text_source(arr, on_error=on_error)

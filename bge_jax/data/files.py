@@ -3,11 +3,49 @@
 from __future__ import annotations
 
 import glob
+import gzip
 import os
 import re
-from typing import Sequence
+import zlib
+from typing import IO, Sequence
 
 GLOB_CHARS = re.compile(r"[*?\[]")
+
+# What a damaged gzip stream raises while being read: EOFError when it ends before the
+# end-of-stream marker (a truncated download or copy), BadGzipFile (an OSError) for a bad header
+# or CRC, zlib.error for corrupt deflate data. Readers catch these where they can still keep the
+# rows read before the damage, so they are not lumped in with other OSErrors.
+DAMAGED = (EOFError, gzip.BadGzipFile, zlib.error)
+DAMAGE_REASON = "damaged_file"  # The `skipped` reason counted for a damaged file, once per file.
+DAMAGE_FIX = "the file is truncated or corrupt: re-download or recompress it"
+
+
+def open_data(path: str) -> IO[bytes]:
+  """`path` opened for reading bytes, decompressed when it ends in .gz."""
+  return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+
+
+def damaged(path: str, line: int | None, e: BaseException) -> str:
+  """The one-line message for a damaged file, `line` the first line not read whole (if known)."""
+  where = f"{path}:{line}" if line else path
+  return f"{where}: {DAMAGE_FIX} ({type(e).__name__}: {e})"
+
+
+def read_head(f: IO[bytes], size: int = 4096) -> bytes:
+  """Up to `size` first bytes of `f`; on a damaged stream, those read before the damage (the
+  caller meets the damage again, with its line number, when it reads the rest)."""
+  chunks: list[bytes] = []
+  got = 0
+  try:
+    while got < size:
+      chunk = f.read(min(512, size - got))  # small reads: little is lost to the damage
+      if not chunk:
+        break
+      chunks.append(chunk)
+      got += len(chunk)
+  except DAMAGED:
+    pass
+  return b"".join(chunks)
 
 
 def has_suffix(name: str, suffixes: Sequence[str]) -> bool:

@@ -32,7 +32,9 @@ a missing or empty query, a missing or empty `pos`, a non-string or empty text, 
 numbers or do not match `pos`/`neg` in length, a non-string prompt/type, a TSV line with the wrong
 number of columns, a pair row without any known field pair) raises a `DataError` naming
 `file:line`, the problem and the fix, or with `on_error="skip"` is skipped whole and counted per
-reason in `source.skipped`. Blank lines are ignored.
+reason in `source.skipped`. Blank lines are ignored. A truncated or corrupt .gz file raises a
+`DataError` naming the file and the line reached, or with `on_error="skip"` keeps the rows read
+before the damage and counts the file as `damaged_file`.
 
 FlagEmbedding's file-name convention is kept: a dataset whose file stem or folder name ends with
 `no_in_batch_neg` does not use in-batch negatives (`PairSource.no_in_batch_neg`).
@@ -41,7 +43,6 @@ FlagEmbedding's file-name convention is kept: a dataset whose file stem or folde
 from __future__ import annotations
 
 import collections
-import gzip
 import json
 import logging
 import math
@@ -117,7 +118,8 @@ class PairSource(Sequence):
     kinds: the kind each file was read as ("fe" or "pairs"), aligned with `origins`.
     skipped: reason -> number of rows skipped while opening (with `on_error="skip"`); reasons are
       invalid_json, invalid_utf8, not_object, missing_field, not_string, empty_text, empty_pos,
-      bad_score, score_mismatch, wrong_columns.
+      bad_score, score_mismatch, wrong_columns, damaged_file (a truncated or corrupt .gz file,
+      counted once, the rows before the damage kept).
     no_in_batch_neg: the spec is named `*no_in_batch_neg` (FlagEmbedding's convention).
   """
 
@@ -293,15 +295,29 @@ class _Reader:
     self.files.append(file_index)
     self.lines.append(lineno)
 
-  @staticmethod
-  def _lines(f) -> Iterator[tuple[int, bytes]]:
-    """(line number, raw line without the line break) for the non-blank lines."""
-    for lineno, raw in enumerate(f, 1):
-      if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
-        raw = raw[3:]
-      raw = raw.rstrip(b"\r\n")
-      if raw and not raw.isspace():
-        yield lineno, raw
+  def _damaged(self, path: str, lineno: int, e: BaseException) -> None:
+    """A damaged compressed file: raises, or (on_error="skip") counts it once, keeping the rows
+    read before the damage."""
+    message = files_lib.damaged(path, lineno, e)
+    if self.on_error == "raise":
+      raise DataError(f"{message}; or set on_error='skip' to keep the rows before line {lineno}")
+    log.warning("data: %s; kept the rows before line %d (on_error='skip')", message, lineno)
+    self.skipped[files_lib.DAMAGE_REASON] += 1
+    self.first_skipped.setdefault(files_lib.DAMAGE_REASON, f"{path}:{lineno}")
+
+  def _lines(self, path: str, f) -> Iterator[tuple[int, bytes]]:
+    """(line number, raw line without the line break) for the non-blank lines; a damaged .gz
+    stream ends them (or raises) through `_damaged`."""
+    lineno = 0
+    try:
+      for lineno, raw in enumerate(f, 1):
+        if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+          raw = raw[3:]
+        raw = raw.rstrip(b"\r\n")
+        if raw and not raw.isspace():
+          yield lineno, raw
+    except files_lib.DAMAGED as e:
+      self._damaged(path, lineno + 1, e)
 
   @staticmethod
   def _decode(raw: bytes) -> str:
@@ -315,9 +331,8 @@ class _Reader:
   def read(self, path: str, file_index: int) -> str:
     """Reads one file; returns the kind it was read as."""
     base = path[:-3] if path.endswith(".gz") else path
-    opener = gzip.open if path.endswith(".gz") else open
     try:
-      with opener(path, "rb") as f:
+      with files_lib.open_data(path) as f:
         if base.endswith(".tsv"):
           if self.kind == "fe":
             raise DataError(f"{path}: kind='fe' reads FlagEmbedding JSONL; a TSV file holds "
@@ -330,7 +345,7 @@ class _Reader:
 
   def _read_jsonl(self, path: str, file_index: int, f) -> str:
     kind = None if self.kind == "auto" else self.kind
-    for lineno, raw in self._lines(f):
+    for lineno, raw in self._lines(path, f):
       try:
         line = self._decode(raw)
         escapes = b"\\u" in raw
@@ -356,7 +371,7 @@ class _Reader:
   def _read_tsv(self, path: str, file_index: int, f) -> None:
     columns: tuple[int, int] | None = None
     width = 2
-    for lineno, raw in self._lines(f):
+    for lineno, raw in self._lines(path, f):
       try:
         cells = self._decode(raw).split("\t")
         if columns is None:

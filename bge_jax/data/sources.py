@@ -37,7 +37,10 @@ texts (a value that is neither a string nor a list of strings, a list item that 
 an empty list, an empty, whitespace-only or too short text, bytes that are not UTF-8) raise a
 `DataError` naming `file:line`, the field, the problem and the fix, or with `on_error="skip"` are
 skipped and counted per reason in `src.skipped`; a bad text is skipped alone, the row's other
-texts are kept. Blank lines are not rows and are ignored silently in both modes.
+texts are kept. Blank lines are not rows and are ignored silently in both modes. A truncated or
+corrupt .gz file raises a `DataError` naming the file and the line reached, or with
+`on_error="skip"` keeps the rows read before the damage and counts the file as `damaged_file`
+(a JSON array file cannot be read in part and raises in both modes).
 
 TFDS records cannot be skipped without scanning the whole dataset, which would defeat lazy
 reading, so they are validated when read: a bad record raises a `DataError` naming the dataset
@@ -54,7 +57,6 @@ from __future__ import annotations
 
 import bisect
 import collections
-import gzip
 import json
 import logging
 import os
@@ -309,8 +311,9 @@ class TextSource(Sequence):
       (all of them, also on a shard).
     skipped: reason -> number of rows (or texts of a row) skipped while opening (with
       `on_error="skip"`); reasons are invalid_json, not_object, missing_field, not_string,
-      empty_text, too_short, invalid_utf8, and "duplicate" for texts dropped by `dedupe=True`
-      (not an error). Counts are over the whole source, also on a shard.
+      empty_text, too_short, invalid_utf8, damaged_file (a truncated or corrupt .gz file, counted
+      once, the rows before the damage kept), and "duplicate" for texts dropped by
+      `dedupe=True` (not an error). Counts are over the whole source, also on a shard.
     shard_index, shard_count: which strided part of the full source this is (0, 1 when unsharded).
     full_length: the number of texts before sharding.
   """
@@ -539,39 +542,59 @@ class _Reader:
 
   def read(self, path: str) -> _MemoryPart:
     base = path[:-3] if path.endswith(".gz") else path
-    opener = gzip.open if path.endswith(".gz") else open
     try:
-      with opener(path, "rb") as f:
+      with files_lib.open_data(path) as f:
         if base.endswith(".txt"):
           return self._read_txt(path, f)
-        head = f.read(4096)
+        head = files_lib.read_head(f)
         f.seek(0)
         if head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
-          return self._read_json_array(path, f.read())
+          try:
+            data = f.read()
+          except files_lib.DAMAGED as e:
+            # Not skippable: the items before the damage sit in an array that never closes.
+            raise DataError(f"{files_lib.damaged(path, None, e)}; a JSON array cannot be read in "
+                            "part, whatever data.on_error says") from None
+          return self._read_json_array(path, data)
         return self._read_jsonl(path, f)
     except OSError as e:
       raise DataError(f"cannot read {path}: {e}") from None
 
-  def _lines(self, f) -> Iterator[tuple[int, str, bool]]:
+  def _damaged(self, path: str, lineno: int, e: BaseException) -> None:
+    """A damaged compressed file: raises, or (on_error="skip") counts it once, keeping the rows
+    read before the damage."""
+    message = files_lib.damaged(path, lineno, e)
+    if self.on_error == "raise":
+      raise DataError(f"{message}; or set data.on_error='skip' to keep the rows before line "
+                      f"{lineno}")
+    log.warning("data: %s; kept the rows before line %d (data.on_error='skip')", message, lineno)
+    self._count(files_lib.DAMAGE_REASON, path, lineno)
+
+  def _lines(self, path: str, f) -> Iterator[tuple[int, str, bool]]:
     """(line number, decoded line, may hold surrogates) for the non-blank lines.
 
     Bytes that are not UTF-8 survive decoding as surrogates (errors="surrogateescape") so that
-    they are reported (or skipped) per row, with the row's line number.
+    they are reported (or skipped) per row, with the row's line number. A damaged .gz stream
+    ends the lines (or raises) through `_damaged`.
     """
-    for lineno, raw in enumerate(f, 1):
-      if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
-        raw = raw[3:]
-      raw = raw.rstrip(b"\r\n")
-      if not raw or raw.isspace():
-        continue
-      try:
-        yield lineno, raw.decode("utf-8"), b"\\u" in raw
-      except UnicodeDecodeError:
-        yield lineno, raw.decode("utf-8", errors="surrogateescape"), True
+    lineno = 0
+    try:
+      for lineno, raw in enumerate(f, 1):
+        if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+          raw = raw[3:]
+        raw = raw.rstrip(b"\r\n")
+        if not raw or raw.isspace():
+          continue
+        try:
+          yield lineno, raw.decode("utf-8"), b"\\u" in raw
+        except UnicodeDecodeError:
+          yield lineno, raw.decode("utf-8", errors="surrogateescape"), True
+    except files_lib.DAMAGED as e:
+      self._damaged(path, lineno + 1, e)
 
   def _read_txt(self, path: str, f) -> _MemoryPart:
     texts, lines = [], []
-    for lineno, line, suspect in self._lines(f):
+    for lineno, line, suspect in self._lines(path, f):
       try:
         text = _check_text(line, self.min_chars, "line", suspect)
       except _BadRow as e:
@@ -583,7 +606,7 @@ class _Reader:
   def _read_jsonl(self, path: str, f) -> _MemoryPart:
     texts, lines = [], []
     loads, add_row = json.loads, self._add_row
-    for lineno, line, suspect in self._lines(f):
+    for lineno, line, suspect in self._lines(path, f):
       try:
         row = loads(line)
       except json.JSONDecodeError as e:
