@@ -37,10 +37,18 @@ class MetricWriter:
     self._jsonl.write(json.dumps(row) + "\n")
 
   def close(self) -> None:
-    if self._jsonl is not None:
-      self._jsonl.close()
-    if self._tb is not None:
-      self._tb.close()
+    """Best effort: never raises. The trainer calls it in a `finally`, where a full disk's error
+    from flushing the logs would replace the error that stopped the run; a failed flush loses at
+    most the last rows, so it is logged as a warning instead."""
+    for name, handle in (("metrics.jsonl", self._jsonl), ("tb/ events", self._tb)):
+      if handle is None:
+        continue
+      try:
+        handle.close()
+      except Exception as e:  # any failure here must not mask the real one
+        log.warning("could not close %s (%s: %s); its last rows may be lost", name,
+                    type(e).__name__, e)
+    self._jsonl = self._tb = None
 
 
 class MetricsLogError(ValueError):
