@@ -39,6 +39,12 @@ _DISTRIBUTED = flags.DEFINE_enum(
     "auto: initialise jax.distributed when --coordinator_address is given or a multi-process "
     "cluster is detected (TPU pod slice, SLURM with several tasks, Open MPI); on: always "
     "(jax.distributed.initialize() then detects the cluster itself); off: single process.")
+_ACCEPT_CONFIG_CHANGES = flags.DEFINE_bool(
+    "accept_config_changes", False,
+    "Resume the run in --workdir although the config changed in keys that change the run "
+    "(optimizer, model, data, loss, seed, batch...; each change is logged). Without it such a "
+    "resume is refused, naming the keys (exit 2). A flag, not a config key, so that it is not "
+    "recorded in the run's config.json.")
 
 
 def _cluster_detected() -> str | None:
@@ -103,12 +109,13 @@ def main(argv):
   from bge_jax.train.checkpoints import CheckpointError
   from bge_jax.train.init import ConfigError
   from bge_jax.train.loop import train
+  from bge_jax.train.workdir import WorkdirBusy
   try:
     train(_CONFIG.value, _WORKDIR.value)
   except (ConfigError, ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  except (CheckpointError, FloatingPointError) as e:
+  except (CheckpointError, FloatingPointError, WorkdirBusy) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
 
