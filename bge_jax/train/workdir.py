@@ -125,9 +125,12 @@ def lock(workdir: str, process_index: int = 0) -> Iterator[str | None]:
 
 # Keys whose change leaves the trained model the same: how often and where the run logs,
 # evaluates, checkpoints and exports, how it is laid out on devices (orbax restores onto another
-# mesh), the input pipeline's depth, and the MFU denominator. A name ending in "." is a prefix.
+# mesh), the input pipeline's depth, the MFU denominator, and when a run of skipped NaN/inf
+# updates stops it (raising it is how such a stopped run goes on; no applied update changes).
+# A name ending in "." is a prefix.
 KEPT_ON_RESUME = (
     "log_every_steps", "checkpoint.", "eval.", "export", "data.prefetch", "peak_tflops", "mesh.",
+    "max_consecutive_nonfinite_steps",
 )
 # Paths read at the start: on resume the checkpoint's weights win over model.init_from, and a
 # moved folder is the usual reason these change. Logged, not refused (a different model shape
@@ -189,7 +192,7 @@ def check_resume_config(workdir: str, config: Any, accept_changes: bool = False)
   then each such change is logged as a warning and the run goes on.
 
   Not refused (logged at info): KEPT_ON_RESUME (logging, checkpoint, eval and export settings,
-  the mesh, data.prefetch, peak_tflops) and PATHS (model.init_from: the checkpoint's weights win
+  the mesh, data.prefetch, peak_tflops, max_consecutive_nonfinite_steps) and PATHS (model.init_from: the checkpoint's weights win
   on resume; tokenizer). num_train_steps / num_epochs: extending (or shortening) a run changes
   the lr schedule's total, so with a linear decay or a warmup_ratio the lr of every step from
   here differs from the run so far's plan (a finished linear run jumps from ~0 back up): refused
