@@ -192,12 +192,13 @@ def check_resume_config(workdir: str, config: Any, accept_changes: bool = False)
   then each such change is logged as a warning and the run goes on.
 
   Not refused (logged at info): KEPT_ON_RESUME (logging, checkpoint, eval and export settings,
-  the mesh, data.prefetch, peak_tflops, max_consecutive_nonfinite_steps) and PATHS (model.init_from: the checkpoint's weights win
-  on resume; tokenizer). num_train_steps / num_epochs: extending (or shortening) a run changes
-  the lr schedule's total, so with a linear decay or a warmup_ratio the lr of every step from
-  here differs from the run so far's plan (a finished linear run jumps from ~0 back up): refused
-  as a change then, accepted with a constant schedule and a fixed (or no) warmup, where only the
-  end moves. Everything else (optimizer.*, model shape and dtypes, data.*, loss.*, seed,
+  the mesh, data.prefetch, peak_tflops, max_consecutive_nonfinite_steps) and PATHS
+  (model.init_from: the checkpoint's weights win on resume; tokenizer).
+
+  num_train_steps / num_epochs: extending (or shortening) a run changes the lr schedule's total,
+  so with a linear decay or a warmup_ratio the lr of every step from here differs from the run
+  so far's plan (a finished linear run jumps from ~0 back up): refused as a change then,
+  accepted with a constant schedule and a fixed (or no) warmup, where only the end moves. Everything else (optimizer.*, model shape and dtypes, data.*, loss.*, seed,
   batch_size, stage, grad_accum_steps, dropout, skip_nonfinite_updates, and keys added later) is
   refused when changed.
 
