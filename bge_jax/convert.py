@@ -347,12 +347,38 @@ def _short(keys: list[str], n: int = 8) -> str:
 # ---------------------------------------------------------------------------------------------
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
-  """Tensors of a .safetensors / .bin file, or of a sharded checkpoint's index .json."""
+  """Tensors of a .safetensors / .bin file, or of a sharded checkpoint's index .json.
+
+  Raises:
+    ConversionError: naming the file and the fix, for a missing, truncated or corrupt file or a
+      .bin that torch refuses to load with weights_only=True.
+  """
+  try:
+    return _read_state_dict(path)
+  except ConversionError:
+    raise
+  except FileNotFoundError as e:
+    raise ConversionError(f"{e.filename or path}: file not found; re-download the checkpoint "
+                          "(a sharded one needs every file its index names).") from e
+  except Exception as e:  # safetensors, torch.load (pickle, zip) and OS errors of a damaged file
+    if path.endswith((".bin", ".pt")) and "weights_only" in str(e):
+      raise ConversionError(
+          f"{path}: torch refuses to load it with weights_only=True (it holds pickled objects "
+          "besides tensors); convert it to model.safetensors where you trust the file, e.g. "
+          "with safetensors.torch.save_file.") from e
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    raise ConversionError(f"{path}: cannot read the weights ({type(e).__name__}: {first}); the "
+                          "file is truncated or corrupt: re-download or re-export it.") from e
+
+
+def _read_state_dict(path: str) -> dict[str, np.ndarray]:
   if path.endswith(".index.json"):
-    with open(path) as f:
-      shards = sorted(set(json.load(f)["weight_map"].values()))
+    index = read_json(path)
+    if not isinstance(index, Mapping) or not isinstance(index.get("weight_map"), Mapping):
+      raise ConversionError(f"{path}: no \"weight_map\" object; a sharded checkpoint's index maps "
+                            "each tensor name to its shard file.")
     out: dict[str, np.ndarray] = {}
-    for shard in shards:
+    for shard in sorted(set(index["weight_map"].values())):
       out.update(read_state_dict(os.path.join(os.path.dirname(path), shard)))
     return out
   if path.endswith(".safetensors"):
@@ -368,7 +394,8 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
           "torch==2.13.0), or convert it to model.safetensors first.") from e
     sd = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(sd, Mapping):
-      raise ConversionError(f"{path}: expected a state dict (a mapping of tensors), got {type(sd).__name__}.")
+      raise ConversionError(f"{path}: expected a state dict (a mapping of tensors), got "
+                            f"{type(sd).__name__}.")
     return {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy() for k, v in sd.items()
             if hasattr(v, "numpy")}
   raise ConversionError(f"{path}: unknown weight file type; expected .safetensors or .bin.")

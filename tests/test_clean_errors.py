@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import errno
+import json
 import logging
+import os
 
+import jax
+import numpy as np
 import pytest
 
+from bge_jax import config as config_lib
+from bge_jax import convert, weights
+from bge_jax.encoder import Encoder
+from bge_jax.models import bert
 from bge_jax.train import metrics
+from launch import merge as merge_cli
 
 
 def _disk_full(*args, **kwargs):
@@ -37,3 +46,78 @@ def test_metric_writer_close_never_masks_the_real_error(tmp_path, monkeypatch, c
   assert "could not close metrics.jsonl (OSError" in caplog.text
   assert "could not close tb/ events (OSError" in caplog.text
   writer.close()  # a second close is a no-op
+
+
+# ---------------------------------------------------------------------------------------------
+# Unreadable weights: one ConversionError naming the file, one `error:` line from the CLIs.
+# ---------------------------------------------------------------------------------------------
+
+CONFIG = config_lib.preset("tiny", num_layers=1, vocab_size=64, max_position_embeddings=64)
+
+
+class NotATensor:
+  """Pickled into a .bin, it makes torch.load(weights_only=True) refuse the file."""
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+  params, _ = bert.init(CONFIG, jax.random.key(0))
+  return convert.save_hf(weights.to_numpy(params), CONFIG,
+                         str(tmp_path_factory.mktemp("clean") / "hf"))
+
+
+def _damaged(hf_folder: str, where, how: str) -> tuple[str, str]:
+  """A copy of `hf_folder` at `where` with its weights damaged `how`; (folder, damaged file)."""
+  import shutil
+
+  import torch
+  folder = str(where / how)
+  shutil.copytree(hf_folder, folder)
+  st = os.path.join(folder, "model.safetensors")
+  if how == "truncated_safetensors":
+    data = open(st, "rb").read()
+    open(st, "wb").write(data[:len(data) // 2])
+    return folder, st
+  tensors = {k: torch.from_numpy(np.array(v)) for k, v in convert.read_state_dict(st).items()}
+  os.remove(st)
+  if how == "missing_shard":
+    index = os.path.join(folder, "model.safetensors.index.json")
+    with open(index, "w") as f:
+      json.dump({"weight_map": {k: "model-00001-of-00002.safetensors" for k in tensors}}, f)
+    return folder, os.path.join(folder, "model-00001-of-00002.safetensors")
+  binary = os.path.join(folder, "pytorch_model.bin")
+  if how == "refused_bin":
+    tensors["extra"] = NotATensor()
+    torch.save(tensors, binary)
+  else:  # truncated_bin
+    torch.save(tensors, binary)
+    data = open(binary, "rb").read()
+    open(binary, "wb").write(data[:len(data) // 2])
+  return folder, binary
+
+
+DAMAGE = {"truncated_safetensors": "truncated or corrupt: re-download",
+          "truncated_bin": "truncated or corrupt: re-download",
+          "refused_bin": "weights_only=True .*convert it to model.safetensors",
+          "missing_shard": "file not found; re-download"}
+
+
+@pytest.mark.parametrize("how", list(DAMAGE))
+def test_unreadable_weights_raise_conversion_error_naming_the_file(hf_folder, tmp_path, how):
+  folder, damaged = _damaged(hf_folder, tmp_path, how)
+  with pytest.raises(convert.ConversionError, match=DAMAGE[how]) as e:
+    Encoder.from_hf(folder)
+  assert str(e.value).startswith(damaged + ":") and "\n" not in str(e.value)
+  with pytest.raises(convert.ConversionError, match=DAMAGE[how]):
+    weights.load_source(folder)  # what the trainer's init_from and merge read through
+
+
+@pytest.mark.parametrize("how", ["truncated_safetensors", "refused_bin"])
+def test_merge_cli_prints_one_error_line_for_unreadable_weights(hf_folder, tmp_path, capsys, how):
+  folder, damaged = _damaged(hf_folder, tmp_path, how)
+  out = tmp_path / "merged"
+  assert merge_cli.main(["--models", hf_folder, folder, "--out", str(out)]) == 2
+  captured = capsys.readouterr()
+  err = captured.err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith(f"error: {damaged}: "), err
+  assert not out.exists()
