@@ -198,9 +198,11 @@ def check_resume_config(workdir: str, config: Any, accept_changes: bool = False)
   num_train_steps / num_epochs: extending (or shortening) a run changes the lr schedule's total,
   so with a linear decay or a warmup_ratio the lr of every step from here differs from the run
   so far's plan (a finished linear run jumps from ~0 back up): refused as a change then,
-  accepted with a constant schedule and a fixed (or no) warmup, where only the end moves. Everything else (optimizer.*, model shape and dtypes, data.*, loss.*, seed,
-  batch_size, stage, grad_accum_steps, dropout, skip_nonfinite_updates, and keys added later) is
-  refused when changed.
+  accepted with a constant schedule and a fixed (or no) warmup, where only the end moves.
+
+  Everything else (optimizer.*, model shape and dtypes, data.*, loss.*, seed, batch_size, stage,
+  grad_accum_steps, dropout, skip_nonfinite_updates, and keys added later) is refused when
+  changed.
 
   Keys only one side has (a newer or older bge-jax) are logged, not refused: the user did not
   change them. A missing or unreadable config.json (a run from before it was recorded) is
