@@ -4,7 +4,9 @@ The jobs behind conversion/convert.py, staged in a temporary folder and checked 
 `hf_to_jax` and `jax_to_hf` report on stdout (`read:`, `check:`, `wrote:` lines), refuse with
 `convert.ConversionError` and raise `CheckFailed` when `check=True` measures a difference above
 `tol`. The output is written to a temporary folder beside OUT (and checked there) and renamed
-into place only when complete, so a failure leaves neither OUT nor a temporary folder behind.
+into place only when complete, so a failure leaves neither OUT nor a temporary folder behind; the
+folder of a conversion that was killed (`.OUT.tmp-PID@HOST-*`) is removed by the next conversion
+into the same OUT (`convert.atomic_output_dir`).
 """
 
 from __future__ import annotations

@@ -121,3 +121,33 @@ def test_merge_cli_prints_one_error_line_for_unreadable_weights(hf_folder, tmp_p
   err = captured.err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith(f"error: {damaged}: "), err
   assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Staging folders of killed conversions.
+# ---------------------------------------------------------------------------------------------
+
+def test_next_conversion_removes_stale_staging_folders_only(hf_folder, tmp_path, caplog):
+  import socket
+  import subprocess
+  import sys
+
+  from bge_jax import interop
+  gone = subprocess.Popen([sys.executable, "-c", "pass"])
+  gone.wait()  # a pid that no longer runs: the conversion it stood for was killed
+  host = socket.gethostname()
+  stale = tmp_path / f".out.tmp-{gone.pid}@{host}-k1lled00"
+  stale_old = tmp_path / f".out.tmp-{gone.pid}@{host}-k1lled00.old"  # mid-swap with --overwrite
+  live = tmp_path / f".out.tmp-{os.getpid()}@{host}-running"  # a concurrent conversion
+  other_host = tmp_path / f".out.tmp-{gone.pid}@not-{host}-elsewher"  # pid not checkable here
+  other_out = tmp_path / f".other.tmp-{gone.pid}@{host}-k1lled00"  # another OUT's, not ours
+  for folder in (stale, stale_old, live, other_host, other_out):
+    (folder / "params").mkdir(parents=True)
+  with caplog.at_level(logging.WARNING, logger="bge_jax.convert"):
+    interop.hf_to_jax(hf_folder, str(tmp_path / "out"))
+  assert weights.is_checkpoint(str(tmp_path / "out"))
+  assert not stale.exists() and not stale_old.exists()
+  assert live.exists() and other_host.exists() and other_out.exists()
+  assert f"removed {stale}: the staging folder of an earlier conversion" in caplog.text
+  assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")) == sorted(
+      [live.name, other_host.name])
