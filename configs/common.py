@@ -42,8 +42,11 @@ def base_config() -> ConfigDict:
   c.dropout = True  # dropout during training (HF default rates 0.1)
   # A step with a NaN/inf loss or gradient: False = stop (the last good checkpoint is kept; every
   # checkpoint is written after a check); True = drop that step's update, go on, and count it
-  # (metric `nonfinite_steps`).
+  # (metric `nonfinite_steps`). A step whose update leaves a parameter NaN/inf counts as such.
   c.skip_nonfinite_updates = False
+  # With skip_nonfinite_updates: more skipped updates than this in a row stop the run like a
+  # NaN/inf step without it (FloatingPointError, the last good checkpoint kept).
+  c.max_consecutive_nonfinite_steps = 10
 
   c.optimizer = ConfigDict()
   c.optimizer.lr = 2e-5

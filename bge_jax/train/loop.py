@@ -36,7 +36,7 @@ from jax.experimental import multihost_utils
 from bge_jax import flops, sharding
 from bge_jax import memory as memory_lib
 from bge_jax.data.prefetch import Prefetcher
-from bge_jax.train import checkpoints, init, run_info
+from bge_jax.train import checkpoints, init, run_checks, run_info
 from bge_jax.train import metrics as metrics_lib
 from bge_jax.train import program as program_lib
 from bge_jax.train.evaluate import make_evaluator
@@ -63,8 +63,13 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   """Runs (or resumes) a training run in `workdir`; returns the last logged metrics.
 
   After a SIGTERM it saves a checkpoint at the current step and returns early (no exports);
-  the returned dict then has "preempted_at_step".
+  the returned dict then has "preempted_at_step". A config value out of range is a ConfigError
+  before anything compiles or the checkpoint folder is created (`run_checks.check_ranges`). A
+  step with a NaN/inf loss, gradient or updated parameter raises FloatingPointError at the next
+  log or save step, before any checkpoint after it is saved; with skip_nonfinite_updates only
+  more than config.max_consecutive_nonfinite_steps of them in a row do (`run_checks`).
   """
+  run_checks.check_ranges(config)
   workdir = os.path.abspath(workdir)
   is_main = jax.process_index() == 0
   stage = get_stage(config.stage)
@@ -105,13 +110,12 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     state = prog.init_state(params)
     log.info("initialised from %s; freshly initialised parts: %s", origin, new_parts)
   start_step = int(jax.device_get(state.step))
-  nonfinite_seen = int(jax.device_get(state.nonfinite_steps))
+  nonfinite = run_checks.NonfiniteWatch(config, int(jax.device_get(state.nonfinite_steps)))
   if is_main:
     # Also at step 0: a killed run that saved no checkpoint yet.
     metrics_lib.drop_metrics_after(workdir, start_step)
 
   # --- Compiled steps, one per batch shape ----------------------------------------------------
-  skip_nonfinite = bool(config.get("skip_nonfinite_updates", False))
   probe = batcher(start_step)
   # The device peak for MFU: config.peak_tflops per device, or the detected accelerator's (none
   # on CPU).
@@ -171,7 +175,6 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   if start_step == 0:
     run_eval(0)
   window_tokens, window_flops, window_start = 0, 0.0, time.perf_counter()
-  checked = start_step  # steps up to here had a finite loss and gradient (or were skipped)
   preempted_at = None
   try:
     for step in range(start_step, total_steps):
@@ -183,27 +186,15 @@ def train(config: Any, workdir: str) -> dict[str, float]:
       window_flops += step_flops
       with sharding.activate(mesh):
         state, metrics = compiled_step(state, global_batch(local), rng)
+      nonfinite.add(metrics["nonfinite_steps"])
       done = step + 1
       preempted = preemption.reached(done)
       should_log = done % config.log_every_steps == 0 or done == total_steps or preempted
       should_save = done % config.checkpoint.every_steps == 0 or done == total_steps or preempted
       if should_log or should_save:
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        # Checked before every save, so every checkpoint on disk follows finite steps only.
-        if values["nonfinite_steps"] > nonfinite_seen:
-          new_bad = int(values["nonfinite_steps"]) - nonfinite_seen
-          if not skip_nonfinite:
-            raise FloatingPointError(
-                f"a NaN/inf loss or gradient in steps {checked + 1}-{done} (at step {done}: "
-                f"loss={values['loss']}, grad_norm={values['grad_norm']}); stopped with the last "
-                f"good checkpoint (step {manager.latest_step()}) kept in {manager.directory}. "
-                "Try a lower config.optimizer.lr or config.optimizer.clip_norm, "
-                "config.model.dtype='float32', or config.skip_nonfinite_updates=True to skip "
-                "such updates and go on.")
-          log.warning("steps %d-%d: %d update(s) with a NaN/inf loss or gradient skipped "
-                      "(%d in the run)", checked + 1, done, new_bad, int(values["nonfinite_steps"]))
-          nonfinite_seen = int(values["nonfinite_steps"])
-        checked = done
+        # Checked before every save, so every checkpoint on disk follows good steps only.
+        nonfinite.check(done, values, manager, log)
         elapsed = time.perf_counter() - window_start
         values["tokens_per_sec"] = window_tokens / max(elapsed, 1e-9)
         values["model_tflops_per_sec"] = window_flops / max(elapsed, 1e-9) / 1e12

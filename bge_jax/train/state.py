@@ -7,6 +7,7 @@ optimizer, the non-finite step count) is enough for a bit-exact resume.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Mapping
 
 import flax.struct
@@ -22,8 +23,9 @@ class TrainState:
   step: jax.Array
   params: Any
   opt_state: Any
-  # Steps whose loss or gradient norm was NaN/inf so far (int32). Kept in the checkpoint so the
-  # count (logged as `nonfinite_steps`) and the fail-fast check survive a resume.
+  # Steps whose loss, gradient norm or updated params were NaN/inf so far (int32). Kept in the
+  # checkpoint so the count (logged as `nonfinite_steps`) and the fail-fast check survive a
+  # resume.
   nonfinite_steps: jax.Array
 
 
@@ -123,7 +125,8 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule:
   averaged: the same update as one step on the whole batch for per-example losses. A contrastive
   loss scores each micro-batch's queries against that micro-batch's passages only.
 
-  A step whose loss or gradient norm is NaN/inf increments `state.nonfinite_steps`. With
+  A step whose loss or gradient norm is NaN/inf, or whose update leaves a parameter NaN/inf
+  (a finite gradient times a huge lr), increments `state.nonfinite_steps`. With
   skip_nonfinite=True its update is also dropped inside the compiled step (an elementwise
   select, so no host round trip): params and optimizer state come out bit-identical to the
   input and only `step` advances, so the run moves on to the next batch. Without it the update
@@ -156,9 +159,14 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule:
       grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
       metrics = jax.tree.map(lambda m: m / grad_accum_steps, metrics)
     grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    # A finite loss and gradient can still overflow the weights (a huge lr: inf * m / sqrt(v)),
+    # and such a step must not pass as good: the trainer saves checkpoints only after good
+    # steps. One elementwise test and reduction over the new params: small next to the update.
+    params_finite = functools.reduce(
+        jnp.logical_and, [jnp.isfinite(p).all() for p in jax.tree.leaves(params)], True)
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & params_finite
     if skip_nonfinite:
       keep_if_bad = lambda new, old: jnp.where(finite, new, old)
       params = jax.tree.map(keep_if_bad, params, state.params)
