@@ -151,3 +151,47 @@ def test_next_conversion_removes_stale_staging_folders_only(hf_folder, tmp_path,
   assert f"removed {stale}: the staging folder of an earlier conversion" in caplog.text
   assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")) == sorted(
       [live.name, other_host.name])
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume: TensorBoard events of the replayed steps are dropped, as metrics.jsonl rows are.
+# ---------------------------------------------------------------------------------------------
+
+def _tb_events(tb_dir) -> list[tuple[int, str]]:
+  """(step, tag) of every scalar in the event files under `tb_dir`, each record's CRCs checked."""
+  import struct
+
+  from tensorboardX.record_writer import masked_crc32c
+  from tensorboardX.proto import event_pb2
+  found = []
+  for path in sorted(tb_dir.iterdir()):
+    data = path.read_bytes()
+    pos = 0
+    while pos < len(data):
+      header = data[pos:pos + 8]
+      (n,) = struct.unpack("<Q", header)
+      assert struct.unpack("<I", data[pos + 8:pos + 12])[0] == masked_crc32c(header)
+      payload = data[pos + 12:pos + 12 + n]
+      assert struct.unpack("<I", data[pos + 12 + n:pos + 16 + n])[0] == masked_crc32c(payload)
+      event = event_pb2.Event.FromString(payload)
+      found += [(event.step, v.tag) for v in event.summary.value]
+      pos += 16 + n
+  return found
+
+
+def test_resume_drops_the_replayed_steps_from_tensorboard_events(tmp_path):
+  writer = metrics.MetricWriter(str(tmp_path))
+  for step in range(1, 11):
+    writer.write(step, {"loss": 1.0 / step, "lr": 0.1})
+  writer.close()
+  tb = tmp_path / "tb"
+  assert sorted({s for s, _ in _tb_events(tb)}) == list(range(1, 11))
+  (event_file,) = tb.iterdir()
+  with open(event_file, "ab") as f:  # a record torn by the kill
+    f.write(b"\x40\x00\x00\x00\x00\x00\x00\x00\x01\x02")
+  metrics.drop_metrics_after(str(tmp_path), 6)  # what loop.train calls on resume at step 6
+  assert sorted(_tb_events(tb)) == sorted((s, t) for s in range(1, 7) for t in ("loss", "lr"))
+  assert [r["step"] for r in metrics.read_metrics(str(tmp_path))] == list(range(1, 7))
+  before = event_file.read_bytes()
+  metrics.drop_metrics_after(str(tmp_path), 6)  # nothing more to drop: the file is left as is
+  assert event_file.read_bytes() == before

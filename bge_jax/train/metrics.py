@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import struct
 from typing import Any, Mapping
 
 log = logging.getLogger("bge_jax.train")
@@ -101,7 +102,9 @@ def read_metrics(run: str) -> list[dict[str, Any]]:
 
 def drop_metrics_after(workdir: str, step: int) -> None:
   """On resume: rows logged after the restored step (a killed run's lost steps) are dropped, so
-  metrics.jsonl holds each step once, as the uninterrupted run would. A torn last line goes too."""
+  metrics.jsonl holds each step once, as the uninterrupted run would. A torn last line goes too.
+  The tb/ event files are trimmed the same way (`drop_tb_events_after`)."""
+  drop_tb_events_after(os.path.join(workdir, "tb"), step)
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
     return
@@ -122,3 +125,53 @@ def drop_metrics_after(workdir: str, step: int) -> None:
     os.replace(path + ".tmp", path)
     log.info("metrics.jsonl: dropped %d rows after step %d (not in any checkpoint)",
              len(lines) - len(kept), step)
+
+
+def _records(data: bytes) -> list[tuple[bytes, bytes]]:
+  """(raw record, payload) of a TFRecord stream (an event file), a torn last record left out.
+
+  A record is a uint64 length, its masked CRC (4 bytes), the payload and the payload's CRC.
+  """
+  out, pos = [], 0
+  while pos + 12 <= len(data):
+    (n,) = struct.unpack("<Q", data[pos:pos + 8])
+    end = pos + 12 + n + 4
+    if end > len(data):
+      break
+    out.append((data[pos:end], data[pos + 12:pos + 12 + n]))
+    pos = end
+  return out
+
+
+def drop_tb_events_after(tb_dir: str, step: int) -> None:
+  """Rewrites the TensorBoard event files under `tb_dir` without the scalars of steps after
+  `step`: a resumed run logs those steps again, and TensorBoard would draw both (it cannot be
+  told to forget events). Files with nothing to drop are left as they are; a file the trainer
+  cannot parse is left too, with a warning (the plots may then show the replayed steps twice)."""
+  if not os.path.isdir(tb_dir):
+    return
+  from tensorboardX.proto import event_pb2
+  for name in sorted(os.listdir(tb_dir)):
+    path = os.path.join(tb_dir, name)
+    if "tfevents" not in name or name.endswith(".tmp") or not os.path.isfile(path):
+      continue
+    try:
+      with open(path, "rb") as f:
+        data = f.read()
+      records = _records(data)
+      kept = []
+      for raw, payload in records:
+        event = event_pb2.Event.FromString(payload)
+        if not event.HasField("summary") or event.step <= step:
+          kept.append(raw)
+    except Exception as e:  # a damaged file must not stop the resume; it is only plots
+      log.warning("%s: cannot trim the events after step %d (%s: %s); TensorBoard may show "
+                  "the replayed steps twice", path, step, type(e).__name__, e)
+      continue
+    if len(kept) == len(records) and sum(map(len, kept)) == len(data):
+      continue
+    with open(path + ".tmp", "wb") as f:
+      f.writelines(kept)
+    os.replace(path + ".tmp", path)
+    log.info("%s: dropped %d events after step %d (not in any checkpoint)", path,
+             len(records) - len(kept), step)
