@@ -177,7 +177,9 @@ def test_corrupt_latest_checkpoint_warns_and_resumes_from_the_one_before(data, r
 def test_nonfinite_steps_stop_or_are_skipped(data, tmp_path):
   """lr=1e30 blows the weights up after a few steps. Default: stop with an error naming the fix,
   keeping only checkpoints of finite steps. skip_nonfinite_updates=True: the bad updates are
-  dropped (counted in metrics) and the run finishes with finite weights."""
+  dropped (counted in metrics); as every update after the blow-up is bad, the run stops once
+  more than max_consecutive_nonfinite_steps (10) are skipped in a row, and with a limit above
+  the run's steps it finishes with finite weights."""
   huge = ("--config.optimizer.lr=1e30", "--config.optimizer.warmup_steps=0",
           "--config.optimizer.clip_norm=0.0", "--config.checkpoint.every_steps=1")
   stop = run(data, tmp_path / "stop", *huge, check=False)
@@ -190,7 +192,15 @@ def test_nonfinite_steps_stop_or_are_skipped(data, tmp_path):
   assert all(np.isfinite(r["loss"]) and r["nonfinite_steps"] == 0 for r in rows)
   bad_step = saved[-1] + 1
 
-  run(data, tmp_path / "skip", *huge, "--config.skip_nonfinite_updates=True")
+  ruined = run(data, tmp_path / "ruined", *huge, "--config.skip_nonfinite_updates=True",
+               check=False)
+  assert ruined.returncode == 1, ruined.stderr[-3000:]
+  assert "config.max_consecutive_nonfinite_steps=10" in ruined.stderr
+  assert "Traceback" not in ruined.stderr
+  assert saved_steps(tmp_path / "ruined")[-1] <= bad_step + 10
+
+  run(data, tmp_path / "skip", *huge, "--config.skip_nonfinite_updates=True",
+      f"--config.max_consecutive_nonfinite_steps={STEPS}")
   rows = [json.loads(x) for x in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
   counts = [r["nonfinite_steps"] for r in rows]

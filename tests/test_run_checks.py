@@ -36,7 +36,7 @@ def tiny_config(data, **kw):
     ("num_train_steps", -2), ("num_epochs", -1.0), ("checkpoint.every_steps", 0),
     ("checkpoint.keep", 0), ("log_every_steps", 0), ("eval.every_steps", -1),
     ("data.prefetch", -1), ("data.max_length", 0),
-    ("optimizer.lr", 0.0), ("optimizer.lr", math.nan), ("optimizer.warmup_steps", -2),
+    ("optimizer.lr", -1e-3), ("optimizer.lr", math.nan), ("optimizer.warmup_steps", -2),
     ("optimizer.clip_norm", -1.0), ("max_consecutive_nonfinite_steps", 0), ("mesh.fsdp", 0),
 ])
 def test_out_of_range_value_is_refused_naming_the_key(data, tmp_path, key, value):

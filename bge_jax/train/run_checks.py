@@ -45,7 +45,8 @@ _RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "mesh.fsdp": _at_least(1),
     "mesh.tensor": _at_least(1),
     "model.max_position_embeddings": _at_least(1),
-    "optimizer.lr": _above(0),
+    # 0 is allowed: a run that changes no weight (tests/test_train.py exports the initial ones).
+    "optimizer.lr": _at_least(0),
     "optimizer.warmup_steps": _at_least(-1),
     "optimizer.warmup_ratio": ((lambda v: 0 <= v <= 1), "between 0 and 1"),
     "optimizer.clip_norm": _at_least(0),
@@ -116,6 +117,7 @@ class NonfiniteWatch:
     self._pending = []
     first = done - len(counts) + 1
     bad = [first + i for i, c in enumerate(counts) if c > (counts[i - 1] if i else self.seen)]
+    bad_set = set(bad)
     if bad and not self.skip:
       raise FloatingPointError(
           f"a NaN/inf loss or gradient, or updated parameters that overflowed, at step {bad[0]} "
@@ -124,7 +126,7 @@ class NonfiniteWatch:
           "config.model.dtype='float32', or config.skip_nonfinite_updates=True to skip such "
           f"updates and go on. {_going_back(manager)}")
     for step in range(first, done + 1):
-      self.consecutive = self.consecutive + 1 if step in bad else 0
+      self.consecutive = self.consecutive + 1 if step in bad_set else 0
       if self.consecutive > self.limit:
         raise FloatingPointError(
             f"{self.consecutive} consecutive updates with a NaN/inf loss, gradient or updated "
