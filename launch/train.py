@@ -9,8 +9,10 @@ Several processes (one per host, or per GPU group) run the same command:
   * elsewhere pass --coordinator_address=HOST:PORT (process 0's host, a free port)
     --num_processes=N --process_id=I on each. CPU processes exchange data with gloo.
 
-Exit status: 0 done or preempted; 1 a checkpoint that cannot be written/read or a NaN/inf
-stop (the message says which and what to do); 2 a config or data error naming the key.
+Exit status: 0 done or preempted; 1 a checkpoint that cannot be written/read, a NaN/inf stop,
+or another live run holding the workdir (the message says which and what to do); 2 a config or
+data error naming the key, including a resume whose config changes the run
+(--accept_config_changes accepts it).
 """
 
 import logging
@@ -24,6 +26,7 @@ if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
 from absl import app, flags  # noqa: E402
+from absl import logging as absl_logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -98,6 +101,11 @@ def main(argv):
   del argv
   logging.getLogger("bge_jax").setLevel(logging.INFO)
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+  if not flags.FLAGS["verbosity"].present:
+    # absl raises its verbosity to INFO once flags are parsed, and orbax logs a dozen INFO lines
+    # through it per checkpoint, burying the project's own: warnings only, unless --verbosity
+    # asks otherwise (the "bge_jax" logger keeps its INFO lines).
+    absl_logging.set_verbosity(absl_logging.WARNING)
   import jax
 
   # Persistent XLA cache: a re-run (e.g. a resume) skips most of the compile time.
@@ -111,7 +119,7 @@ def main(argv):
   from bge_jax.train.loop import train
   from bge_jax.train.workdir import WorkdirBusy
   try:
-    train(_CONFIG.value, _WORKDIR.value)
+    train(_CONFIG.value, _WORKDIR.value, accept_config_changes=_ACCEPT_CONFIG_CHANGES.value)
   except (ConfigError, ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
@@ -160,6 +168,16 @@ def unknown_config_keys(argv: list[str]) -> list[str]:
   return messages
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's parsing, with a value it refuses (e.g. --config.batch_size=abc) reported as one
+  `error:` line and exit status 2, the documented status for config errors (absl exits 1)."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f"error: {e} (see --helpfull)", file=sys.stderr)
+    sys.exit(2)
+
+
 def _run():
   # bge_jax (and so jax) is imported here, after __main__ has set XLA_FLAGS.
   from bge_jax import config_files
@@ -175,7 +193,7 @@ def _run():
       print(f"error: unknown config key {m}", file=sys.stderr)
     sys.exit(2)
   try:
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
   except AttributeError as e:  # config_flags: an override it refuses after all
     if not _MAIN_STARTED and ("Did you mean" in str(e) or "has no" in str(e)
                               or "not a" in str(e)):

@@ -357,3 +357,59 @@ def test_unknown_config_key_lists_close_matches(data, tmp_path):
   assert "no key config.lr; did you mean config.optimizer.lr?" in done.stderr
   assert "did you mean config.checkpoint.every_steps" in done.stderr
   assert not (tmp_path / "w").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# One run per workdir; a resume under another config; the command line's own errors.
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_second_run_on_a_live_workdir_exits_1_naming_the_holder(data, tmp_path):
+  """A requeued job while the old one lives: the second run stops at once, before it touches
+  metrics.jsonl or a checkpoint; the first trains on undisturbed."""
+  workdir = tmp_path / "w"
+  log_path = tmp_path / "first.log"
+  with open(log_path, "w") as log_file:
+    first = subprocess.Popen(command(data, workdir, "--config.num_train_steps=100000"),
+                             env=environment(data), stdout=log_file, stderr=subprocess.STDOUT,
+                             text=True)
+    try:
+      wait_for_step(workdir, 2, [first])
+      second = run(data, workdir, "--config.num_train_steps=100000", check=False)
+      assert second.returncode == 1, second.stderr[-2000:]
+      assert f"is in use by pid {first.pid}" in second.stderr and "Traceback" not in second.stderr
+      wait_for_step(workdir, len(_logged_steps(workdir)) + 2, [first])  # the first goes on
+    finally:
+      first.kill()
+      first.wait(timeout=60)
+  steps = _logged_steps(workdir)
+  assert len(steps) >= 4 and steps == list(range(1, len(steps) + 1))  # one writer, each step once
+
+
+def _logged_steps(workdir) -> list[int]:
+  """The steps of metrics.jsonl's whole rows (a SIGKILL may leave the last one torn)."""
+  lines = (workdir / "metrics.jsonl").read_text().splitlines()
+  return [json.loads(x)["step"] for x in lines if x.endswith("}")]
+
+
+@pytest.mark.slow
+def test_a_resume_under_a_changed_config_is_refused_unless_accepted(data, tmp_path):
+  workdir = tmp_path / "w"
+  done = run(data, workdir, "--config.num_train_steps=4")
+  # The project's INFO lines stay; orbax's per-checkpoint INFO lines (through absl) do not.
+  assert "initialised from" in done.stderr and "checkpoint_manager.py" not in done.stderr
+  again = run(data, workdir, "--config.num_train_steps=4", "--config.optimizer.lr=0.5",
+              "--config.log_every_steps=2", check=False)
+  assert again.returncode == 2 and "Traceback" not in again.stderr, again.stderr[-2000:]
+  assert "optimizer.lr 0.001 -> 0.5" in again.stderr and "--accept_config_changes" in again.stderr
+  assert "log_every_steps" not in again.stderr.split("error:")[-1]  # changes no update
+  accepted = run(data, workdir, "--config.num_train_steps=4", "--config.optimizer.lr=0.5",
+                 "--accept_config_changes")
+  assert "optimizer.lr" in accepted.stderr  # each accepted change is logged
+
+
+def test_a_wrong_type_override_is_one_line_and_exit_2(data, tmp_path):
+  done = run(data, tmp_path / "w", "--config.batch_size=abc", check=False)
+  assert done.returncode == 2 and "Traceback" not in done.stderr
+  assert "error: flag --config.batch_size=abc" in done.stderr
+  assert not (tmp_path / "w").exists()

@@ -39,6 +39,7 @@ from bge_jax.data.prefetch import Prefetcher
 from bge_jax.train import checkpoints, init, run_checks, run_info
 from bge_jax.train import metrics as metrics_lib
 from bge_jax.train import program as program_lib
+from bge_jax.train import workdir as workdir_lib
 from bge_jax.train.evaluate import make_evaluator
 from bge_jax.train.init import ConfigError
 from bge_jax.train.metrics import MetricWriter
@@ -59,8 +60,13 @@ def total_train_steps(config: Any, num_examples_global: int) -> int:
   return max(1, math.ceil(config.num_epochs * num_examples_global / config.batch_size))
 
 
-def train(config: Any, workdir: str) -> dict[str, float]:
+def train(config: Any, workdir: str, accept_config_changes: bool = False) -> dict[str, float]:
   """Runs (or resumes) a training run in `workdir`; returns the last logged metrics.
+
+  One run at a time holds the workdir (`workdir.lock`: a second one raises WorkdirBusy naming
+  the holder). A resume whose config differs from the recorded one in a key that changes the
+  run is a ConfigError naming the keys and both values, unless `accept_config_changes`
+  (`workdir.check_resume_config`).
 
   After a SIGTERM it saves a checkpoint at the current step and returns early (no exports);
   the returned dict then has "preempted_at_step". A config value out of range is a ConfigError
@@ -71,6 +77,11 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   """
   run_checks.check_ranges(config)
   workdir = os.path.abspath(workdir)
+  with workdir_lib.lock(workdir, jax.process_index()):
+    return _train(config, workdir, accept_config_changes)
+
+
+def _train(config: Any, workdir: str, accept_config_changes: bool) -> dict[str, float]:
   is_main = jax.process_index() == 0
   stage = get_stage(config.stage)
 
@@ -101,6 +112,8 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   # --- Restore or initialise (never materialising unsharded parameters on device) -------------
   manager = checkpoints.open_checkpoints(os.path.join(workdir, "checkpoints"),
                                          config.checkpoint.keep)
+  if manager.all_steps():  # a resume: refuse a config that changes the run before restoring
+    workdir_lib.check_resume_config(workdir, config, accept_config_changes)
   state, manager = checkpoints.restore_newest(manager, prog.abstract_state, workdir)
   if state is not None:
     log.info("resumed from %s at step %d", manager.directory, int(jax.device_get(state.step)))
