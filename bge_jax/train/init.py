@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import jax
@@ -49,6 +50,7 @@ def model_config_and_weights(config: Any, tokenizer: Any) -> tuple[BertConfig, d
                "--config.model.dtype=float32 for full precision", jax.default_backend())
   if m.init_from:
     path = m.init_from
+    check_source_tokenizer(config, tokenizer)
     # A checkpoint, another run's workdir (its newest checkpoint) or a Hugging Face model.
     base, params, what = weights.load_source(path)
     origin = (f"{path} ({what}, {base.hf_family}, {base.num_layers} layers, "
@@ -78,6 +80,48 @@ def model_config_and_weights(config: Any, tokenizer: Any) -> tuple[BertConfig, d
         f"{model_config.vocab_size}: set config.tokenizer to the model's own tokenizer, or "
         "config.model.vocab_size=-1 when training from scratch.")
   return model_config, params, origin
+
+
+# Compared beyond the vocabulary's size: a foreign tokenizer of the same size maps them elsewhere.
+_SPECIAL_TOKENS = ("[CLS]", "[SEP]", "[PAD]", "[MASK]", "[UNK]")
+
+
+def check_source_tokenizer(config: Any, tokenizer: Any) -> None:
+  """Refuses a config.tokenizer whose vocabulary is not init_from's own: the loaded embeddings'
+  rows are that tokenizer's ids, so another one (even a smaller one, which the vocab_size check
+  lets through) would train on rows meaning other tokens, silently."""
+  given, source = config.tokenizer, config.model.init_from
+  if not given or not source or not hasattr(tokenizer, "get_vocab"):
+    return  # the source's own tokenizer, or no real one (program.from_config's vocab size)
+  own = weights.tokenizer_folder(source)
+  given_folder = weights.tokenizer_folder(given) or given
+  if own is None:
+    log.info("config.model.init_from %s has no tokenizer files to compare config.tokenizer %s "
+             "with: only its size is checked against the model's vocab_size", source, given)
+    return
+  if os.path.realpath(own) == os.path.realpath(given_folder):
+    return
+  from transformers import AutoTokenizer
+  try:
+    own_vocab = AutoTokenizer.from_pretrained(own).get_vocab()
+  except (OSError, ValueError) as e:
+    log.info("config.model.init_from %s: cannot load its tokenizer from %s (%s): only "
+             "config.tokenizer's size is checked against the model's vocab_size", source, own, e)
+    return
+  vocab = tokenizer.get_vocab()
+  if vocab == own_vocab:
+    return
+  if len(vocab) != len(own_vocab):
+    why = f"it has {len(vocab)} tokens, the source's {len(own_vocab)}"
+  else:
+    differ = [t for t in _SPECIAL_TOKENS if vocab.get(t) != own_vocab.get(t)]
+    differ = differ or sorted(t for t in own_vocab if vocab.get(t) != own_vocab[t])
+    why = ("token ids differ: " + ", ".join(f"{t!r} {vocab.get(t)} vs {own_vocab[t]}"
+                                            for t in differ[:3]))
+  raise ConfigError(
+      f"config.tokenizer={given} is not the tokenizer of config.model.init_from={source} ({why}): "
+      f"its embeddings were trained with the source's tokenizer ({own}); leave config.tokenizer "
+      "unset (or set it to that folder) to use it, or train from scratch without init_from.")
 
 
 def merge_loaded(fresh: Any, loaded: dict | None, shardings: Any) -> tuple[Any, list[str]]:

@@ -5,16 +5,18 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
+from typing import Any, Callable
 
 import jax
 
 from bge_jax import memory as memory_lib
+from bge_jax.train.checkpoints import write_failure
 
 log = logging.getLogger("bge_jax.train")
 
 
 def write_run_info(workdir, config, model_config, origin, total_steps, batcher, memory) -> None:
-  os.makedirs(workdir, exist_ok=True)
   info = {
       "stage": config.stage, "origin": origin, "total_steps": total_steps,
       "data": batcher.describe(), "model": model_config.to_dict(),
@@ -23,15 +25,44 @@ def write_run_info(workdir, config, model_config, origin, total_steps, batcher, 
   }
   if memory is not None:
     info["compiled_step_bytes"] = dict(memory, peak=memory_lib.peak_bytes(memory))
-  with open(os.path.join(workdir, "run_info.json"), "w") as f:
-    json.dump(info, f, indent=2)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
+  write_atomic(workdir, "run_info.json", lambda f: json.dump(info, f, indent=2))
+  write_atomic(workdir, "config.json", lambda f: f.write(config.to_json_best_effort(indent=2)))
   print(f"[bge-jax] stage={config.stage} from {origin}; {model_config.num_params():,} params; "
         f"{total_steps} steps of {config.batch_size}; data: {batcher.describe()}", flush=True)
   if "compiled_step_bytes" in info:
     mb = {k: f"{v / 2**20:.1f} MiB" for k, v in info["compiled_step_bytes"].items()}
     print(f"[bge-jax] compiled step memory per device: {mb}", flush=True)
+
+
+def write_atomic(folder: str, name: str, write: Callable[[Any], Any]) -> None:
+  """Writes folder/name through `write(file)` all or nothing: into a temporary file beside it,
+  then renamed over it, so a full disk leaves the previous file (a resume's) intact rather than
+  truncated. A disk-full/permission OSError raises checkpoints' CheckpointError naming the file."""
+  path = os.path.join(folder, name)
+  # Unique per writer (processes of several hosts may share the folder); O_EXCL with mode 0o666
+  # gives the file open()'s permissions (umask applied), which mkstemp's 0o600 would not.
+  tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+  created = False
+  try:
+    os.makedirs(folder, exist_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    created = True
+    with os.fdopen(fd, "w") as f:
+      write(f)
+      f.flush()
+      # Some file systems (NFS, delayed allocation) report a full disk only here, not at write.
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException as e:
+    if created:
+      try:
+        os.remove(tmp)
+      except OSError:
+        pass
+    failure = write_failure(folder, name, e) if isinstance(e, OSError) else None
+    if failure is None:
+      raise
+    raise failure from e
 
 
 def warn_if_processes_changed(workdir: str, start_step: int) -> None:
