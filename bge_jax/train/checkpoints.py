@@ -13,6 +13,8 @@ import threading
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from jax.experimental import multihost_utils
 
 log = logging.getLogger("bge_jax.train")
@@ -73,7 +75,7 @@ def open_checkpoints(directory: str, keep: int):
   import orbax.checkpoint as ocp
   check_room(directory)
   try:
-    return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=True,
         # Half-written steps of a killed run (orbax's *.orbax-checkpoint-tmp-* folders) are
         # never restored; remove them rather than let them pile up.
@@ -83,17 +85,60 @@ def open_checkpoints(directory: str, keep: int):
     if failure is None:
       raise
     raise failure from e
+  # The folder itself, so that a save can tell it was deleted (or replaced) mid-run: orbax would
+  # otherwise recreate parts of it or fail deep inside with a message that reads like a config
+  # error.
+  manager._bge_jax_folder = _Folder(directory)
+  return manager
+
+
+class _Folder:
+  """An open descriptor of a directory: it pins the inode, so a folder recreated under the same
+  name never gets the same (device, inode) back, and a removed one reads st_nlink == 0."""
+
+  def __init__(self, directory: str):
+    self._fd = os.open(directory, os.O_RDONLY)
+    st = os.fstat(self._fd)
+    self.identity = st.st_dev, st.st_ino
+
+  def gone(self, directory: str) -> bool:
+    try:
+      st = os.stat(directory)
+    except FileNotFoundError:
+      return True
+    return (st.st_dev, st.st_ino) != self.identity or os.fstat(self._fd).st_nlink == 0
+
+  def __del__(self):
+    os.close(self._fd)
+
+
+def _folder_gone(manager) -> CheckpointError | None:
+  """The CheckpointError for a checkpoints folder removed or replaced since it was opened."""
+  directory = str(manager.directory)
+  folder = getattr(manager, "_bge_jax_folder", None)
+  if folder is None or not folder.gone(directory):
+    return None
+  return CheckpointError(
+      f"the checkpoint folder {directory} was removed (or replaced) while this run was writing to "
+      "it. Rerun the same command: it resumes from the newest checkpoint that remains there, or "
+      "starts over if none does.")
 
 
 def save_checkpoint(manager, step: int, state: Any) -> None:
-  """Starts an async save of `state` as `step` (also surfaces a failure of the previous save)."""
+  """Starts an async save of `state` as `step` (also surfaces a failure of the previous save),
+  with the fingerprints of its arrays in the step's metadata (see `fingerprints`)."""
   import orbax.checkpoint as ocp
+  gone = _folder_gone(manager)  # before check_room, whose makedirs would recreate the folder
+  if gone is not None:
+    raise gone
   check_room(str(manager.directory),
              sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(state)))
   try:
-    manager.save(step, args=ocp.args.StandardSave(state), force=True)
+    manager.save(step, args=ocp.args.StandardSave(state), force=True,
+                 custom_metadata={_FINGERPRINTS: fingerprints(state)[0]})
   except Exception as e:
-    failure = write_failure(str(manager.directory), f"checkpoint step {step}", e)
+    failure = _folder_gone(manager) or write_failure(
+        str(manager.directory), f"checkpoint step {step}", e)
     if failure is None:
       raise
     raise failure from e
@@ -104,16 +149,104 @@ def finish_checkpoints(manager) -> None:
   try:
     manager.wait_until_finished()
   except Exception as e:
-    failure = write_failure(str(manager.directory), "a checkpoint", e)
+    failure = _folder_gone(manager) or write_failure(str(manager.directory), "a checkpoint", e)
     if failure is None:
       raise
     raise failure from e
+  # Orbax's background save may "succeed" into a folder it recreated after the removal.
+  gone = _folder_gone(manager)
+  if gone is not None:
+    raise gone
+
+
+# --- Fingerprints: a restore that "succeeds" with bytes changed on disk --------------------------
+# Orbax does not checksum array data: bytes overwritten in place restore silently as other values
+# (or NaN), and the run then dies on NaN with that step as its newest, on every rerun. Each save
+# records two 32-bit sums per array, computed on device; a restore recomputes and compares them.
+_FINGERPRINTS = "bge_jax_fingerprints"  # key in orbax's per-step custom_metadata (in the step
+# folder, so it is committed, set aside and deleted together with the step; old steps lack it)
+
+
+def _mix(h: jax.Array) -> jax.Array:  # murmur3's 32-bit finaliser: every input bit moves ~half
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x85EBCA6B)
+  h = h ^ (h >> 13)
+  h = h * jnp.uint32(0xC2B2AE35)
+  return h ^ (h >> 16)
+
+
+def _leaf_fingerprint(x: jax.Array) -> jax.Array:
+  """uint32[3]: two wrapping sums over x's 32-bit words, and whether x is finite.
+
+  Integer sums mod 2**32 do not depend on the order of the reduction, hence not on the sharding.
+  Sum 1 weighs word i by the odd number 2i+1, so a change of any single word (1 ulp included)
+  always changes it; sum 2 hashes (word, i) so that several changes do not cancel out.
+  """
+  finite = jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else True
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    words = x.astype(jnp.uint32)
+  elif x.dtype.itemsize < 4:
+    words = jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16}[x.dtype.itemsize])
+    words = words.astype(jnp.uint32)
+  else:  # 8-byte types get a trailing axis of 2 words
+    words = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  index = jnp.zeros(words.shape, jnp.uint32)
+  stride = 1
+  for axis in reversed(range(words.ndim)):
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, words.shape, axis) * jnp.uint32(
+        stride % 2**32)
+    stride *= words.shape[axis]
+  weighted = jnp.sum(words * (index * jnp.uint32(2) + jnp.uint32(1)), dtype=jnp.uint32)
+  hashed = jnp.sum(_mix(words ^ _mix(index + jnp.uint32(0x9E3779B9))), dtype=jnp.uint32)
+  return jnp.stack([weighted, hashed, jnp.asarray(finite, jnp.uint32)])
+
+
+@jax.jit
+def _fingerprint_leaves(leaves: list) -> jax.Array:
+  return jnp.stack([_leaf_fingerprint(x) for x in leaves]) if leaves else jnp.zeros((0, 3),
+                                                                                    jnp.uint32)
+
+
+def fingerprints(state: Any) -> tuple[dict[str, list[int]], list[str]]:
+  """({leaf path: [sum 1, sum 2]}, [paths of leaves holding NaN/inf]) of `state`'s arrays:
+  a function of the values alone, the same whatever the mesh or sharding they live on."""
+  flat = jax.tree_util.tree_flatten_with_path(state)[0]
+  out = _fingerprint_leaves([x for _, x in flat])
+  if not out.is_fully_addressable:  # several processes: every one needs the whole small table
+    out = multihost_utils.process_allgather(out, tiled=True)
+  table = np.asarray(jax.device_get(out))
+  names = [jax.tree_util.keystr(path) for path, _ in flat]
+  return ({name: [int(a), int(b)] for name, (a, b, _) in zip(names, table)},
+          [name for name, (_, _, ok) in zip(names, table) if not ok])
+
+
+def _damage(manager, step: int, state: Any) -> str | None:
+  """Why the restored `state` of `step` is not what was saved (None when it is)."""
+  sums, nonfinite = fingerprints(state)
+  if nonfinite:
+    return f"non-finite values (NaN/inf) in {', '.join(nonfinite[:5])}"
+  try:
+    saved = (manager.metadata(step).custom_metadata or {}).get(_FINGERPRINTS)
+  except Exception as e:  # a damaged _CHECKPOINT_METADATA is damage too
+    return f"its metadata cannot be read ({type(e).__name__}: {str(e)[:200]})"
+  if saved is None:
+    log.info("checkpoint step %d in %s has no fingerprints (saved by an older version, or saved "
+             "without them); only checked for NaN/inf.", step, manager.directory)
+    return None
+  changed = [name for name, value in sums.items() if name in saved and saved[name] != value]
+  if changed:
+    return (f"values differ from those saved (fingerprint mismatch) in {', '.join(changed[:5])}"
+            f"{' and more' if len(changed) > 5 else ''}")
+  return None
 
 
 def restore_newest(manager, target: Any, workdir: str) -> tuple[Any | None, Any]:
   """(restored state or None, manager): the newest step that restores; never deletes one.
 
-  A step that fails to restore (truncated or corrupted files, a half-copied folder) is reported
+  A step that fails to restore (truncated or corrupted files, a half-copied folder), or restores
+  with NaN/inf or with values whose fingerprints differ from the saved ones, is reported
   with a warning and the one before it is tried. Once an older step restores, the unreadable
   newer ones are moved (not deleted) to <workdir>/checkpoints_unreadable/, since the resumed run
   will save those step numbers again. If none restores, nothing is moved and the error says so.
@@ -124,6 +257,10 @@ def restore_newest(manager, target: Any, workdir: str) -> tuple[Any | None, Any]
   for step in sorted(manager.all_steps(), reverse=True):
     try:
       state = manager.restore(step, args=ocp.args.StandardRestore(target))
+      damage = _damage(manager, step, state)
+      if damage is not None:
+        state = None
+        raise CheckpointError(f"step {step} restored with {damage}")
     except Exception as e:  # corruption surfaces as many error types (tensorstore, json, OS)
       log.warning("checkpoint step %d in %s cannot be restored (%s: %s); trying the one before.",
                   step, directory, type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "")
