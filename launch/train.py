@@ -10,9 +10,9 @@ Several processes (one per host, or per GPU group) run the same command:
     --num_processes=N --process_id=I on each. CPU processes exchange data with gloo.
 
 Exit status: 0 done or preempted; 1 a checkpoint that cannot be written/read, a NaN/inf stop,
-or another live run holding the workdir (the message says which and what to do); 2 a config or
-data error naming the key, including a resume whose config changes the run
-(--accept_config_changes accepts it).
+another process of a multi-process run that stopped, or another live run holding the workdir
+(the message says which and what to do); 2 a config or data error naming the key, including a
+resume whose config changes the run (--accept_config_changes accepts it).
 """
 
 import logging
@@ -126,6 +126,56 @@ def main(argv):
   except (CheckpointError, FloatingPointError, WorkdirBusy) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
+  except Exception as e:
+    if jax.process_count() == 1 or not _lost_peer(e):
+      raise
+    print(f"error: {_lost_peer_message(e, jax.process_index(), jax.process_count())}",
+          file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Not sys.exit: the atexit hook jax.distributed.shutdown() would then wait in the
+    # coordination service's shutdown barrier for the dead process until its heartbeat times
+    # out (~60-100 s) and abort this process with a C++ check-failure stack. Nothing is left to
+    # save: a checkpoint is complete or set aside on resume, and the workdir's flock goes with us.
+    os._exit(1)
+
+
+# What a process sees when another process of its run has stopped (observed with a SIGKILLed
+# peer on CPU: gloo's collective over the peer's reset TCP connection; the coordination
+# service's heartbeat and barrier failures, for a process that waits there instead).
+_LOST_PEER_TEXT = ("Connection reset by peer", "Connection closed by peer", "Broken pipe",
+                   "heartbeat timeout", "stopped sending heartbeats", "Barrier failed",
+                   "barrier has failed", "tasks are unhealthy")
+
+
+def _lost_peer(e: BaseException | None) -> bool:
+  """A JaxRuntimeError (possibly wrapped, e.g. by orbax) saying that a peer process is gone."""
+  import jax
+
+  while e is not None:
+    if isinstance(e, jax.errors.JaxRuntimeError) and any(
+        t.lower() in str(e).lower() for t in _LOST_PEER_TEXT):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
+
+
+def _lost_peer_message(e: BaseException, index: int, count: int) -> str:
+  import re
+
+  text = str(e)
+  # The coordination service names the lost task; gloo only an address, and of 2 processes the
+  # lost one is the other.
+  task = re.search(r"\btask (\d+)\b", text, re.IGNORECASE)
+  who = (f"process {task.group(1)}" if task else f"process {1 - index}" if count == 2
+         else "another process")
+  cause = re.sub(r"^[A-Z_]+: ", "", text.strip().splitlines()[0])  # the status code
+  cause = re.sub(r"\[[^\]]*\.cc:\d+\] ", "", cause)  # the C++ source location
+  if len(cause) > 160:
+    cause = cause[:157] + "..."
+  return (f"{who} of this {count}-process run stopped ({cause}); the checkpoints saved so far "
+          f"are kept in {os.path.join(_WORKDIR.value, 'checkpoints')}: restart every process "
+          "with the same command to resume.")
 
 
 # ---------------------------------------------------------------------------------------------
