@@ -101,6 +101,17 @@ def overrides(stage, tmp_path):
                          "model.max_position_embeddings": 32, "batch_size": 16})
 
 
+def start_processes(stage, workdir, values, env, logs, port):
+  """launch/train.py with configs/<stage>.py:tiny and `values` as len(logs) processes over gloo
+  on 127.0.0.1:port, process i writing to logs[i]; returns the Popen objects."""
+  return [subprocess.Popen(
+      [sys.executable, str(REPO / "launch" / "train.py"),
+       f"--config={REPO / 'configs' / f'{stage}.py'}:tiny", f"--workdir={workdir}",
+       f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={len(logs)}",
+       f"--process_id={i}"] + [f"--config.{k}={v}" for k, v in values.items()],
+      env=env, stdout=log, stderr=subprocess.STDOUT, text=True) for i, log in enumerate(logs)]
+
+
 def run_two_processes(stage, workdir, values, tmp_path, until=None):
   """launch/train.py as 2 processes x 4 CPU devices over gloo; returns (procs, outputs).
 
@@ -111,12 +122,7 @@ def run_two_processes(stage, workdir, values, tmp_path, until=None):
                                    "--xla_cpu_multi_thread_eigen=false",
              BGE_JAX_COMPILATION_CACHE=str(tmp_path / "xla_cache"))
   logs = [open(tmp_path / f"{workdir.name}.{i}.log", "w+") for i in range(2)]
-  procs = [subprocess.Popen(
-      [sys.executable, str(REPO / "launch" / "train.py"),
-       f"--config={REPO / 'configs' / f'{stage}.py'}:tiny", f"--workdir={workdir}",
-       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"]
-      + [f"--config.{k}={v}" for k, v in values.items()],
-      env=env, stdout=logs[i], stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  procs = start_processes(stage, workdir, values, env, logs, port)
   try:
     if until is not None:
       at_step, sig, target = until

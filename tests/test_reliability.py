@@ -323,7 +323,7 @@ def test_read_only_checkpoint_folder_is_a_clear_error(tmp_path):
       (tmp_path / "ok").chmod(0o700)
 
 
-def _tiny_config(data, **kw):
+def tiny_config(data, **kw):
   from test_train import load_config, override
   c = load_config("retromae", "tiny")
   c.tokenizer, c.data.train = str(data["tok"]), str(data["corpus"])
@@ -343,7 +343,7 @@ def _tiny_config(data, **kw):
 def test_impossible_configs_fail_fast_naming_the_key(data, tmp_path, overrides, pattern):
   from bge_jax.train.loop import train
   with pytest.raises(ValueError, match=pattern):
-    train(_tiny_config(data, **overrides), str(tmp_path / "w"))
+    train(tiny_config(data, **overrides), str(tmp_path / "w"))
   assert not (tmp_path / "w" / "checkpoints").exists()
 
 

@@ -10,21 +10,13 @@ import numpy as np
 import pytest
 
 from conftest import make_corpus, make_tokenizer, saved_steps
+from test_reliability import tiny_config
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
   root = tmp_path_factory.mktemp("checks")
   return {"corpus": make_corpus(root / "train.jsonl", 128), "tok": make_tokenizer(root / "tok")}
-
-
-def tiny_config(data, **kw):
-  from test_train import load_config, override
-  c = load_config("retromae", "tiny")
-  c.tokenizer, c.data.train = str(data["tok"]), str(data["corpus"])
-  c.data.max_length, c.model.max_position_embeddings = 32, 64
-  c.num_train_steps, c.export = 1, False
-  return override(c, **kw)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import gzip
 import os
 import re
 import zlib
-from typing import IO, Sequence
+from typing import IO, Callable, Iterator, Sequence
 
 GLOB_CHARS = re.compile(r"[*?\[]")
 
@@ -97,3 +97,20 @@ def resolve_files(spec: str, suffixes: Sequence[str], error: type[Exception], *,
     return files
   raise error(f"data spec {spec!r}: no such file or folder (nor a glob pattern"
               f"{', nor ' + other_specs if other_specs else ''})")
+
+
+def nonblank_lines(f: IO[bytes], on_damage: Callable[[int, BaseException], None]
+                   ) -> Iterator[tuple[int, bytes]]:
+  """(line number, line without its break) of the non-blank lines of a binary data file, a UTF-8
+  BOM dropped: the one line reader of text sources and pair files. A damaged .gz stream ends the
+  lines with `on_damage(line number reached, error)`, which raises or records the damage."""
+  lineno = 0
+  try:
+    for lineno, raw in enumerate(f, 1):
+      if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+      raw = raw.rstrip(b"\r\n")
+      if raw and not raw.isspace():
+        yield lineno, raw
+  except DAMAGED as e:
+    on_damage(lineno + 1, e)

@@ -308,16 +308,7 @@ class _Reader:
   def _lines(self, path: str, f) -> Iterator[tuple[int, bytes]]:
     """(line number, raw line without the line break) for the non-blank lines; a damaged .gz
     stream ends them (or raises) through `_damaged`."""
-    lineno = 0
-    try:
-      for lineno, raw in enumerate(f, 1):
-        if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
-          raw = raw[3:]
-        raw = raw.rstrip(b"\r\n")
-        if raw and not raw.isspace():
-          yield lineno, raw
-    except files_lib.DAMAGED as e:
-      self._damaged(path, lineno + 1, e)
+    return files_lib.nonblank_lines(f, lambda line, e: self._damaged(path, line, e))
 
   @staticmethod
   def _decode(raw: bytes) -> str:

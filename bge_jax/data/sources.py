@@ -577,20 +577,11 @@ class _Reader:
     they are reported (or skipped) per row, with the row's line number. A damaged .gz stream
     ends the lines (or raises) through `_damaged`.
     """
-    lineno = 0
-    try:
-      for lineno, raw in enumerate(f, 1):
-        if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
-          raw = raw[3:]
-        raw = raw.rstrip(b"\r\n")
-        if not raw or raw.isspace():
-          continue
-        try:
-          yield lineno, raw.decode("utf-8"), b"\\u" in raw
-        except UnicodeDecodeError:
-          yield lineno, raw.decode("utf-8", errors="surrogateescape"), True
-    except files_lib.DAMAGED as e:
-      self._damaged(path, lineno + 1, e)
+    for lineno, raw in files_lib.nonblank_lines(f, lambda line, e: self._damaged(path, line, e)):
+      try:
+        yield lineno, raw.decode("utf-8"), b"\\u" in raw
+      except UnicodeDecodeError:
+        yield lineno, raw.decode("utf-8", errors="surrogateescape"), True
 
   def _read_txt(self, path: str, f) -> _MemoryPart:
     texts, lines = [], []
