@@ -158,25 +158,10 @@ def test_next_conversion_removes_stale_staging_folders_only(hf_folder, tmp_path,
 # ---------------------------------------------------------------------------------------------
 
 def _tb_events(tb_dir) -> list[tuple[int, str]]:
-  """(step, tag) of every scalar in the event files under `tb_dir`, each record's CRCs checked."""
-  import struct
-
-  from tensorboardX.record_writer import masked_crc32c
-  from tensorboardX.proto import event_pb2
-  found = []
-  for path in sorted(tb_dir.iterdir()):
-    data = path.read_bytes()
-    pos = 0
-    while pos < len(data):
-      header = data[pos:pos + 8]
-      (n,) = struct.unpack("<Q", header)
-      assert struct.unpack("<I", data[pos + 8:pos + 12])[0] == masked_crc32c(header)
-      payload = data[pos + 12:pos + 12 + n]
-      assert struct.unpack("<I", data[pos + 12 + n:pos + 16 + n])[0] == masked_crc32c(payload)
-      event = event_pb2.Event.FromString(payload)
-      found += [(event.step, v.tag) for v in event.summary.value]
-      pos += 16 + n
-  return found
+  """(step, tag) of every scalar in the event files under `tb_dir`, repeats kept, each record's
+  CRCs checked (`test_plots.tensorboard_events`)."""
+  from test_plots import tensorboard_events
+  return [(step, tag) for tag, step, _ in tensorboard_events(tb_dir)]
 
 
 def test_resume_drops_the_replayed_steps_from_tensorboard_events(tmp_path):

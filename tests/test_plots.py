@@ -104,12 +104,13 @@ def test_cli(tmp_path, capsys):
 # TensorBoard event files.
 # ---------------------------------------------------------------------------------------------
 
-def read_tensorboard_scalars(logdir) -> dict[str, dict[int, float]]:
-  """{tag: {step: value}} from every events file in `logdir` (TFRecord framing, CRCs checked)."""
+def tensorboard_events(logdir) -> list[tuple[str, int, float]]:
+  """(tag, step, value) of every scalar in every events file in `logdir`, in file and record
+  order, repeats kept (TFRecord framing read here, independently of the writer; CRCs checked)."""
   from tensorboardX.proto import event_pb2
   from tensorboardX.record_writer import masked_crc32c
 
-  out: dict[str, dict[int, float]] = {}
+  out: list[tuple[str, int, float]] = []
   files = sorted(f for f in os.listdir(logdir) if f.startswith("events.out.tfevents"))
   assert files, f"no event files in {logdir}"
   for name in files:
@@ -124,8 +125,15 @@ def read_tensorboard_scalars(logdir) -> dict[str, dict[int, float]]:
       assert struct.unpack("<I", data[pos + 12 + length:pos + 16 + length])[0] == masked_crc32c(body)
       pos += 16 + length
       event = event_pb2.Event.FromString(body)
-      for value in event.summary.value:
-        out.setdefault(value.tag, {})[event.step] = value.simple_value
+      out += [(value.tag, event.step, value.simple_value) for value in event.summary.value]
+  return out
+
+
+def read_tensorboard_scalars(logdir) -> dict[str, dict[int, float]]:
+  """{tag: {step: value}} from every events file in `logdir` (the last value of a step wins)."""
+  out: dict[str, dict[int, float]] = {}
+  for tag, step, value in tensorboard_events(logdir):
+    out.setdefault(tag, {})[step] = value
   return out
 
 
