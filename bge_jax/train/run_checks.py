@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import jax
 
+from bge_jax import config_files
 from bge_jax.train.init import ConfigError
 
 _MISSING = object()
@@ -65,19 +66,11 @@ _RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
 }
 
 
-def _lookup(config: Any, key: str) -> Any:
-  node = config
-  for part in key.split("."):
-    if not hasattr(node, "keys") or part not in node:
-      return _MISSING
-    node = node[part]
-  return node
-
-
 def check_ranges(config: Any) -> None:
   """Raises ConfigError naming the first count, size or rate of `config` out of its range."""
+  values = config_files.flat_keys(config)
   for key, (ok, allowed) in _RANGES.items():
-    value = _lookup(config, key)
+    value = values.get(key, _MISSING)
     if value is _MISSING or value is None or isinstance(value, bool):
       continue
     if not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
