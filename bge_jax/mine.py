@@ -40,22 +40,15 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BLOCK_SIZE = 8192
 DEFAULT_QUERY_BATCH = 256
+# Corpus passages per encode call (the unit of the split across processes).
+DEFAULT_CHUNK_SIZE = 65536
+# Queries searched (and, across processes, merged) at a time: bounds the [P, chunk, k] gather.
+QUERY_CHUNK = 4096
 _INDEX_FILL = np.iinfo(np.int32).max
 
 
 class MiningInputError(ValueError):
   """A bad training or candidate-pool row; the message starts with `file:line` (or `rows[i]`)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class MiningStats:
-  """What a mining run did, for the command's summary line."""
-  rows: int
-  corpus_size: int
-  range_for_sampling: tuple[int, int]
-  negative_number: int
-  topped_up: int  # rows that needed random top-up passages
-  short: int  # rows left with fewer than `negative_number` negatives (corpus too small)
 
 
 # --------------------------------------------------------------------------------------------
@@ -130,16 +123,113 @@ def _sharded_fn(mesh: Mesh, k: int, block: int):
 
 
 def _resolve_mesh(mesh: Mesh | str | None) -> Mesh | None:
+  """`"auto"`: every local device (each process searches its own corpus rows; processes are
+  merged by `merge_top_k`), None when there is one."""
   if mesh is None:
     return None
   if isinstance(mesh, str):
     if mesh != "auto":
       raise ValueError(f"mesh={mesh!r}; pass a jax Mesh, 'auto' or None")
-    if jax.device_count() == 1:
+    if jax.local_device_count() == 1:
       return None
     from bge_jax import sharding
-    mesh = sharding.make_mesh()
+    mesh = sharding.make_mesh(devices=jax.local_devices())
   return mesh if mesh.size > 1 else None
+
+
+def search_shapes(num_corpus: int, num_queries: int, block_size: int = DEFAULT_BLOCK_SIZE,
+                  query_batch_size: int = DEFAULT_QUERY_BATCH) -> tuple[int, int]:
+  """(corpus block, query batch) for a search of `num_queries` over `num_corpus` passages.
+
+  They depend on the data sizes only, never on the device or process count, so every way of
+  splitting a search runs the same matmul shapes (and gives the same scores bit for bit).
+  """
+  if block_size < 1 or query_batch_size < 1:
+    raise ValueError(f"block_size={block_size}, query_batch_size={query_batch_size}; both >= 1")
+  return (min(block_size, _round_up(max(num_corpus, 1), 8)),
+          min(query_batch_size, _round_up(max(num_queries, 1), 8)))
+
+
+def _check_finite(name: str, x: np.ndarray) -> None:
+  if not np.isfinite(x).all():
+    raise ValueError(f"{name} holds NaN or inf values")
+
+
+class CorpusIndex:
+  """Corpus vectors [N, D] placed once on the local devices, searched by exact inner product.
+
+  `index_offset` is the global index of row 0 (a process holding rows [lo, hi) of a corpus
+  split across processes passes lo); returned indices are global. With a mesh of several
+  devices the rows are split into contiguous shards, one per device, and the per-device top-k
+  merged on device (`mesh="auto"`: every local device). Memory: N x D float32 on the devices
+  (split among them), plus a [query batch, block] score buffer per device.
+  """
+
+  def __init__(self, corpus: np.ndarray, *, block: int = DEFAULT_BLOCK_SIZE,
+               mesh: Mesh | str | None = None, index_offset: int = 0):
+    corpus = np.asarray(corpus, np.float32)
+    if corpus.ndim != 2:
+      raise ValueError(f"corpus {corpus.shape} must be [N, D]")
+    _check_finite("corpus", corpus)
+    self.size, self.dim = corpus.shape
+    self.block, self.index_offset = block, index_offset
+    self.mesh = _resolve_mesh(mesh)
+    if self.size == 0:
+      self._corpus = None
+      return
+    shards = self.mesh.size if self.mesh is not None else 1
+    padded = np.zeros((_round_up(self.size, block * shards), self.dim), np.float32)
+    padded[:self.size] = corpus
+    if self.mesh is None:
+      self._corpus = jax.device_put(padded)
+    else:
+      self._corpus = jax.device_put(
+          padded, NamedSharding(self.mesh, PartitionSpec(tuple(self.mesh.axis_names))))
+
+  def search(self, queries: np.ndarray, k: int, *,
+             query_batch_size: int = DEFAULT_QUERY_BATCH,
+             show_progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(scores [Q, k] float32, global indices [Q, k] int64), best first, lower index first on
+    ties. `k` may exceed this index's rows: the missing entries score -inf with index
+    `np.iinfo(np.int32).max` (they sort after every real passage in `merge_top_k`)."""
+    queries = np.asarray(queries, np.float32)
+    if queries.ndim != 2 or queries.shape[1] != self.dim:
+      raise ValueError(f"queries {queries.shape} must be [Q, {self.dim}]")
+    _check_finite("queries", queries)
+    num_q = queries.shape[0]
+    scores = np.full((num_q, k), -np.inf, np.float32)
+    indices = np.full((num_q, k), _INDEX_FILL, np.int64)
+    k_here = min(k, self.size)
+    if num_q == 0 or k_here == 0:
+      return scores, indices
+    if self.mesh is None:
+      search = _single_fn(k_here, self.block)
+    else:
+      search = _sharded_fn(self.mesh, k_here, self.block)
+    n_valid = jnp.int32(self.size)
+    q_pad = np.zeros((query_batch_size, self.dim), np.float32)
+    starts = range(0, num_q, query_batch_size)
+    if show_progress:
+      from tqdm.auto import tqdm
+      starts = tqdm(starts, desc="search", unit="batch")
+    for start in starts:
+      stop = min(start + query_batch_size, num_q)
+      q_pad[:stop - start] = queries[start:stop]
+      q_pad[stop - start:] = 0.0
+      s, i = search(q_pad, self._corpus, n_valid)
+      scores[start:stop, :k_here] = np.asarray(s)[:stop - start]
+      indices[start:stop, :k_here] = np.asarray(i)[:stop - start] + self.index_offset
+    return scores, indices
+
+
+def merge_top_k(scores: np.ndarray, indices: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+  """The top-k of several top-k lists: `scores`/`indices` [P, Q, k_p], list p from corpus rows
+  below those of list p+1 (processes in order). A stable sort on the score keeps equal scores in
+  list order, i.e. lower corpus index first, as one search over the whole corpus does."""
+  s = np.concatenate(list(scores), axis=1)
+  i = np.concatenate(list(indices), axis=1)
+  order = np.argsort(-s, axis=1, kind="stable")[:, :k]
+  return np.take_along_axis(s, order, axis=1), np.take_along_axis(i, order, axis=1)
 
 
 def exact_top_k(queries: np.ndarray, corpus: np.ndarray, k: int, *,
@@ -150,56 +240,24 @@ def exact_top_k(queries: np.ndarray, corpus: np.ndarray, k: int, *,
 
   The corpus is scored `block_size` rows at a time against `query_batch_size` queries (so the
   score buffer is [query_batch_size, block_size] whatever the corpus size), each block's top-k
-  merged into a running top-k. With a mesh of several devices (or `mesh="auto"` when JAX sees
-  more than one) the corpus is split into contiguous shards, one per device, each device keeps
-  its shard's top-k and a final merge picks the global one: the result is identical to the
-  single-device path. Equal scores rank the lower corpus index first. `k` must not exceed the
-  corpus size.
+  merged into a running top-k. With a mesh of several devices (or `mesh="auto"` when this
+  process sees more than one) the corpus is split into contiguous shards, one per device, each
+  device keeps its shard's top-k and a final merge picks the global one: the result is identical
+  to the single-device path. Equal scores rank the lower corpus index first. `k` must not exceed
+  the corpus size.
   """
   queries = np.asarray(queries, np.float32)
   corpus = np.asarray(corpus, np.float32)
   if queries.ndim != 2 or corpus.ndim != 2 or queries.shape[1] != corpus.shape[1]:
     raise ValueError(f"queries {queries.shape} and corpus {corpus.shape} must be [Q, D] and "
                      "[N, D] with the same D")
-  n, dim = corpus.shape
+  n = corpus.shape[0]
   if not 1 <= k <= n:
     raise ValueError(f"k={k}; it must be between 1 and the corpus size {n}")
-  if block_size < 1 or query_batch_size < 1:
-    raise ValueError(f"block_size={block_size}, query_batch_size={query_batch_size}; both >= 1")
-  for name, x in (("queries", queries), ("corpus", corpus)):
-    if not np.isfinite(x).all():
-      raise ValueError(f"{name} holds NaN or inf values")
-  num_q = queries.shape[0]
-  if num_q == 0:
-    return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
-
-  # The block and query-batch shapes depend on the data sizes only, never on the device count,
-  # so every path runs the same matmul shapes.
-  block = min(block_size, _round_up(n, 8))
-  q_batch = min(query_batch_size, _round_up(num_q, 8))
-  mesh = _resolve_mesh(mesh)
-  shards = mesh.size if mesh is not None else 1
-  padded = np.zeros((_round_up(n, block * shards), dim), np.float32)
-  padded[:n] = corpus
-  n_valid = jnp.int32(n)
-  if mesh is None:
-    corpus_dev = jax.device_put(padded)
-    search = _single_fn(k, block)
-  else:
-    corpus_dev = jax.device_put(padded, NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names))))
-    search = _sharded_fn(mesh, k, block)
-
-  scores = np.empty((num_q, k), np.float32)
-  indices = np.empty((num_q, k), np.int64)
-  q_pad = np.zeros((q_batch, dim), np.float32)
-  for start in range(0, num_q, q_batch):
-    stop = min(start + q_batch, num_q)
-    q_pad[:stop - start] = queries[start:stop]
-    q_pad[stop - start:] = 0.0
-    s, i = search(q_pad, corpus_dev, n_valid)
-    scores[start:stop] = np.asarray(s)[:stop - start]
-    indices[start:stop] = np.asarray(i)[:stop - start]
-  return scores, indices
+  block, q_batch = search_shapes(n, queries.shape[0], block_size, query_batch_size)
+  _check_finite("queries", queries)
+  index = CorpusIndex(corpus, block=block, mesh=mesh)
+  return index.search(queries, k, query_batch_size=q_batch)
 
 
 # --------------------------------------------------------------------------------------------
@@ -337,18 +395,18 @@ def _unique(texts: Iterable[str]) -> list[str]:
 
 
 def _sample_row(rng: np.random.Generator, candidates: np.ndarray, excluded: set[int],
-                n_corpus: int, number: int) -> tuple[list[int], int]:
+                n_corpus: int, number: int, top_up: bool = True) -> tuple[list[int], int]:
   """`number` corpus indices: sampled from `candidates` (kept in rank order), then random top-ups.
 
   Returns (indices, how many are top-ups). Top-ups avoid `excluded` and the chosen ones; when
-  fewer eligible passages exist than are needed, all of them are taken.
+  fewer eligible passages exist than are needed (or `top_up` is False), the row stays short.
   """
   if len(candidates) > number:
     chosen = candidates[np.sort(rng.choice(len(candidates), number, replace=False))].tolist()
   else:
     chosen = candidates.tolist()
   need = number - len(chosen)
-  if need <= 0:
+  if need <= 0 or not top_up:
     return chosen, 0
   taken = excluded | set(chosen)
   eligible_count = n_corpus - len(taken)
@@ -367,6 +425,131 @@ def _sample_row(rng: np.random.Generator, candidates: np.ndarray, excluded: set[
   return chosen + extra, len(extra)
 
 
+@dataclasses.dataclass(frozen=True)
+class ScoreLimits:
+  """Which candidates are too close to the query to be negatives (sentence-transformers'
+  `mine_hard_negatives` rules, the same comparisons in float32):
+
+  * `max_score`: a candidate scoring `s > max_score` against the query is skipped.
+  * `margin` (ST's `absolute_margin`): skipped when `s + margin > pos`, where `pos` is the
+    query's score with its positive, the lowest one when a row has several (ST's choice).
+  * `relative_margin`: skipped when `s > pos - |pos| * relative_margin`.
+  """
+  max_score: float | None = None
+  margin: float | None = None
+  relative_margin: float | None = None
+
+  def __post_init__(self):
+    for name in ("max_score", "margin", "relative_margin"):
+      value = getattr(self, name)
+      if value is not None and not np.isfinite(value):
+        raise ValueError(f"{name}={value}; it must be a finite number")
+
+  @property
+  def active(self) -> bool:
+    return any(v is not None for v in (self.max_score, self.margin, self.relative_margin))
+
+  @property
+  def need_positive_score(self) -> bool:
+    return self.margin is not None or self.relative_margin is not None
+
+  def violations(self, scores: np.ndarray, pos: np.ndarray | float) -> dict[str, np.ndarray]:
+    """Rule name -> bool mask of `scores` the rule skips (`pos` broadcasts against them)."""
+    scores = np.asarray(scores, np.float32)
+    pos = np.asarray(pos, np.float32)
+    out = {}
+    if self.max_score is not None:
+      out["max_score"] = scores > np.float32(self.max_score)
+    if self.margin is not None:
+      out["margin"] = scores + np.float32(self.margin) > pos
+    if self.relative_margin is not None:
+      out["relative_margin"] = scores > pos - np.abs(pos) * np.float32(self.relative_margin)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class MiningStats:
+  """What a mining run did, for the command's summary line."""
+  rows: int
+  corpus_size: int
+  range_for_sampling: tuple[int, int]
+  negative_number: int
+  topped_up: int  # rows that needed random top-up passages
+  short: int  # rows left with fewer than `negative_number` negatives
+  # Candidates in the rank range (not a positive or the query) skipped by each score limit;
+  # a candidate breaking two limits counts under both.
+  skipped: dict[str, int] = dataclasses.field(default_factory=dict)
+  candidates: int = 0  # candidates in the rank range, positives and queries removed
+  processes: int = 1
+
+
+def corpus_split(n: int, chunk_size: int, process_index: int,
+                 process_count: int) -> tuple[int, int]:
+  """Rows [lo, hi) of an n-passage corpus that one process embeds and searches: whole chunks of
+  `chunk_size` passages, contiguous, in process order (every process gets ~n / count)."""
+  chunks = -(-n // chunk_size)
+  lo = process_index * chunks // process_count
+  hi = (process_index + 1) * chunks // process_count
+  return min(lo * chunk_size, n), min(hi * chunk_size, n)
+
+
+def _gather(x: np.ndarray) -> np.ndarray:
+  """[P, ...]: `x` of every process, in process order (a process-local array when P = 1)."""
+  if jax.process_count() == 1:
+    return x[None]
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x))
+
+
+def _encode_chunks(encoder: Any, texts: Sequence[str], lo: int, hi: int, chunk_size: int,
+                   show_progress: bool, **encode_kwargs: Any) -> np.ndarray:
+  """Embeddings of texts[lo:hi], encoded `chunk_size` texts per call on chunk boundaries of
+  the whole corpus, so that a passage's batch (hence its embedding, bit for bit) does not
+  depend on how the corpus is split across processes."""
+  parts = []
+  starts = range(lo, hi, chunk_size)
+  if show_progress and len(starts) > 1:
+    from tqdm.auto import tqdm
+    starts = tqdm(starts, desc="encode corpus", unit="chunk")
+  for start in starts:
+    parts.append(encoder.encode(texts[start:min(start + chunk_size, hi)],
+                                show_progress=show_progress and len(starts) == 1,
+                                **encode_kwargs))
+  if not parts:
+    return np.zeros((0, encoder.dim), np.float32)
+  return np.concatenate(parts).astype(np.float32, copy=False)
+
+
+def _positive_scores(rows: Sequence[dict], q_vecs: np.ndarray, local: np.ndarray, lo: int,
+                     position: dict[str, int], encoder: Any,
+                     encode_kwargs: dict[str, Any]) -> np.ndarray:
+  """[rows] float32: each query's lowest score with its positives. A positive in the corpus is
+  scored by the process holding its embedding (the others contribute +inf, the processes
+  take the minimum); a positive outside the corpus (a candidate pool) is encoded here."""
+  hi = lo + len(local)
+  row_of, corpus_index, missing = [], [], {}
+  for i, row in enumerate(rows):
+    for text in row["pos"]:
+      row_of.append(i)
+      j = position.get(text)
+      if j is None:
+        j = -1 - missing.setdefault(text, len(missing))
+      corpus_index.append(j)
+  row_of = np.asarray(row_of, np.int64)
+  corpus_index = np.asarray(corpus_index, np.int64)
+  pair_scores = np.full(len(row_of), np.inf, np.float32)
+  own = (corpus_index >= lo) & (corpus_index < hi)
+  pair_scores[own] = np.einsum("nd,nd->n", q_vecs[row_of[own]], local[corpus_index[own] - lo])
+  if missing:
+    extra = encoder.encode(list(missing), **encode_kwargs)
+    out = corpus_index < 0
+    pair_scores[out] = np.einsum("nd,nd->n", q_vecs[row_of[out]], extra[-1 - corpus_index[out]])
+  pair_scores = _gather(pair_scores).min(axis=0)
+  best = np.full(len(rows), np.inf, np.float32)
+  np.minimum.at(best, row_of, pair_scores)
+  return best
+
+
 def mine_with_stats(rows: Sequence[dict], encoder: Any, *,
                     candidate_pool: str | Sequence[str] | None = None,
                     range_for_sampling: str | Sequence[int] = (10, 210),
@@ -378,14 +561,21 @@ def mine_with_stats(rows: Sequence[dict], encoder: Any, *,
                     max_length: int = 512,
                     mesh: Mesh | str | None = "auto",
                     block_size: int = DEFAULT_BLOCK_SIZE,
-                    show_progress: bool | None = None) -> tuple[list[dict], MiningStats]:
+                    show_progress: bool | None = None,
+                    max_score: float | None = None,
+                    margin: float | None = None,
+                    relative_margin: float | None = None,
+                    chunk_size: int = DEFAULT_CHUNK_SIZE) -> tuple[list[dict], MiningStats]:
   """`mine_hard_negatives`, also returning a `MiningStats`."""
   del use_gpu_for_searching  # the search runs on whatever JAX runs on
   start, end = parse_range(range_for_sampling)
+  limits = ScoreLimits(max_score, margin, relative_margin)
   if negative_number < 1:
     raise ValueError(f"negative_number={negative_number}; it must be >= 1")
   if seed < 0:
     raise ValueError(f"seed={seed}; it must be >= 0")
+  if chunk_size < 1:
+    raise ValueError(f"chunk_size={chunk_size}; it must be >= 1")
   for i, row in enumerate(rows):
     check_row(row, f"rows[{i}]")
   if not rows:
@@ -403,34 +593,72 @@ def mine_with_stats(rows: Sequence[dict], encoder: Any, *,
     if not corpus:
       raise ValueError("the candidate pool is empty")
   position = {t: j for j, t in enumerate(corpus)}
+  n = len(corpus)
+  processes, me = jax.process_count(), jax.process_index()
+  lo, hi = corpus_split(n, chunk_size, me, processes)
+  if show_progress is None:
+    show_progress = max(n, len(rows)) > 4 * batch_size
+  show_progress = show_progress and me == 0
+  encode_kwargs = dict(batch_size=batch_size, max_length=max_length)
 
-  queries = [row["query"] for row in rows]
-  log.info("encoding the corpus (%d passages)", len(corpus))
-  p_vecs = encoder.encode(corpus, batch_size=batch_size, max_length=max_length,
-                          show_progress=show_progress)
-  log.info("encoding the queries (%d rows)", len(queries))
-  q_vecs = encoder.encode(queries, batch_size=batch_size, max_length=max_length,
-                          instruction=query_instruction, show_progress=show_progress)
-  k = min(end, len(corpus))
-  log.info("exact top-%d search over %d passages", k, len(corpus))
-  _, neighbours = exact_top_k(q_vecs, p_vecs, k, block_size=block_size, mesh=mesh)
+  log.info("encoding the corpus (%d passages%s)", n,
+           f"; this process: {lo}-{hi}" if processes > 1 else "")
+  local = _encode_chunks(encoder, corpus, lo, hi, chunk_size, show_progress, **encode_kwargs)
+  log.info("encoding the queries (%d rows)", len(rows))
+  q_vecs = encoder.encode([row["query"] for row in rows], instruction=query_instruction,
+                          show_progress=show_progress, **encode_kwargs)
+  q_vecs = np.asarray(q_vecs, np.float32)
+  pos_scores = (_positive_scores(rows, q_vecs, local, lo, position, encoder, encode_kwargs)
+                if limits.need_positive_score else None)
 
-  out, topped_up, short = [], 0, 0
-  for i, row in enumerate(rows):
-    excluded = {position[t] for t in (*row["pos"], row["query"]) if t in position}
-    ranked = neighbours[i, start:end]
-    candidates = ranked[~np.isin(ranked, np.fromiter(excluded, np.int64, len(excluded)))]
-    rng = np.random.default_rng([seed, i])
-    picked, extra = _sample_row(rng, candidates, excluded, len(corpus), negative_number)
-    topped_up += extra > 0
-    short += len(picked) < negative_number
-    new = {key: value for key, value in row.items() if key != "neg_scores"}
-    new["neg"] = [corpus[j] for j in picked]
-    out.append(new)
+  k = min(end, n)
+  block, q_batch = search_shapes(n, min(len(rows), QUERY_CHUNK), block_size)
+  index = CorpusIndex(local, block=block, mesh=mesh, index_offset=lo)
+  log.info("exact top-%d search over %d passages%s", k, n,
+           f" ({processes} processes)" if processes > 1 else "")
+
+  out, topped_up, short, candidates_total = [], 0, 0, 0
+  skipped = {name: 0 for name in limits.violations(np.zeros(0), 0.0)}
+  chunks = range(0, len(rows), QUERY_CHUNK)
+  if show_progress and len(chunks) > 1:
+    from tqdm.auto import tqdm
+    chunks = tqdm(chunks, desc="search", unit="chunk")
+  for q0 in chunks:
+    q1 = min(q0 + QUERY_CHUNK, len(rows))
+    scores, neighbours = index.search(q_vecs[q0:q1], k, query_batch_size=q_batch)
+    if processes > 1:
+      scores, neighbours = merge_top_k(_gather(scores), _gather(neighbours), k)
+    for i in range(q0, q1):
+      row = rows[i]
+      excluded = {position[t] for t in (*row["pos"], row["query"]) if t in position}
+      ranked, ranked_scores = neighbours[i - q0, start:k], scores[i - q0, start:k]
+      keep = ~np.isin(ranked, np.fromiter(excluded, np.int64, len(excluded)))
+      candidates_total += int(keep.sum())
+      top_up = True
+      if limits.active:
+        pos = pos_scores[i] if pos_scores is not None else np.float32(0)
+        for name, bad in limits.violations(ranked_scores, pos).items():
+          skipped[name] += int((bad & keep).sum())
+          keep &= ~bad
+        # Top-ups are passages ranked k or lower: each scores at most the rank-(k-1) score, so
+        # they all keep the limits when it does (and none is drawn otherwise).
+        last = scores[i - q0, k - 1:k]
+        top_up = k < n and not any(v.any() for v in limits.violations(last, pos).values())
+        excluded = excluded | set(neighbours[i - q0, :k].tolist())
+      rng = np.random.default_rng([seed, i])
+      picked, extra = _sample_row(rng, ranked[keep], excluded, n, negative_number, top_up)
+      topped_up += extra > 0
+      short += len(picked) < negative_number
+      new = {key: value for key, value in row.items() if key != "neg_scores"}
+      new["neg"] = [corpus[j] for j in picked]
+      out.append(new)
   if short:
-    log.warning("%d of %d rows have fewer than %d negatives: the corpus has too few passages "
-                "besides their positives", short, len(rows), negative_number)
-  return out, MiningStats(len(rows), len(corpus), (start, end), negative_number, topped_up, short)
+    log.warning("%d of %d rows have fewer than %d negatives: too few passages in the corpus "
+                "%s", short, len(rows), negative_number,
+                "besides their positives" if not limits.active else
+                "pass the score limits (widen --range or loosen the limits)")
+  return out, MiningStats(len(rows), n, (start, end), negative_number, topped_up, short,
+                          skipped, candidates_total, processes)
 
 
 def mine_hard_negatives(rows: Sequence[dict], encoder: Any, *,
@@ -444,13 +672,17 @@ def mine_hard_negatives(rows: Sequence[dict], encoder: Any, *,
                         max_length: int = 512,
                         mesh: Mesh | str | None = "auto",
                         block_size: int = DEFAULT_BLOCK_SIZE,
-                        show_progress: bool | None = None) -> list[dict]:
+                        show_progress: bool | None = None,
+                        max_score: float | None = None,
+                        margin: float | None = None,
+                        relative_margin: float | None = None,
+                        chunk_size: int = DEFAULT_CHUNK_SIZE) -> list[dict]:
   """New rows with `"neg"` replaced by mined hard negatives (FlagEmbedding's `hn_mine`).
 
   Args:
     rows: FlagEmbedding training rows `{"query": str, "pos": [str], "neg"?: [str], ...}`.
     encoder: an `Encoder` (anything with `encode(texts, batch_size=, max_length=,
-      instruction=, show_progress=)` returning [N, D] embeddings).
+      instruction=, show_progress=)` returning [N, D] embeddings, and `dim`).
     candidate_pool: the corpus to mine from: a list of texts or a JSONL file of `{"text"}`
       rows. Default: every `pos` and `neg` passage of `rows`. Deduplicated in first-seen order.
     range_for_sampling: ranks `[start, end)` of the query's neighbours to sample from
@@ -460,9 +692,16 @@ def mine_hard_negatives(rows: Sequence[dict], encoder: Any, *,
     use_gpu_for_searching: accepted for compatibility and ignored.
     seed: row `i` samples with `numpy.random.default_rng([seed, i])`.
     batch_size, max_length: for `encoder.encode`.
-    mesh: for `exact_top_k`; `"auto"` shards the search over all devices when there are several.
+    mesh: for the search; `"auto"` shards it over this process's devices when there are several.
     block_size: corpus rows scored at a time per device.
-    show_progress: `encoder.encode`'s progress bar (None: for long inputs).
+    show_progress: progress bars (None: for long inputs; process 0 only).
+    max_score, margin, relative_margin: false-negative limits (`ScoreLimits`): candidates
+      too close to the query, or to its positive's score, are not sampled. With a limit set,
+      random top-ups come only from passages ranked past `end` and only when the rank
+      `end - 1` score keeps the limits (then every such passage does); else the row stays short.
+    chunk_size: corpus passages encoded per `encoder.encode` call; in a multi-process run
+      (`jax.distributed`) each process embeds and searches whole chunks of its own
+      (`corpus_split`), the per-process top-k are merged, and every process returns the rows.
 
   Returns:
     One dict per row with all of its fields, `"neg"` replaced (sampled neighbours in rank order,
@@ -472,8 +711,11 @@ def mine_hard_negatives(rows: Sequence[dict], encoder: Any, *,
       rows, encoder, candidate_pool=candidate_pool, range_for_sampling=range_for_sampling,
       negative_number=negative_number, query_instruction=query_instruction,
       use_gpu_for_searching=use_gpu_for_searching, seed=seed, batch_size=batch_size,
-      max_length=max_length, mesh=mesh, block_size=block_size, show_progress=show_progress)[0]
+      max_length=max_length, mesh=mesh, block_size=block_size, show_progress=show_progress,
+      max_score=max_score, margin=margin, relative_margin=relative_margin,
+      chunk_size=chunk_size)[0]
 
 
-__all__ = ["MiningInputError", "MiningStats", "exact_top_k", "check_row", "read_rows",
-           "read_candidate_pool", "parse_range", "mine_hard_negatives", "mine_with_stats"]
+__all__ = ["MiningInputError", "MiningStats", "ScoreLimits", "CorpusIndex", "exact_top_k",
+           "merge_top_k", "corpus_split", "check_row", "read_rows", "read_candidate_pool",
+           "parse_range", "mine_hard_negatives", "mine_with_stats"]
