@@ -637,9 +637,11 @@ def mine_with_stats(rows: Sequence[dict], encoder: Any, *,
       top_up = True
       if limits.active:
         pos = pos_scores[i] if pos_scores is not None else np.float32(0)
+        broken = np.zeros_like(keep)
         for name, bad in limits.violations(ranked_scores, pos).items():
           skipped[name] += int((bad & keep).sum())
-          keep &= ~bad
+          broken |= bad
+        keep &= ~broken
         # Top-ups are passages ranked k or lower: each scores at most the rank-(k-1) score, so
         # they all keep the limits when it does (and none is drawn otherwise).
         last = scores[i - q0, k - 1:k]

@@ -3,18 +3,28 @@
   python launch/mine.py --model PATH --input train.jsonl --output out.jsonl \
       [--candidate-pool pool.jsonl] [--range 10-210] [--negatives 15] \
       [--query-instruction TEXT] [--pooling cls|mean] [--batch-size N] [--max-length N] [--seed S]
+      [--max-score S] [--margin M] [--relative-margin R]
+      [--coordinator-address HOST:PORT --num-processes N --process-id I | --distributed]
 
 Every row's "neg" is replaced by passages ranked [START, END) for its query (exact inner-product
 search over the candidate pool, or over all pos/neg passages of the input), minus its positives
-and the query itself, topped up with random passages when too few remain. The output appears
+and the query itself, minus candidates breaking a score limit (false-negative control, as
+sentence-transformers' mine_hard_negatives: --max-score, --margin = its absolute_margin,
+--relative-margin), topped up with random passages when too few remain. The output appears
 only when complete (written beside it, then renamed). Bad input exits 2 with one `error:` line
 naming file:line.
+
+Several processes (jax.distributed, e.g. one per host): each embeds and searches its own
+slice of the corpus (whole --chunk-size chunks) and the top-k lists are merged, so the corpus
+embeddings are split across hosts; every process reads the input, process 0 writes the output.
+The negatives are the same as one process's.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 
@@ -50,7 +60,49 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0).")
   p.add_argument("--block-size", type=int, default=None, metavar="N",
                  help="corpus rows scored at a time per device (default: 8192).")
+  p.add_argument("--chunk-size", type=int, default=None, metavar="N",
+                 help="corpus passages encoded per call, the unit of the split across processes "
+                      "(default: 65536).")
+  limits = p.add_argument_group(
+      "false-negative control (scores are inner products: cosine for normalised embeddings)")
+  limits.add_argument("--max-score", "--max_score", type=float, default=None, metavar="S",
+                      help="skip candidates scoring above S against the query (default: none).")
+  limits.add_argument("--margin", "--absolute-margin", type=float, default=None, metavar="M",
+                      help="skip candidates with score + M > the query's positive score (its "
+                      "lowest positive's, when it has several); 0 keeps only candidates scoring "
+                      "at most the positive (default: none).")
+  limits.add_argument("--relative-margin", "--relative_margin", type=float, default=None,
+                      metavar="R", help="skip candidates scoring above pos - |pos| * R, e.g. "
+                      "0.05 as NV-Retriever (default: none).")
+  multi = p.add_argument_group("several processes (jax.distributed)")
+  multi.add_argument("--coordinator-address", "--coordinator_address", default=None,
+                     metavar="HOST:PORT", help="process 0's host and a free port.")
+  multi.add_argument("--num-processes", "--num_processes", type=int, default=None, metavar="N")
+  multi.add_argument("--process-id", "--process_id", type=int, default=None, metavar="I",
+                     help="this process's index (0 writes the output).")
+  multi.add_argument("--distributed", action="store_true",
+                     help="jax.distributed.initialize() from the cluster's environment (TPU pod "
+                     "slice, SLURM, Open MPI) instead of the three flags above.")
   return p
+
+
+def _init_distributed(args: argparse.Namespace) -> str | None:
+  """jax.distributed from the flags; returns an error message for a wrong combination."""
+  explicit = (args.coordinator_address, args.num_processes, args.process_id)
+  if all(v is None for v in explicit):
+    if args.distributed:
+      import jax
+      jax.distributed.initialize()
+    return None
+  if any(v is None for v in explicit):
+    return ("--coordinator-address, --num-processes and --process-id go together (process 0's "
+            "host:port, the process count, this process's index)")
+  if not 0 <= args.process_id < args.num_processes:
+    return f"--process-id={args.process_id}; it must be in [0, --num-processes={args.num_processes})"
+  import jax
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+  return None
 
 
 def _fail(message: str) -> int:
@@ -70,11 +122,16 @@ def main(argv: list[str] | None = None) -> int:
   except ValueError as e:
     return _fail(f"--range: {e}")
   for name, value in (("--negatives", args.negatives), ("--batch-size", args.batch_size),
-                      ("--max-length", args.max_length), ("--block-size", args.block_size or 1)):
+                      ("--max-length", args.max_length), ("--block-size", args.block_size or 1),
+                      ("--chunk-size", args.chunk_size or 1)):
     if value < 1:
       return _fail(f"{name}={value}; it must be >= 1")
   if args.seed < 0:
     return _fail(f"--seed={args.seed}; it must be >= 0")
+  for name, value in (("--max-score", args.max_score), ("--margin", args.margin),
+                      ("--relative-margin", args.relative_margin)):
+    if value is not None and not math.isfinite(value):
+      return _fail(f"{name}={value}; it must be a finite number")
   for name, path in (("--input", args.input), ("--candidate-pool", args.candidate_pool)):
     if path is not None and not os.path.isfile(path):
       return _fail(f"{name} {path}: no such file")
@@ -85,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     return _fail(f"--output {args.output}: folder {out_dir} does not exist")
   if os.path.isdir(args.output):
     return _fail(f"--output {args.output} is a folder; name a .jsonl file")
+
+  problem = _init_distributed(args)
+  if problem:
+    return _fail(problem)
 
   try:
     rows = mine.read_rows(args.input)
@@ -103,14 +164,23 @@ def main(argv: list[str] | None = None) -> int:
         rows, encoder, candidate_pool=pool, range_for_sampling=(start, end),
         negative_number=args.negatives, query_instruction=args.query_instruction,
         seed=args.seed, batch_size=args.batch_size, max_length=args.max_length,
-        block_size=args.block_size or mine.DEFAULT_BLOCK_SIZE)
+        block_size=args.block_size or mine.DEFAULT_BLOCK_SIZE, max_score=args.max_score,
+        margin=args.margin, relative_margin=args.relative_margin,
+        chunk_size=args.chunk_size or mine.DEFAULT_CHUNK_SIZE)
   except ValueError as e:
     return _fail(str(e))
+  import jax
+  if jax.process_index() != 0:
+    return 0
   mine.write_rows(args.output, mined)
-  print(f"mined {stats.rows} rows -> {args.output}: corpus {stats.corpus_size} passages, "
-        f"ranks {start}-{end}, {stats.negative_number} negatives per row, "
+  why = "the corpus is too small" if not stats.skipped else "widen --range or loosen the limits"
+  skipped = "".join(f", {k} skipped {v} of {stats.candidates} candidates"
+                    for k, v in stats.skipped.items())
+  processes = f" ({stats.processes} processes)" if stats.processes > 1 else ""
+  print(f"mined {stats.rows} rows -> {args.output}: corpus {stats.corpus_size} passages"
+        f"{processes}, ranks {start}-{end}, {stats.negative_number} negatives per row{skipped}, "
         f"{stats.topped_up} of {stats.rows} rows topped up with random passages"
-        + (f", {stats.short} left short (the corpus is too small)" if stats.short else ""))
+        + (f", {stats.short} left short ({why})" if stats.short else ""))
   return 0
 
 

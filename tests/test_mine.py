@@ -268,6 +268,174 @@ def test_row_and_argument_refusals(encoder):
 
 
 # ---------------------------------------------------------------------------------------------
+# False-negative control: score limits against brute force
+
+
+class TableEncoder:
+  """Texts -> small-integer vectors from a hash of the text: exact float32 scores, many ties.
+  An instruction changes the vector (as it changes an Encoder's)."""
+
+  dim = 6
+
+  def encode(self, texts, batch_size=256, max_length=512, instruction=None, show_progress=None):
+    import zlib
+    return np.stack([np.random.default_rng(zlib.crc32(((instruction or "") + t).encode())).integers(
+        -2, 3, self.dim).astype(np.float32) for t in texts]).reshape(-1, self.dim)
+
+
+def reference_candidates(rows, corpus, encoder, start, end, limits, instruction=None):
+  """Per row, in numpy: (allowed candidates in rank order, whether top-ups are allowed, the
+  per-rule skip counts), from a full score matrix and ST's comparisons."""
+  p = encoder.encode(corpus)
+  q = encoder.encode([r["query"] for r in rows], instruction=instruction)
+  scores = (q.astype(np.float64) @ p.astype(np.float64).T).astype(np.float32)
+  order = np.argsort(-scores, axis=1, kind="stable")
+  k = min(end, len(corpus))
+  out, skipped = [], {}
+  for i, row in enumerate(rows):
+    pos = min(float(scores[i, corpus.index(t)]) if t in corpus else
+              float(q[i] @ encoder.encode([t])[0]) for t in row["pos"])
+    pos = np.float32(pos)
+
+    def breaks(s):
+      rules = {}
+      if limits.get("max_score") is not None:
+        rules["max_score"] = s > np.float32(limits["max_score"])
+      if limits.get("margin") is not None:
+        rules["margin"] = s + np.float32(limits["margin"]) > pos
+      if limits.get("relative_margin") is not None:
+        rules["relative_margin"] = s > pos - abs(pos) * np.float32(limits["relative_margin"])
+      return rules
+
+    allowed = []
+    for j in order[i, start:k]:
+      if corpus[j] in row["pos"] or corpus[j] == row["query"]:
+        continue
+      rules = breaks(scores[i, j])
+      for name, bad in rules.items():
+        skipped[name] = skipped.get(name, 0) + bool(bad)
+      if not any(rules.values()):
+        allowed.append(corpus[j])
+    top_up = k < len(corpus) and not any(breaks(scores[i, order[i, k - 1]]).values())
+    out.append((allowed, top_up, [corpus[j] for j in order[i, k:]]))
+  return out, skipped
+
+
+@pytest.mark.parametrize("limits,rank_range", [
+    (dict(max_score=2.0), (0, 60)),
+    (dict(margin=1.0), (3, 80)),
+    (dict(relative_margin=0.5), (0, 50)),
+    (dict(max_score=3.0, margin=0.0, relative_margin=0.25), (2, 1000)),  # k = corpus: no top-ups
+    (dict(max_score=-1.0), (0, 40)),  # almost nothing passes
+])
+def test_score_limits_match_brute_force(rows, limits, rank_range):
+  encoder = TableEncoder()
+  corpus = corpus_of(rows)
+  number = 20
+  mined, stats = mine.mine_with_stats(rows, encoder, range_for_sampling=rank_range,
+                                      negative_number=number, query_instruction="q: ", mesh=None,
+                                      **limits)
+  ref, skipped = reference_candidates(rows, corpus, encoder, *rank_range, limits, "q: ")
+  assert stats.skipped == skipped and sum(skipped.values()) > 0
+  short = topped = 0
+  for row, out, (allowed, top_up, beyond) in zip(rows, mined, ref):
+    negs = out["neg"]
+    if len(allowed) >= number:
+      assert len(negs) == number and set(negs) <= set(allowed)
+      assert negs == [t for t in allowed if t in negs]  # rank order kept
+      continue
+    assert negs[:len(allowed)] == allowed
+    extra = negs[len(allowed):]
+    if top_up:  # random passages ranked past the range's end, never a positive or the query
+      assert len(negs) == min(number, len(allowed) + len([t for t in beyond if t not in
+                                                           row["pos"] and t != row["query"]]))
+      assert set(extra) <= set(beyond) and not set(extra) & {*row["pos"], row["query"]}
+      topped += bool(extra)
+    else:
+      assert extra == []
+    short += len(negs) < number
+  assert (stats.short, stats.topped_up) == (short, topped)
+  assert short > 0 or topped > 0  # the short-row rules were exercised
+
+
+def test_score_limits_equal_scores_and_defaults(rows):
+  """A candidate scoring exactly max_score, or exactly pos - margin, is kept (the rules skip
+  `>`, as sentence-transformers); without limits nothing is skipped and the old output holds."""
+  limits = mine.ScoreLimits(max_score=1.0, margin=0.5, relative_margin=0.5)
+  s = np.array([0.5, 1.0, 1.5], np.float32)
+  v = limits.violations(s, np.float32(1.5))
+  np.testing.assert_array_equal(v["max_score"], [False, False, True])
+  np.testing.assert_array_equal(v["margin"], [False, False, True])
+  np.testing.assert_array_equal(v["relative_margin"], [False, True, True])  # 1.5 - 0.75
+  np.testing.assert_array_equal(limits.violations(s, np.float32(-2.0))["relative_margin"],
+                                [True, True, True])  # -2 - |-2| * 0.5 = -3
+  with pytest.raises(ValueError, match="max_score=nan"):
+    mine.ScoreLimits(max_score=float("nan"))
+  a, stats = mine.mine_with_stats(rows, TableEncoder(), range_for_sampling=(0, 30),
+                                  negative_number=4, mesh=None)
+  assert stats.skipped == {}
+  assert a == mine.mine_hard_negatives(rows, TableEncoder(), range_for_sampling=(0, 30),
+                                       negative_number=4, mesh=None, max_score=100.0)
+
+
+def test_corpus_split_and_merge_equal_one_search():
+  """Each 'process' searches its own corpus rows (CorpusIndex with an offset); merge_top_k of
+  the lists equals one search of the whole corpus, ties included."""
+  rng = np.random.default_rng(5)
+  q, c = int_vectors(rng, 30, 4), int_vectors(rng, 203, 4)
+  for count, chunk, k in ((2, 16, 40), (3, 50, 203), (4, 100, 7)):
+    bounds = [mine.corpus_split(len(c), chunk, p, count) for p in range(count)]
+    assert bounds[0][0] == 0 and bounds[-1][1] == len(c)
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+    assert all(lo % chunk == 0 for lo, _ in bounds)
+    block, q_batch = mine.search_shapes(len(c), len(q), 32, 16)
+    parts = [mine.CorpusIndex(c[lo:hi], block=block, index_offset=lo, mesh=m).search(
+        q, k, query_batch_size=q_batch) for (lo, hi), m in zip(bounds, (None, "auto") * 2)]
+    scores, idx = mine.merge_top_k(np.stack([p[0] for p in parts]),
+                                   np.stack([p[1] for p in parts]), k)
+    ref_scores, ref_idx = brute_force(q, c, k)
+    np.testing.assert_array_equal(idx, ref_idx)
+    np.testing.assert_array_equal(scores, ref_scores)
+  # Fewer chunks than processes: a process may hold no rows.
+  assert [mine.corpus_split(10, 16, p, 2) for p in (0, 1)] == [(0, 0), (0, 10)]
+  empty = mine.CorpusIndex(np.zeros((0, 4), np.float32)).search(q, 3)
+  assert (empty[0] == -np.inf).all()
+
+
+@pytest.mark.slow
+def test_two_processes_mine_as_one(tiny_model, encoder, rows, tmp_path):
+  """launch/mine.py as 2 jax.distributed processes (gloo, 4 CPU devices each), each embedding
+  and searching half the corpus: the same rows as one process."""
+  from test_multihost import free_port
+
+  train = write_jsonl(tmp_path / "train.jsonl", rows)
+  out = tmp_path / "out.jsonl"
+  port = free_port()
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4 "
+                                   "--xla_cpu_multi_thread_eigen=false")
+  args = ["--model", str(tiny_model), "--input", train, "--output", str(out), "--range", "2-40",
+          "--negatives", "6", "--max-length", "32", "--batch-size", "64", "--chunk-size", "16",
+          "--margin", "0.001", "--max-score", "0.98", "--coordinator-address",
+          f"127.0.0.1:{port}", "--num-processes", "2"]
+  procs = [subprocess.Popen([sys.executable, str(SCRIPT), *args, "--process-id", str(i)],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True) for i in range(2)]
+  try:
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  assert [p.returncode for p in procs] == [0, 0], logs
+  assert "(2 processes)" in logs[0] and "this process: 0-" in logs[0] + logs[1]
+  expected, stats = mine.mine_with_stats(
+      rows, encoder, range_for_sampling=(2, 40), negative_number=6, batch_size=64,
+      max_length=32, chunk_size=16, margin=0.001, max_score=0.98)
+  assert stats.skipped["margin"] > 0  # the positives' scores crossed processes
+  assert read_jsonl(out) == expected
+
+
+# ---------------------------------------------------------------------------------------------
 # The output file (mine.write_rows) and launch/mine.py
 
 
