@@ -13,6 +13,12 @@ constructing `MTEBEncoder` or `local_sts_task(...)` without mteb raises ImportEr
   result = mteb.evaluate(model, [task], cache=None)  # offline: the task reads a local file
   print(mteb_adapter.main_score(result))
 
+Every task type of the evaluation registry (`bge_jax.eval.tasks`) has an in-memory mteb
+counterpart: `local_task(task)` holds the same data as a loaded `Task`, so mteb's number and
+`tasks.evaluate_task`'s can be compared (`launch/eval.py --check-mteb`). `named_task(name)` is
+an mteb task by name (C-MTEB, MTEB English) whose data is already in the local Hugging Face
+cache, or raises `NotCached`.
+
 Instructions follow BGE's evaluation (FlagEmbedding's MTEB / C-MTEB scripts): the query
 instruction is prepended to the queries of retrieval-type tasks (task types in
 `RETRIEVAL_TASK_TYPES`), never to documents, and symmetric tasks (STS, classification,
@@ -21,6 +27,7 @@ clustering, pair classification, ...) get none.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any, Mapping
 
@@ -230,17 +237,10 @@ class LocalRetrievalTask(AbsTaskRetrieval):
     del num_proc, kwargs
     if self.data_loaded:
       return
-    from bge_jax.eval.retrieval import _doc_text, load_beir
+    from bge_jax.eval.retrieval import load_beir, mteb_retrieval_dataset
 
-    queries, corpus, qrels = load_beir(self.folder, self.split)
-    judged = {q: dict(j) for q, j in qrels.items() if any(v > 0 for v in j.values())}
-    self.dataset = {"default": {self.metadata.eval_splits[0]: {
-        "corpus": Dataset.from_dict({"id": list(corpus),
-                                     "text": [_doc_text(d) for d in corpus.values()]}),
-        "queries": Dataset.from_dict({"id": list(judged), "text": [queries[q] for q in judged]}),
-        "relevant_docs": {q: {d: int(v) for d, v in j.items()} for q, j in judged.items()},
-        "top_ranked": None,
-    }}}
+    self.dataset = mteb_retrieval_dataset(*load_beir(self.folder, self.split),
+                                          split=self.metadata.eval_splits[0])
     self.data_loaded = True
 
 
@@ -267,6 +267,111 @@ def local_retrieval_task(folder: str | os.PathLike, split: str = "test", *,
   task_class = type(name.replace("-", "_").replace(".", "_"), (LocalRetrievalTask,),
                     {"metadata": metadata, "__module__": __name__})
   return task_class(folder, split)
+
+
+def in_memory_task(base: type, *, name: str, task_type: str, main_score: str, eval_split: str,
+                   dataset: Any, lang: str = "eng-Latn", attrs: Mapping[str, Any] | None = None,
+                   seed: int = 42) -> Any:
+  """An instance of a fresh subclass of the mteb task class `base` whose data is `dataset`.
+
+  The registry's task modules build their mteb counterparts with this (`TaskType.to_mteb`):
+  the subclass carries class-level `TaskMetadata` (mteb reads it from the class), overrides only
+  `load_data` (no hub download), and sets `attrs` (protocol settings such as
+  `n_experiments`) as class attributes.
+
+  Args:
+    base: an mteb abstract task (`AbsTaskSTS`, `AbsTaskRetrieval`, `AbsTaskClassification`, ...).
+    name: the task name in mteb's results.
+    task_type: mteb's type ("STS", "Retrieval", "Reranking", "Classification", ...).
+    main_score: the key of mteb's scores reported as the main score.
+    eval_split: the split evaluated (classification also needs a "train" split in `dataset`).
+    dataset: what `load_data` assigns to `self.dataset`, in `base`'s layout.
+    lang: mteb language code.
+    seed: the task's seed (mteb's default 42): classifier, undersampling and k-means seeds.
+  """
+  _require_mteb()
+  metadata = TaskMetadata(
+      name=name,
+      dataset={"path": f"local/{name}", "revision": "local"},
+      description=f"In-memory {task_type} task built by bge_jax.eval.",
+      type=task_type,
+      category="t2c" if task_type in ("Classification", "Clustering") else "t2t",
+      modalities=["text"],
+      eval_splits=[eval_split],
+      eval_langs=[lang],
+      main_score=main_score,
+  )
+
+  def load_data(self, num_proc: int | None = None, **kwargs: Any) -> None:
+    del num_proc, kwargs
+    if not self.data_loaded:
+      self.dataset = dataset
+      self.data_loaded = True
+
+  class_name = "".join(c if c.isalnum() else "_" for c in name)
+  task_class = type(class_name, (base,), {"metadata": metadata, "load_data": load_data,
+                                          "__module__": __name__, **(attrs or {})})
+  return task_class(seed=seed)
+
+
+def local_task(task: Any) -> Any:
+  """The mteb task holding the data of a loaded registry `Task` (`TaskType.to_mteb`)."""
+  _require_mteb()
+  return task.kind.to_mteb(task.data, task.name)
+
+
+class NotCached(LookupError):
+  """A named mteb task whose data is not in the local Hugging Face cache (offline)."""
+
+
+@contextlib.contextmanager
+def _offline():
+  """Hugging Face hub and datasets offline for the block (their flags are read at import, so
+  the module constants are switched, then restored)."""
+  import datasets.config
+  import huggingface_hub.constants
+
+  saved = (huggingface_hub.constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE,
+           datasets.config.HF_DATASETS_OFFLINE)
+  huggingface_hub.constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+  datasets.config.HF_DATASETS_OFFLINE = True
+  try:
+    yield
+  finally:
+    (huggingface_hub.constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE,
+     datasets.config.HF_DATASETS_OFFLINE) = saved
+
+
+def named_task(name: str) -> Any:
+  """The mteb task `name` (e.g. "T2Reranking", "STSBenchmark") with its data loaded from the
+  local Hugging Face datasets cache, never the network (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE are
+  set for the load).
+
+  Raises:
+    KeyError: mteb knows no task of that name.
+    NotCached: its data is not in the local cache (the message says what to download where).
+  """
+  _require_mteb()
+  try:
+    task = mteb.get_task(name)
+  except Exception as e:  # mteb raises KeyError or ValueError with close matches
+    raise KeyError(f"mteb has no task {name!r} ({e})") from None
+  with _offline():
+    try:
+      task.load_data()
+    except Exception as e:  # datasets raises ConnectionError / FileNotFoundError / ValueError
+      raise NotCached(f"mteb task {name}: its data is not in the local cache ({type(e).__name__}"
+                      f"); download {task.metadata.dataset.get('path')} with network access "
+                      "first (e.g. run mteb once online)") from None
+  return task
+
+
+def scores(result: Any, task_name: str | None = None) -> dict[str, Any]:
+  """Every score of a task in an `mteb.evaluate` result (its first split and subset)."""
+  for task_result in result.task_results:
+    if task_name is None or task_result.task_name == task_name:
+      return dict(next(iter(task_result.scores.values()))[0])
+  raise KeyError(f"no result for task {task_name!r}")
 
 
 # ---------------------------------------------------------------------------------------------

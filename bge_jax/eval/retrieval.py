@@ -20,6 +20,7 @@ and merge with the running top k, so memory is bounded by the block sizes, not t
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -27,7 +28,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from bge_jax.eval.data import EvalDataError, iter_jsonl, require_file, where
+from bge_jax.eval import tasks
+from bge_jax.eval.data import EvalDataError, iter_jsonl, read_query_rows, require_file, where
 
 log = logging.getLogger(__name__)
 
@@ -167,8 +169,13 @@ def load_beir(folder: str | os.PathLike, split: str = "test"
 
 def retrieval_metrics(ranked_ids: Mapping[str, Sequence[str]], qrels: Qrels, *,
                       ndcg_at: Sequence[int] = NDCG_AT, recall_at: Sequence[int] = RECALL_AT,
-                      mrr_at: Sequence[int] = MRR_AT) -> dict[str, float]:
-  """nDCG@k, Recall@k and MRR@k of rankings against graded judgements (module docstring).
+                      mrr_at: Sequence[int] = MRR_AT, map_at: Sequence[int] = ()
+                      ) -> dict[str, float]:
+  """nDCG@k, Recall@k, MRR@k (and MAP@k for `map_at`) of rankings against graded judgements.
+
+  MAP@k is trec_eval's `map_cut_k`: the sum of precision@rank over the relevant documents
+  ranked within the top k, divided by the number of relevant judgements (module docstring for
+  the others).
 
   Args:
     ranked_ids: {query id: doc ids, best first}. A judged query with no ranking scores 0.
@@ -180,10 +187,10 @@ def retrieval_metrics(ranked_ids: Mapping[str, Sequence[str]], qrels: Qrels, *,
     "num_queries": number of queries averaged over}, each metric the mean over queries with at
     least one relevant judgement (0.0 everywhere when there is none).
   """
-  names = ([f"ndcg@{k}" for k in ndcg_at] + [f"recall@{k}" for k in recall_at]
-           + [f"mrr@{k}" for k in mrr_at])
+  names = ([f"map@{k}" for k in map_at] + [f"ndcg@{k}" for k in ndcg_at]
+           + [f"recall@{k}" for k in recall_at] + [f"mrr@{k}" for k in mrr_at])
   sums = dict.fromkeys(names, 0.0)
-  depth = max((*ndcg_at, *recall_at, *mrr_at), default=0)
+  depth = max((*ndcg_at, *recall_at, *mrr_at, *map_at), default=0)
   discount = 1.0 / np.log2(np.arange(2, depth + 2, dtype=np.float64))
   n = 0
   for qid, judged in qrels.items():
@@ -203,6 +210,9 @@ def retrieval_metrics(ranked_ids: Mapping[str, Sequence[str]], qrels: Qrels, *,
     for k in recall_at:
       sums[f"recall@{k}"] += float(hits[:k].sum()) / len(relevant)
     first = np.flatnonzero(hits)
+    precision = np.cumsum(hits) / np.arange(1, depth + 1)
+    for k in map_at:
+      sums[f"map@{k}"] += float((precision[:k] * hits[:k]).sum()) / len(relevant)
     for k in mrr_at:
       sums[f"mrr@{k}"] += 1.0 / float(first[0] + 1) if len(first) and first[0] < k else 0.0
   out = {name: (total / n if n else 0.0) for name, total in sums.items()}
@@ -298,3 +308,99 @@ def evaluate_retrieval(encoder: Any, queries: Mapping[str, str], corpus: Mapping
   if return_rankings:
     out["rankings"] = {q: list(zip(ranked[q], map(float, s))) for q, s in zip(qids, scores)}
   return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The "retrieval" task type (mteb's AbsTaskRetrieval without candidates: search the corpus)
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class RetrievalData:
+  """queries {id: text}, corpus {id: text or {"title", "text"}}, qrels {query id: {doc id:
+  score}}."""
+  queries: dict[str, str]
+  corpus: dict[str, Any]
+  qrels: dict[str, dict[str, float]]
+
+
+def beir_from_query_rows(rows: Sequence[tuple[str, list[str], list[str]]]
+                         ) -> tuple[dict[str, str], dict[str, str], dict[str, dict[str, float]],
+                                    dict[str, list[str]]]:
+  """FlagEmbedding rows [(query, pos, neg)] -> (queries, corpus, qrels, candidates).
+
+  Query ids are "q<row>", document ids "d<n>" over the distinct passages in order of appearance
+  (a passage repeated across rows is one document); qrels mark each row's positives with 1;
+  candidates are each row's positives then negatives (distinct, a passage listed as both counts
+  as a positive).
+  """
+  queries: dict[str, str] = {}
+  corpus: dict[str, str] = {}
+  ids: dict[str, str] = {}
+  qrels: dict[str, dict[str, float]] = {}
+  candidates: dict[str, list[str]] = {}
+  for i, (query, pos, neg) in enumerate(rows):
+    qid = f"q{i}"
+    queries[qid] = query
+    for text in pos + neg:
+      if text not in ids:
+        ids[text] = f"d{len(ids)}"
+        corpus[ids[text]] = text
+    qrels[qid] = {ids[t]: 1.0 for t in pos}
+    candidates[qid] = list(dict.fromkeys(ids[t] for t in pos + neg))
+  return queries, corpus, qrels, candidates
+
+
+def load_retrieval_task(path: str, split: str = "test") -> RetrievalData:
+  """A BEIR folder (`load_beir(path, split)`), or a FlagEmbedding JSONL file whose passages (every
+  row's positives and negatives) form the corpus and whose positives are the judgements."""
+  if os.path.isfile(path):
+    queries, corpus, qrels, _ = beir_from_query_rows(read_query_rows(path))
+    return RetrievalData(queries, corpus, qrels)
+  return RetrievalData(*load_beir(path, split))
+
+
+def evaluate_retrieval_task(encoder: Any, data: RetrievalData, settings: tasks.EvalSettings
+                            ) -> dict[str, float]:
+  """`evaluate_retrieval`'s metrics (nDCG@10, Recall@1/10/100, MRR@10) with the query
+  instruction on queries."""
+  metrics = evaluate_retrieval(encoder, data.queries, data.corpus, data.qrels,
+                               query_instruction=settings.query_instruction or None,
+                               batch_size=settings.batch_size, max_length=settings.max_length)
+  return {k: float(v) for k, v in metrics.items() if not k.startswith("num_")}
+
+
+def mteb_retrieval_dataset(queries: Mapping[str, str], corpus: Mapping[str, Any],
+                           qrels: Qrels, top_ranked: Mapping[str, list[str]] | None = None,
+                           split: str = "test") -> dict[str, Any]:
+  """mteb 2's retrieval layout {"default": {split: {corpus, queries, relevant_docs,
+  top_ranked}}}, with only the queries that have a relevant judgement (as we evaluate) and
+  each document's title and text joined by a space (`_doc_text`)."""
+  from datasets import Dataset
+
+  judged = {q: dict(j) for q, j in qrels.items() if any(v > 0 for v in j.values())}
+  return {"default": {split: {
+      "corpus": Dataset.from_dict({"id": list(corpus),
+                                   "text": [_doc_text(d) for d in corpus.values()]}),
+      "queries": Dataset.from_dict({"id": list(judged), "text": [queries[q] for q in judged]}),
+      "relevant_docs": {q: {d: int(v) for d, v in j.items()} for q, j in judged.items()},
+      "top_ranked": None if top_ranked is None else {q: list(top_ranked[q]) for q in judged},
+  }}}
+
+
+def mteb_retrieval_task(data: RetrievalData, name: str) -> Any:
+  from mteb.abstasks import AbsTaskRetrieval
+
+  from bge_jax.eval.mteb_adapter import in_memory_task
+  return in_memory_task(AbsTaskRetrieval, name=name, task_type="Retrieval",
+                        main_score="ndcg_at_10", eval_split="test",
+                        dataset=mteb_retrieval_dataset(data.queries, data.corpus, data.qrels))
+
+
+RETRIEVAL = tasks.register(tasks.TaskType(
+    name="retrieval", category="Retrieval", main_metric="ndcg@10", load=load_retrieval_task,
+    evaluate=evaluate_retrieval_task, to_mteb=mteb_retrieval_task,
+    mteb_metrics={"ndcg@10": "ndcg_at_10", "recall@1": "recall_at_1",
+                  "recall@10": "recall_at_10", "recall@100": "recall_at_100",
+                  "mrr@10": "mrr_at_10"},
+    describe=lambda d: f"{len(d.qrels)} queries, {len(d.corpus)} documents",
+    query_instruction=True))

@@ -18,7 +18,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from bge_jax.eval.data import EvalDataError, require_file, where
+from bge_jax.eval import tasks
+from bge_jax.eval.data import EvalDataError, TextPairs, require_file, where
 
 REQUIRED_COLUMNS = ("score", "sentence1", "sentence2")
 
@@ -109,15 +110,9 @@ def cosine_scores(encoder: Any, s1: Sequence[str], s2: Sequence[str], *, batch_s
   """Cosine similarity [N] (float64) of each pair; each distinct sentence is encoded once."""
   if len(s1) != len(s2):
     raise ValueError(f"{len(s1)} first sentences but {len(s2)} second sentences")
-  texts = list(dict.fromkeys(list(s1) + list(s2)))
-  index = {t: i for i, t in enumerate(texts)}
-  emb = np.asarray(encoder.encode(texts, batch_size=batch_size, max_length=max_length,
-                                  instruction=instruction), np.float64)
-  norms = np.linalg.norm(emb, axis=-1, keepdims=True)
-  emb = emb / np.maximum(norms, 1e-12)
-  a = emb[[index[t] for t in s1]]
-  b = emb[[index[t] for t in s2]]
-  return (a * b).sum(-1)
+  settings = tasks.EvalSettings(batch_size=batch_size, max_length=max_length)
+  emb = tasks.encode_unique(encoder, list(s1) + list(s2), settings, instruction)
+  return tasks.paired_cosine(emb[:len(s1)], emb[len(s1):])
 
 
 def sts_spearman(encoder: Any, s1: Sequence[str], s2: Sequence[str], scores: Sequence[float], *,
@@ -143,3 +138,51 @@ def sts_spearman(encoder: Any, s1: Sequence[str], s2: Sequence[str], scores: Seq
   cos = cosine_scores(encoder, s1, s2, batch_size=batch_size, max_length=max_length,
                       instruction=instruction)
   return float(spearmanr(cos, scores).statistic)
+
+
+# ---------------------------------------------------------------------------------------------
+# The "sts" task type (mteb's AbsTaskSTS: Spearman and Pearson of cosine vs the gold scores)
+# ---------------------------------------------------------------------------------------------
+
+def load_sts_task(path: str, split: str | None = None) -> TextPairs:
+  """`read_sts(path, split)` as `TextPairs`; `split` is ignored (all rows) for a file without a
+  split column (the headerless Chinese STS-B format)."""
+  try:
+    s1, s2, scores = read_sts(path, split)
+  except EvalDataError as e:
+    if split is None or "asked for, but" not in str(e):
+      raise
+    s1, s2, scores = read_sts(path)
+  return TextPairs(s1, s2, scores)
+
+
+def evaluate_sts(encoder: Any, data: TextPairs, settings: tasks.EvalSettings) -> dict[str, float]:
+  """{"spearman", "pearson"} of the pairs' cosines against the gold scores (no instruction)."""
+  from scipy.stats import pearsonr, spearmanr
+
+  if len(data) < 2:
+    raise ValueError("STS needs at least 2 pairs")
+  cos = cosine_scores(encoder, data.s1, data.s2, batch_size=settings.batch_size,
+                      max_length=settings.max_length)
+  return {"spearman": float(spearmanr(cos, data.values).statistic),
+          "pearson": float(pearsonr(cos, data.values).statistic)}
+
+
+def mteb_sts_task(data: TextPairs, name: str) -> Any:
+  from datasets import Dataset, DatasetDict
+  from mteb.abstasks import AbsTaskSTS
+
+  from bge_jax.eval.mteb_adapter import in_memory_task
+  dataset = DatasetDict({"test": Dataset.from_dict(
+      {"sentence1": data.s1, "sentence2": data.s2, "score": [float(v) for v in data.values]})})
+  return in_memory_task(AbsTaskSTS, name=name, task_type="STS", main_score="cosine_spearman",
+                        eval_split="test", dataset=dataset,
+                        attrs={"min_score": float(data.values.min()),
+                               "max_score": float(data.values.max())})
+
+
+STS = tasks.register(tasks.TaskType(
+    name="sts", category="STS", main_metric="spearman", load=load_sts_task,
+    evaluate=evaluate_sts, to_mteb=mteb_sts_task,
+    mteb_metrics={"spearman": "cosine_spearman", "pearson": "cosine_pearson"},
+    describe=lambda d: f"{len(d)} pairs"))
