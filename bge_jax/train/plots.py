@@ -129,7 +129,12 @@ def plot_runs(workdirs: Sequence[str] | str, out_path: str, metrics: Sequence[st
     ax.set_visible(False)
   if title:
     fig.suptitle(title)
+  return save_png(fig, out_path)
 
+
+def save_png(fig: Any, out_path: str) -> str:
+  """Writes a matplotlib Figure (on an Agg canvas) as a PNG atomically; returns the path.
+  Parent folders are created; a failure leaves no temporary file."""
   out_path = os.path.abspath(os.fspath(out_path))
   os.makedirs(os.path.dirname(out_path), exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out_path)}.tmp-", suffix=".png",
