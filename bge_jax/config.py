@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any
 
 import jax.numpy as jnp
@@ -165,3 +166,33 @@ def preset(name: str, **overrides: Any) -> BertConfig:
 def preset_lr(name: str) -> float:
   """The preset's fine-tuning learning rate (stages 2 and 3), stored in its own entry."""
   return _entry(name)["lr"]
+
+
+def _weights_per_token(hidden_size: int, num_layers: int) -> float:
+  """layers x hidden^2: the encoder's matmul weights up to a constant (12 for BERT), the size
+  measure FlagEmbedding's per-size learning rates follow."""
+  return float(num_layers) * float(hidden_size) ** 2
+
+
+def lr_for_size(hidden_size: int, num_layers: int) -> tuple[float, str]:
+  """(fine-tuning lr, the preset it comes from) for an encoder of this shape: the lr of the
+  preset nearest in layers x hidden^2 on a log scale (e.g. all-MiniLM-L6, 6 x 384: bge-small-zh's
+  3e-5; a 12 x 768 BERT: 2e-5; 24 x 1024: 1e-5). Ties go to the first preset in table order."""
+  size = math.log(_weights_per_token(hidden_size, num_layers))
+  name = min(_PRESETS, key=lambda n: abs(size - math.log(_weights_per_token(
+      _PRESETS[n]["hidden_size"], _PRESETS[n]["num_layers"]))))
+  return _PRESETS[name]["lr"], name
+
+
+def fine_tuning_lr(init_from: str, preset_name: str, model: BertConfig) -> tuple[float, str]:
+  """The stages-2/3 learning rate when config.optimizer.lr is unset, and why.
+
+  From scratch (no `init_from`), the preset's own entry (`preset_lr`); from other weights, the
+  size of the model they hold (`lr_for_size` of `model`'s hidden size and layers), whatever the
+  preset's name says.
+  """
+  if not init_from:
+    return preset_lr(preset_name), f"the preset {preset_name!r}'s own (training from scratch)"
+  lr, nearest = lr_for_size(model.hidden_size, model.num_layers)
+  return lr, (f"by the initial model's size: {model.num_layers} layers x hidden "
+              f"{model.hidden_size} from model.init_from, nearest preset {nearest!r}")

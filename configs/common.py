@@ -50,7 +50,9 @@ def base_config() -> ConfigDict:
 
   c.optimizer = ConfigDict()
   c.optimizer.lr = 2e-5
-  c.optimizer.weight_decay = 0.01
+  # FlagEmbedding's --weight_decay is the HF Trainer's, default 0.0 (its RetroMAE and fine-tuning
+  # examples pass none).
+  c.optimizer.weight_decay = 0.0
   c.optimizer.b1 = 0.9
   c.optimizer.b2 = 0.999
   c.optimizer.eps = 1e-8
@@ -67,6 +69,11 @@ def base_config() -> ConfigDict:
   c.checkpoint = ConfigDict()
   c.checkpoint.every_steps = 1000
   c.checkpoint.keep = 3
+  # Keep the export of the step with the best value of this metric in <workdir>/best/ (beside
+  # export/), with best.json naming the step and value: a val/* (data.validation_fraction or
+  # data.validation) or eval/* (config.eval) name, e.g. "val/loss", "eval/sts/stsb"; empty = off.
+  c.checkpoint.keep_best = ""
+  c.checkpoint.keep_best_mode = "auto"  # auto (min for a name with "loss", else max) | min | max
 
   c.log_every_steps = 10
   # Dense peak TFLOP/s of one device, for the logged MFU; 0 = the detected accelerator's (H100,
@@ -92,14 +99,26 @@ def contrastive_config(stage: str, arg: str) -> ConfigDict:
   c = base_config()
   c.stage = stage
   c.model.preset = arg or "bge-small-en"
-  # The preset's own lr, chosen here from the config's arg: overriding model.preset alone later
-  # keeps this lr (set optimizer.lr too).
-  c.optimizer.lr = preset_lr(c.model.preset)
-  c.optimizer.weight_decay = 0.01
+  # Unset: FlagEmbedding's lr for the initial model's size, chosen when the run starts
+  # (`bge_jax.config.fine_tuning_lr`, logged): the preset's own from scratch, else by the layers
+  # and hidden size of model.init_from's model (whatever the preset's name).
+  c.optimizer.lr = placeholder(float)
+  preset_lr(c.model.preset)  # an unknown preset fails here, at config time
   c.batch_size = 32
 
   c.data = ConfigDict()
   c.data.train = ""  # comma-separated files/folders/globs; each one is a dataset
+  # Validation loss (val/*, at every evaluation): rows of each dataset held out of training
+  # (chosen by the data size alone), or files in data.train's format; not both. 0 / "" = none.
+  c.data.validation_fraction = 0.0
+  c.data.validation = ""
+  # Dataset mixing (one dataset per batch): the global batch of each data.train dataset,
+  # comma-separated in the same order (empty = batch_size for each; each distinct size compiles
+  # the step once), the passes over each dataset per epoch (empty = 1 each), and the sampling:
+  # proportional (to each dataset's batches per epoch) | round_robin (datasets in turn).
+  c.data.batch_sizes = ""
+  c.data.weights = ""
+  c.data.sampling = "proportional"
   c.data.kind = "auto"  # auto | flag (query/pos/neg JSONL) | pairs (JSONL or TSV)
   c.data.on_error = "raise"  # raise | skip (bad rows counted and reported)
   c.data.group_size = 8
@@ -123,6 +142,18 @@ def contrastive_config(stage: str, arg: str) -> ConfigDict:
   c.loss.normalize = True
   c.loss.in_batch_negatives = True
   c.loss.gradcache_chunk = 0  # > 0: GradCache chunk size (rows); must divide the batch
+  # Distillation form with data.use_teacher_scores (FlagEmbedding's --kd_loss_type): kl_div =
+  # the contrastive loss + cross-entropy of the group's scores against softmax(teacher scores);
+  # m3_kd_loss = teacher-weighted cross-entropies over the global scores, no separate term.
+  c.loss.distill_type = "kl_div"
+  # Matryoshka (FlagEmbedding's --mrl_dims, sentence-transformers' MatryoshkaLoss): the loss is
+  # sum_d w_d x loss(embeddings cut to their first d dims, re-normalised); empty = off. List the
+  # full dimension too to keep training it, e.g. (384, 96). Weights: one per dim, empty = 1 each.
+  c.loss.matryoshka_dims = ()
+  c.loss.matryoshka_weights = ()
+  # False-negative control: a passage with the same text as a query's positive (anywhere in the
+  # global batch) is not scored as its negative. Off by default, as FlagEmbedding.
+  c.loss.mask_duplicate_positives = False
 
   if c.model.preset == "tiny":
     c.batch_size = 16

@@ -4,7 +4,8 @@
 hard negatives, drawn again each epoch, repeated when a row has too few), temperature 0.02,
 query instruction (en: "Represent this sentence for searching relevant passages: ", zh: see
 `bge_jax.data.pairs.INSTRUCTIONS`; a row's "prompt" wins), query 32 / passage 128 tokens,
-the preset's lr (`bge_jax.config.preset_lr`). Mine hard negatives first with `launch/mine.py`.
+the lr for the initial model's size (`bge_jax.config.fine_tuning_lr`). Mine hard negatives first
+with `launch/mine.py`.
 """
 
 from configs.common import contrastive_config

@@ -88,9 +88,11 @@ def test_a_new_preset_gets_its_own_lr_not_one_matched_from_its_name(monkeypatch)
   # Its name says "large", its entry says otherwise: the entry wins.
   monkeypatch.setitem(config_lib._PRESETS, "large-but-tiny", dict(shape, lr=5e-4))
   for name, lr in (("mini-encoder", 7e-4), ("large-but-tiny", 5e-4)):
-    c = config_files.load(f"contrastive:{name}")
-    assert c.model.preset == name and c.optimizer.lr == lr
-    assert config_files.load(f"finetune:{name}").optimizer.lr == lr
+    for stage in ("contrastive", "finetune"):
+      c = config_files.load(f"{stage}:{name}")
+      # Unset in the config; the run start picks the preset's own (from scratch).
+      assert c.model.preset == name and c.optimizer.lr is None
+      assert config_lib.fine_tuning_lr("", name, config_lib.preset(name))[0] == lr
     assert config_lib.preset(name).hidden_size == 64
   with pytest.raises(ValueError, match="unknown model preset 'bge-huge-en'"):
     config_files.load("contrastive:bge-huge-en")  # no silent base-size lr

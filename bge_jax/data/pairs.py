@@ -26,11 +26,16 @@ sorted), or a list of those, concatenated):
   kind="auto"   per file: *.tsv is pairs; a JSONL file is "fe" when its first JSON object has a
                 "pos" key, else "pairs".
 
-Every row is validated up front and kept in memory (every process holds every row, so that all
-processes agree on each step's global selection). A bad row (invalid JSON or UTF-8, not an object,
-a missing or empty query, a missing or empty `pos`, a non-string or empty text, scores that are not
-numbers or do not match `pos`/`neg` in length, a non-string prompt/type, a TSV line with the wrong
-number of columns, a pair row without any known field pair) raises a `DataError` naming
+  a prepared folder (written by launch/prepare_data.py; `bge_jax.data.prepared`): read lazily,
+                its rows validated when prepared; opens in time O(shards), each process reads
+                only the rows of its own batches. A spec of its own (one dataset).
+
+Every row of a JSONL/TSV spec is validated up front and kept in memory (every process holds every
+row, so that all processes agree on each step's global selection): fine up to about a million
+rows; prepare larger data (`launch/prepare_data.py`). A bad row (invalid JSON or UTF-8, not an
+object, a missing or empty query, a missing or empty `pos`, a non-string or empty text, scores
+that are not numbers or do not match `pos`/`neg` in length, a non-string prompt/type, a TSV line
+with the wrong number of columns, a pair row without any known field pair) raises a `DataError` naming
 `file:line`, the problem and the fix, or with `on_error="skip"` is skipped whole and counted per
 reason in `source.skipped`. Blank lines are ignored. A truncated or corrupt .gz file raises a
 `DataError` naming the file and the line reached, or with `on_error="skip"` keeps the rows read
@@ -43,6 +48,7 @@ FlagEmbedding's file-name convention is kept: a dataset whose file stem or folde
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import logging
 import math
@@ -147,12 +153,39 @@ class PairSource(Sequence):
     i = int(i)
     return f"{self.origins[int(self._files[i])]}:{int(self._lines[i])}"
 
+  def __getitems__(self, indices: Sequence[int]) -> list[PairRow]:
+    return [self.rows[int(i)] for i in indices]
+
   def first_row_without(self, what: str) -> int | None:
     """Index of the first row lacking `what`: "neg", "pos_scores" or "neg_scores" (None: none)."""
     for i, r in enumerate(self.rows):
       if not getattr(r, what):
         return i
     return None
+
+  def positives(self) -> list[str]:
+    """Every row's positives in row order: the pool negatives are drawn from for rows without."""
+    return [p for r in self.rows for p in r.pos]
+
+  def covering_row(self) -> int | None:
+    """The first row without negatives whose distinct positives are all the dataset's distinct
+    positives (no other row has a positive to draw its negatives from), or None."""
+    distinct = len(set(self.positives()))
+    return next((i for i, r in enumerate(self.rows) if not r.neg and len(set(r.pos)) >= distinct),
+                None)
+
+  def type_mask(self, types: Sequence[str]) -> np.ndarray:
+    """bool [rows]: row i's `type` is in `types`."""
+    types = frozenset(types)
+    return np.array([r.type in types for r in self.rows], bool)
+
+  def subset(self, indices: Sequence[int]) -> PairSource:
+    """The rows at `indices` as a PairSource of their own (`bge_jax.data.holdout`: the training
+    rows without the held-out ones); `locate` still names each row's file:line."""
+    idx = np.asarray(indices, np.int64)
+    return PairSource([self.rows[int(i)] for i in idx], self._files[idx], self._lines[idx],
+                      origins=self.origins, kinds=self.kinds, skipped=self.skipped,
+                      first_skipped=self._first_skipped, no_in_batch_neg=self.no_in_batch_neg)
 
   def summary(self) -> str:
     """One line: how many rows from where, and what was skipped."""
@@ -436,6 +469,17 @@ def open_contrastive_data(spec: Spec | Sequence[Spec], *, kind: str = "auto",
   specs = [s for s in (os.fspath(s).strip() for s in specs) if s]
   if not specs:
     raise DataError("no data spec given: name JSONL/TSV files, folders or globs")
+  from bge_jax.data import prepared  # pylint: disable=import-outside-toplevel
+  ready = [s for s in specs if prepared.is_prepared(s)]
+  if ready:
+    if len(specs) > 1:
+      raise DataError(f"{ready[0]} is a prepared dataset: give it as a spec of its own (one "
+                      f"dataset), or prepare all of {', '.join(specs)} together")
+    source = prepared.open_prepared_pairs(
+        ready[0], kind=kind, on_error=on_error,
+        pair_fields=None if pair_fields == DEFAULT_PAIR_FIELDS else pair_fields)
+    source.no_in_batch_neg |= _stem(ready[0]).endswith(NO_IN_BATCH_SUFFIX)
+    return source
   reader = _Reader(kind, on_error, pair_fields)
   origins, kinds = [], []
   for s in specs:
@@ -453,22 +497,110 @@ def open_contrastive_data(spec: Spec | Sequence[Spec], *, kind: str = "auto",
 
 
 # ---------------------------------------------------------------------------------------------
+# Dataset mixing options.
+# ---------------------------------------------------------------------------------------------
+
+SAMPLINGS = ("proportional", "round_robin")
+
+
+def _mixing(names: Sequence[str], batch_size: int, batch_sizes: Sequence[int] | None,
+            weights: Sequence[float] | None, sampling: str
+            ) -> tuple[list[int], list[float], str]:
+  """Checks `ContrastiveBatcher`'s mixing options: (per-dataset batch sizes, weights, sampling)."""
+  if sampling not in SAMPLINGS:
+    raise ValueError(f"sampling={sampling!r}; use one of {SAMPLINGS}")
+  n = len(names)
+  sizes = [batch_size] * n if batch_sizes is None else [int(b) for b in batch_sizes]
+  w = [1.0] * n if weights is None else [float(x) for x in weights]
+  for what, values in (("batch_sizes", sizes), ("weights", w)):
+    if len(values) != n:
+      raise ValueError(f"{what} has {len(values)} entries for {n} datasets ({list(names)}); "
+                       "give one per dataset, in order")
+  bad = [(name, b) for name, b in zip(names, sizes) if b < 1]
+  if bad:
+    raise ValueError(f"batch sizes {bad} must be >= 1")
+  bad = [(name, x) for name, x in zip(names, w) if not (x > 0 and math.isfinite(x))]
+  if bad:
+    raise ValueError(f"weights {bad} must be finite and > 0")
+  if sampling == "round_robin" and any(x != 1 for x in w):
+    raise ValueError("round_robin sampling gives every dataset the same number of batches; "
+                     "weights apply to proportional sampling only (leave them at 1)")
+  return sizes, w, sampling
+
+
+def _list(value: Any, cast, key: str) -> list | None:
+  """A comma-separated config string (or a sequence) as a list; None when empty."""
+  items = ([t.strip() for t in value.split(",") if t.strip()] if isinstance(value, str)
+           else list(value or ()))
+  if not items:
+    return None
+  try:
+    return [cast(t) for t in items]
+  except (TypeError, ValueError):
+    raise ValueError(f"config.data.{key}={value!r}: expected comma-separated "
+                     f"{cast.__name__} values, one per dataset of data.train") from None
+
+
+def mixing_options(data: Any, batch_size: int, process_count: int, batch_shards: int,
+                   num_datasets: int) -> dict[str, Any]:
+  """`ContrastiveBatcher`'s mixing arguments (process-local batch sizes, weights, sampling) from
+  the config keys `data.batch_sizes` (global batch per dataset, comma-separated; empty =
+  `batch_size` for each), `data.weights` and `data.sampling`.
+
+  Every global batch size must be divisible by `batch_shards` (the devices a batch is split
+  over, times grad_accum_steps) and by the processes, as `batch_size` is.
+  """
+  sizes = _list(data.get("batch_sizes", ""), int, "batch_sizes")
+  weights = _list(data.get("weights", ""), float, "weights")
+  for key, values in (("batch_sizes", sizes), ("weights", weights)):
+    if values is not None and len(values) != num_datasets:
+      raise ValueError(f"config.data.{key} has {len(values)} entries for the {num_datasets} "
+                       "datasets of config.data.train; give one per dataset, in order")
+  if sizes is not None:
+    for b in sizes:
+      if b < 1 or b % process_count or b % batch_shards:
+        raise ValueError(
+            f"config.data.batch_sizes: {b} must be >= 1 and divisible by the "
+            f"{process_count} processes and by mesh data x fsdp x grad_accum_steps "
+            f"({batch_shards}), as config.batch_size is")
+    sizes = [b // process_count for b in sizes]
+  sampling = data.get("sampling", "proportional")
+  if sampling not in SAMPLINGS:
+    raise ValueError(f"config.data.sampling={sampling!r}; use one of {SAMPLINGS}")
+  return {"batch_sizes": sizes, "weights": weights, "sampling": sampling}
+
+
+# ---------------------------------------------------------------------------------------------
 # Batches.
 # ---------------------------------------------------------------------------------------------
 
 class ContrastiveBatcher:
   """Process-local contrastive batches for a step, from one or several datasets.
 
-  Mixing schedule. Let `Bg = batch_size * process_count` (the global batch) and `n_d` the rows of
-  dataset d. Each batch comes from ONE dataset (FlagEmbedding's "same dataset per batch"). An
-  epoch has `steps_per_epoch = sum_d floor(n_d / Bg)` steps: dataset d owns `floor(n_d / Bg)`
-  batch slots, whose order is a permutation seeded by (seed, epoch); the j-th slot of d takes rows
-  `[j*Bg, (j+1)*Bg)` of d's row permutation seeded by (seed, d, epoch). So datasets are drawn in
-  proportion to their sizes, no row repeats within a batch or an epoch, and the `n_d mod Bg`
-  rows left over each epoch differ from epoch to epoch (FlagEmbedding drops them the same way).
-  Process p takes rows `[p*batch_size, (p+1)*batch_size)` of the global selection, so all
-  processes read the same dataset at a step and disjoint rows. Everything is a pure function of
-  (seed, step, process_index): resume is exact.
+  Mixing schedule. Each batch comes from ONE dataset (FlagEmbedding's
+  `same_dataset_within_batch`). Dataset d has n_d rows, a global batch `Bg_d = b_d *
+  process_count` (`batch_sizes[d]`, default `batch_size`: short-text datasets can take bigger
+  batches, as FlagEmbedding's per-file `batch_size`) and a weight w_d (`weights[d]`, default 1,
+  its passes per epoch). A pass over d is `floor(n_d / Bg_d)` batches; d owns
+  `k_d = floor(w_d * floor(n_d / Bg_d))` batch slots per epoch, and `steps_per_epoch` counts the
+  slots the sampling uses:
+    sampling="proportional" (FlagEmbedding; sentence-transformers' PROPORTIONAL): all
+      `sum_d k_d` slots, in an order seeded by (seed, epoch), so datasets are drawn in proportion
+      to their batch counts k_d;
+    sampling="round_robin" (sentence-transformers' ROUND_ROBIN): datasets in turn, in the given
+      order, `min_d k_d` batches each (the smallest dataset bounds the epoch; weights must be 1).
+  The j-th batch of d in an epoch is chunk `c = j mod floor(n_d / Bg_d)` of pass
+  `j div floor(n_d / Bg_d)`: rows `[c*Bg_d, (c+1)*Bg_d)` of d's row permutation seeded by
+  (seed, d, epoch[, pass]). So no row repeats within a batch, nor within an epoch when w_d <= 1
+  (w_d > 1 repeats rows across passes only, each row at most ceil(w_d) times), and the rows left
+  over each pass (`n_d mod Bg_d`) differ from epoch to epoch. They are dropped, as
+  FlagEmbedding's same-dataset sampler drops each dataset's partial last batch; its default
+  sampler (one shuffled dataset, the HF Trainer's dataloader_drop_last=False) keeps one smaller
+  last batch per epoch instead, which static shapes would pay with another compiled step and a
+  batch with fewer in-batch negatives. Process p takes rows `[p*b_d, (p+1)*b_d)` of the global
+  selection, so all processes read the same dataset at a step and disjoint rows. Everything is
+  a pure function of (seed, step, process_index): resume is exact. Each distinct batch size is
+  one batch shape: the trainer compiles the step once per distinct size.
 
   Groups. Per query: one positive drawn at random from `pos`, then `group_size - 1` negatives
   from `neg`, without replacement when there are enough, else each negative about equally often
@@ -483,12 +615,16 @@ class ContrastiveBatcher:
   except rows of a type in `symmetric_types`, whose passages get the query's instruction
   (FlagEmbedding). `INSTRUCTIONS` holds BGE's zh/en retrieval instructions.
 
-  Batch (numpy, the keys of `contrastive.loss`; static shapes whatever the data):
+  Batch (numpy, the keys of `contrastive.loss`; static shapes per dataset whatever the data; B
+  is the step's dataset's b_d):
     query_input_ids, query_attention_mask        int32 [B, query_max_length]
     passage_input_ids, passage_attention_mask    int32 [B*G, passage_max_length]
     teacher_scores                               float32 [B, G] (only with use_teacher_scores):
                                                  the rows' pos_scores/neg_scores of the chosen
                                                  passages, in the passage layout
+    passage_hash                                 int32 [B*G, 2] (only with passage_hash):
+                                                 `text_hashes` of the passages (instructions
+                                                 included), to tell duplicates in the loss
     in_batch_negatives                           int32 [] (scalar, same on every process): 1 when
                                                  the loss may score each query against every
                                                  passage of the global batch; 0 when it must score
@@ -508,13 +644,15 @@ class ContrastiveBatcher:
                process_count: int = 1, no_in_batch_datasets: Sequence[str] = (),
                no_in_batch_types: Sequence[str] = NO_IN_BATCH_TYPES,
                symmetric_types: Sequence[str] = SYMMETRIC_TYPES,
-               use_teacher_scores: bool = False):
+               use_teacher_scores: bool = False, batch_sizes: Sequence[int] | None = None,
+               weights: Sequence[float] | None = None, sampling: str = "proportional",
+               passage_hash: bool = False):
     """Checks the options against the data (every problem is reported before training starts).
 
     Args:
       datasets: (name, source) pairs; names must be unique.
       tokenizer: a Hugging Face tokenizer with a pad token.
-      batch_size: queries per step on this process (B).
+      batch_size: queries per step on this process (B), for every dataset without its own.
       group_size: passages per query (G >= 1): one positive and G-1 negatives.
       query_max_length, passage_max_length: token lengths (with special tokens) of the padded
         queries and passages.
@@ -524,6 +662,11 @@ class ContrastiveBatcher:
       process_index, process_count: this process and the number of processes.
       no_in_batch_datasets, no_in_batch_types: see `in_batch_negatives` in the class docstring.
       use_teacher_scores: add `teacher_scores` (every row must carry the scores it needs).
+      batch_sizes: per dataset (aligned with `datasets`), its queries per step on this process;
+        None = `batch_size` for all.
+      weights: per dataset, its passes over its rows per epoch (> 0); None = 1 for all.
+      sampling: "proportional" or "round_robin" (see "Mixing schedule").
+      passage_hash: add `passage_hash` (the loss's loss.mask_duplicate_positives).
     """
     if batch_size < 1 or group_size < 1:
       raise ValueError(f"batch_size={batch_size}, group_size={group_size}: both must be >= 1")
@@ -566,30 +709,40 @@ class ContrastiveBatcher:
     self.seed, self.process_index, self.process_count = seed, process_index, process_count
     self.symmetric_types = frozenset(symmetric_types)
     self.use_teacher_scores = use_teacher_scores
+    self.passage_hash = passage_hash
     self.global_batch = batch_size * process_count
     self.pack_rows: dict[str, int] | None = None  # enable_packing
     self.pack_grow_multiple: int | None = None
     self.grown_batches = 0  # packed batches that needed more rows than pack_rows
+    self.batch_sizes, self.weights, self.sampling = _mixing(names, batch_size, batch_sizes,
+                                                            weights, sampling)
+    self.global_batches = [b * process_count for b in self.batch_sizes]
 
     slots = []
-    for name, src in datasets:
-      if len(src) < self.global_batch:
+    for name, src, bg, w, b in zip(names, self.sources, self.global_batches, self.weights,
+                                   self.batch_sizes):
+      if len(src) < bg:
         raise ValueError(
-            f"dataset {name!r} has {len(src)} rows, fewer than the global batch "
-            f"{self.global_batch} (batch_size {batch_size} x {process_count} processes): a "
-            "batch is drawn from one dataset without repeating rows; use a smaller batch or "
-            "merge the dataset into another")
-      slots.append(len(src) // self.global_batch)
-    self.slots = slots
+            f"dataset {name!r} has {len(src)} rows, fewer than the global batch {bg} (batch "
+            f"size {b} x {process_count} processes): a batch is drawn from one dataset "
+            "without repeating rows; use a smaller batch or merge the dataset into another")
+      slots.append(int(math.floor(w * (len(src) // bg))))
+      if not slots[-1]:
+        raise ValueError(f"dataset {name!r}: weight {w} x its {len(src) // bg} batches per pass "
+                         "is less than one batch per epoch; raise its weight")
+    if self.sampling == "round_robin":
+      slots = [min(slots)] * len(slots)
+    self.slots = slots  # batches per epoch of each dataset
     self.steps_per_epoch = int(sum(slots))
     self._slot_dataset = np.repeat(np.arange(len(slots)), slots)
     self._slot_chunk = np.concatenate([np.arange(s) for s in slots])
-    self.num_examples = self.steps_per_epoch * batch_size  # Rows this process reads per epoch.
+    # Rows this process reads per epoch.
+    self.num_examples = int(sum(k * b for k, b in zip(slots, self.batch_sizes)))
 
     no_types = frozenset(no_in_batch_types)
     self._always_no_ibn = [name in set(no_in_batch_datasets) or src.no_in_batch_neg
                            for name, src in datasets]
-    self._no_ibn_rows = [np.array([r.type in no_types for r in src], bool) for src in self.sources]
+    self._no_ibn_rows = [src.type_mask(no_types) for src in self.sources]
     for (name, _), alone in zip(datasets, self._always_no_ibn):
       if alone and self.group_size == 1:
         raise ValueError(
@@ -597,12 +750,12 @@ class ContrastiveBatcher:
             "no_in_batch_datasets or a *no_in_batch_neg name) but group_size=1 leaves each "
             "query its positive alone: its loss is 0 and it trains nothing. Raise group_size "
             "(hard negatives) or let the dataset use in-batch negatives.")
-    self._pools: list[list[str] | None] = []
+    self._pools: list[Sequence[str] | None] = []
     for name, src in datasets:
       self._pools.append(self._check_dataset(name, src))
     self._cache: dict[tuple, np.ndarray] = {}
 
-  def _check_dataset(self, name: str, src: PairSource) -> list[str] | None:
+  def _check_dataset(self, name: str, src: PairSource) -> Sequence[str] | None:
     """Refuses data the options cannot serve; returns the passage pool of neg-less rows."""
     g = self.group_size
     if self.use_teacher_scores:
@@ -612,22 +765,20 @@ class ContrastiveBatcher:
                          f"(first at {src.locate(i)}); distillation needs the teacher's score of "
                          "every passage: add pos_scores/neg_scores or turn distillation off")
       if g > 1:
-        i = next((i for i, r in enumerate(src) if not r.neg or r.neg_scores is None), None)
+        i = src.first_row_without("neg_scores")  # a row without negatives lacks their scores too
         if i is not None:
           lacks = "negatives" if not src[i].neg else "'neg_scores'"
           raise ValueError(f"use_teacher_scores: dataset {name!r} has a row without {lacks} "
                            f"(first at {src.locate(i)}); distillation needs the teacher's score "
                            "of every passage of the group")
-    if g == 1 or all(r.neg for r in src):
+    if g == 1 or src.first_row_without("neg") is None:
       return None
-    pool = [p for r in src for p in r.pos]
-    distinct = len(set(pool))
-    for i, r in enumerate(src):
-      if not r.neg and len(set(r.pos)) >= distinct:
-        raise ValueError(f"dataset {name!r}: the row at {src.locate(i)} has no negatives and no "
-                         "other row has a positive to draw them from; add 'neg' passages or more "
-                         "rows")
-    return pool
+    i = src.covering_row()
+    if i is not None:
+      raise ValueError(f"dataset {name!r}: the row at {src.locate(i)} has no negatives and no "
+                       "other row has a positive to draw them from; add 'neg' passages or more "
+                       "rows")
+    return src.positives()
 
   # -------------------------------------------------------------------------------------------
   # Schedule.
@@ -648,13 +799,24 @@ class ContrastiveBatcher:
     if step < 0:
       raise ValueError(f"step={step}; steps start at 0")
     epoch, position = divmod(int(step), self.steps_per_epoch)
-    order = self._cached(("slots", epoch), lambda: np.random.default_rng(
-        [self.seed, _TAG_MIX, epoch]).permutation(self.steps_per_epoch))
-    slot = int(order[position])
-    d, chunk = int(self._slot_dataset[slot]), int(self._slot_chunk[slot])
-    rows = self._cached(("rows", d, epoch), lambda: np.random.default_rng(
-        [self.seed, _TAG_ROWS, d, epoch]).permutation(len(self.sources[d])))
-    return d, rows[chunk * self.global_batch:(chunk + 1) * self.global_batch]
+    if self.sampling == "round_robin":
+      d, chunk = position % len(self.sources), position // len(self.sources)
+    else:
+      order = self._cached(("slots", epoch), lambda: np.random.default_rng(
+          [self.seed, _TAG_MIX, epoch]).permutation(self.steps_per_epoch))
+      slot = int(order[position])
+      d, chunk = int(self._slot_dataset[slot]), int(self._slot_chunk[slot])
+    bg = self.global_batches[d]
+    per_pass = len(self.sources[d]) // bg
+    rows = self._cached(("rows", d, epoch, chunk // per_pass),
+                        lambda: self._row_order(d, epoch, chunk // per_pass))
+    chunk %= per_pass
+    return d, rows[chunk * bg:(chunk + 1) * bg]
+
+  def _row_order(self, d: int, epoch: int, pass_: int = 0) -> np.ndarray:
+    """Dataset d's row permutation for one pass of an epoch, seeded by (seed, d, epoch[, pass])."""
+    key = [self.seed, _TAG_ROWS, d, epoch] + ([pass_] if pass_ else [])
+    return np.random.default_rng(key).permutation(len(self.sources[d]))
 
   def dataset_at(self, step: int) -> str:
     """The name of the dataset a step's batch comes from."""
@@ -667,7 +829,8 @@ class ContrastiveBatcher:
   # Groups.
   # -------------------------------------------------------------------------------------------
 
-  def _negatives(self, rng: np.random.Generator, row: PairRow, pool: list[str] | None) -> list[int]:
+  def _negatives(self, rng: np.random.Generator, row: PairRow,
+                 pool: Sequence[str] | None) -> list[int]:
     """Indices into `row.neg` (or into `pool` when the row has no negatives) for one group."""
     k = self.group_size - 1
     if row.neg:
@@ -703,7 +866,7 @@ class ContrastiveBatcher:
       teacher scores [B, G] or None).
     """
     d, selection = self.select(step)
-    b = self.batch_size
+    b = self.batch_sizes[d]
     rows = selection[self.process_index * b:(self.process_index + 1) * b]
     src, pool = self.sources[d], self._pools[d]
     rng = np.random.default_rng([self.seed, _TAG_GROUP, int(step), self.process_index])
@@ -752,6 +915,8 @@ class ContrastiveBatcher:
              "passage_input_ids": p_ids, "passage_attention_mask": p_mask}
     if scores is not None:
       batch["teacher_scores"] = scores
+    if self.passage_hash:
+      batch["passage_hash"] = text_hashes(passages)
     batch["in_batch_negatives"] = np.asarray(self._in_batch_negatives(d, selection), np.int32)
     return batch
 
@@ -793,6 +958,10 @@ class ContrastiveBatcher:
     grow_multiple (one process only): a batch whose texts need more rows takes
     `packing.grown_rows` rows, a multiple of this (the batch shards), instead of raising.
     """
+    if len(set(self.batch_sizes)) > 1:
+      raise ValueError("packing (data.pack) with per-dataset batch sizes (data.batch_sizes) is "
+                       "not supported: the packed rows are sized for one batch size; set "
+                       "data.pack=False or one batch size")
     if grow_multiple is not None and self.process_count > 1:
       raise ValueError("packed rows can grow on one process only: every process must pack "
                        "to the same shape")
@@ -822,8 +991,13 @@ class ContrastiveBatcher:
   def describe(self) -> str:
     """One line: the datasets, their rows and skips, the batch geometry."""
     parts = []
+    sizes_differ = len(set(self.batch_sizes)) > 1
     for d, (name, src, s) in enumerate(zip(self.names, self.sources, self.slots)):
       flags = []
+      if sizes_differ:
+        flags.append(f"global batch {self.global_batches[d]}")
+      if self.weights[d] != 1:
+        flags.append(f"weight {self.weights[d]:g}")
       if self._always_no_ibn[d]:
         flags.append("no in-batch negatives")
       skipped = sum(src.skipped.values())
@@ -832,8 +1006,23 @@ class ContrastiveBatcher:
             f"{reason} {n}" for reason, n in sorted(src.skipped.items())))
       parts.append(f"{name} {len(src)} rows, {s} batches/epoch" +
                    (f" ({'; '.join(flags)})" if flags else ""))
-    geometry = (f"global batch {self.global_batch} = {self.batch_size} x {self.process_count} "
-                f"processes, group {self.group_size}, lengths {self.query_max_length}/"
-                f"{self.passage_max_length}, {self.steps_per_epoch} steps/epoch")
+    batch = (f"global batches {'/'.join(map(str, self.global_batches))} = "
+             f"{'/'.join(map(str, self.batch_sizes))}" if sizes_differ else
+             f"global batch {self.global_batch} = {self.batch_size}")
+    geometry = (f"{batch} x {self.process_count} processes, group {self.group_size}, lengths "
+                f"{self.query_max_length}/{self.passage_max_length}, {self.steps_per_epoch} "
+                f"steps/epoch" + (", round-robin" if self.sampling == "round_robin" else ""))
     return f"{len(self.names)} dataset{'s' if len(self.names) != 1 else ''}: " + \
         "; ".join(parts) + f"; {geometry}"
+
+
+PASSAGE_HASH_WORDS = 2  # int32 words of `text_hashes`: 64 bits
+
+
+def text_hashes(texts: Sequence[str]) -> np.ndarray:
+  """int32 [N, PASSAGE_HASH_WORDS]: 64 bits of BLAKE2b of each text's UTF-8 bytes, so that equal
+  texts anywhere in a global batch compare equal on device (a chance collision of two different
+  texts among n has probability about n^2 / 2^65)."""
+  digests = b"".join(hashlib.blake2b(t.encode("utf-8"), digest_size=4 * PASSAGE_HASH_WORDS)
+                     .digest() for t in texts)
+  return np.frombuffer(digests, np.int32).reshape(len(texts), PASSAGE_HASH_WORDS).copy()

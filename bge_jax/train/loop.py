@@ -39,6 +39,7 @@ from bge_jax.data.prefetch import Prefetcher
 from bge_jax.train import checkpoints, init, run_checks, run_info
 from bge_jax.train import metrics as metrics_lib
 from bge_jax.train import program as program_lib
+from bge_jax.train import validation as validation_lib
 from bge_jax.train import workdir as workdir_lib
 from bge_jax.train.evaluate import make_evaluator
 from bge_jax.train.init import ConfigError
@@ -52,12 +53,18 @@ log = logging.getLogger("bge_jax.train")
 # train()
 # ---------------------------------------------------------------------------------------------
 
-def total_train_steps(config: Any, num_examples_global: int) -> int:
+def total_train_steps(config: Any, num_examples_global: int,
+                      steps_per_epoch: int | None = None) -> int:
+  """config.num_train_steps, or num_epochs x the steps of an epoch: the batcher's own count when
+  it has one (per-dataset batch sizes: `ContrastiveBatcher.steps_per_epoch`), else
+  num_examples_global / config.batch_size."""
   if config.num_train_steps > 0:
     return int(config.num_train_steps)
   if config.num_epochs <= 0:
     raise ConfigError("set config.num_train_steps > 0 or config.num_epochs > 0.")
-  return max(1, math.ceil(config.num_epochs * num_examples_global / config.batch_size))
+  per_epoch = (steps_per_epoch if steps_per_epoch is not None
+               else num_examples_global / config.batch_size)
+  return max(1, math.ceil(config.num_epochs * per_epoch))
 
 
 def train(config: Any, workdir: str, accept_config_changes: bool = False) -> dict[str, float]:
@@ -104,10 +111,16 @@ def _train(config: Any, workdir: str, accept_config_changes: bool) -> dict[str, 
 
   # --- Data -----------------------------------------------------------------------------------
   batcher = stage.batcher(config, tokenizer, model_config, jax.process_index(), jax.process_count())
-  total_steps = total_train_steps(config, batcher.num_examples * jax.process_count())
+  total_steps = total_train_steps(config, batcher.num_examples * jax.process_count(),
+                                  getattr(batcher, "steps_per_epoch", None))
 
   # --- The step: optimizer, shardings, the jitted step (the one builder, also AOT's) ----------
   prog = program_lib.build(config, stage, model_config, mesh, total_steps)
+
+  # --- Validation loss (val/*, the eval step compiled here) and checkpoint.keep_best ----------
+  validation = getattr(batcher, "validation", None)
+  validator = validation_lib.Validator(prog, validation) if validation is not None else None
+  best = validation_lib.make_best(config, workdir, validator, evaluator)
 
   # --- Restore or initialise (never materialising unsharded parameters on device) -------------
   manager = checkpoints.open_checkpoints(os.path.join(workdir, "checkpoints"),
@@ -176,14 +189,26 @@ def _train(config: Any, workdir: str, accept_config_changes: bool) -> dict[str, 
   last: dict[str, float] = {}
 
   def run_eval(step: int) -> None:
-    if evaluator is None:
+    """val/* (the validation loss) and eval/* of the current params, logged; keep_best's export."""
+    if evaluator is None and validator is None:
       return
-    results = evaluator(_gather(state.params), model_config)
+    results = validator(state.params) if validator is not None else {}
+    params = None
+    if evaluator is not None:
+      params = _gather(state.params)
+      results.update(evaluator(params, model_config))
     writer.write(step, results)
     last.update(results)
     if is_main:
       print(f"[bge-jax] step {step} eval: " + ", ".join(f"{k}={v:.4f}" for k, v in results.items()),
             flush=True)
+    if best is not None:
+      best.check_available(results, "at evaluation points")
+      if validation_lib.agreed(best.improves(results)):  # process 0's view of best/
+        params = _gather(state.params) if params is None else params
+        if is_main:
+          best.save(step, results[best.metric], lambda out: stage.export(
+              params, model_config, tokenizer, out, config))
 
   if start_step == 0:
     run_eval(0)
@@ -219,14 +244,18 @@ def _train(config: Any, workdir: str, accept_config_changes: bool) -> dict[str, 
           last = values
           if progress is not None:
             progress.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}")
-        if should_save:
-          checkpoints.save_checkpoint(manager, done, state)
+      every = config.eval.every_steps if "eval" in config else 0
+      if ((every and done % every == 0) or done == total_steps) and not preempted:
+        # Before the save: a run killed after this step's save resumes after it, so its
+        # evaluation (and keep_best's export) must already be done.
+        t = time.perf_counter()
+        run_eval(done)
+        window_start += time.perf_counter() - t  # evaluation is not step time
+      if should_save:
+        checkpoints.save_checkpoint(manager, done, state)
       if preempted:
         preempted_at = done
         break
-      every = config.eval.every_steps if "eval" in config else 0
-      if (every and done % every == 0) or done == total_steps:
-        run_eval(done)
       if progress is not None:
         progress.update(1)
     checkpoints.finish_checkpoints(manager)

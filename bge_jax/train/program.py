@@ -9,12 +9,14 @@ The step is `state.make_train_step` over the stage's loss (dropout as `config.dr
 `config.grad_accum_steps` micro-batches, `config.skip_nonfinite_updates`), with the optimizer of
 `config.optimizer` for `total_steps`, jitted with the train state in the logical rules'
 shardings (`sharding.train_state_sharding`), batch-major arrays split over (data, fsdp), 0-d
-flags and the RNG key replicated, and the state donated.
+flags and the RNG key replicated, and the state donated. The eval step (`jit_eval`) is the same
+loss on the params alone, without dropout: the trainer's validation loss.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, Callable, Mapping
 
 import jax
@@ -22,10 +24,12 @@ import optax
 from jax.sharding import Mesh
 
 from bge_jax import flops, sharding
-from bge_jax.config import BertConfig
+from bge_jax.config import BertConfig, fine_tuning_lr
 from bge_jax.models import bert
 from bge_jax.train import state as state_lib
 from bge_jax.train.stages import Stage
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +46,7 @@ class TrainProgram:
   state_sharding: Any  # the TrainState's
   abstract_state: Any  # ShapeDtypeStructs of the TrainState, with state_sharding
   step_fn: Callable  # the pure (state, batch, rng) -> (state, metrics), before jit
+  eval_fn: Callable  # the pure (params, batch) -> metrics: the stage's loss without dropout
 
   @property
   def replicated(self) -> jax.sharding.NamedSharding:
@@ -60,6 +65,12 @@ class TrainProgram:
                                                self.replicated),
                    out_shardings=(self.state_sharding, self.replicated),
                    donate_argnums=(0,) if donate else ())
+
+  def jit_eval(self, batch: Mapping[str, Any]):
+    """The jitted eval step (validation loss) for batches laid out like `batch`: params in the
+    train state's shardings, the batch as the train step's, metrics replicated; nothing donated."""
+    return jax.jit(self.eval_fn, in_shardings=(self.param_sharding, self.batch_sharding(batch)),
+                   out_shardings=self.replicated)
 
   def abstract_batch(self, process_count: int = 1,
                      devices_per_process: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
@@ -107,6 +118,17 @@ class TrainProgram:
                    out_shardings=self.param_sharding)(rng)
 
 
+def optimizer_options(config: Any, model_config: BertConfig) -> dict[str, Any]:
+  """config.optimizer as a dict, an unset lr (stages 2-3) resolved and logged
+  (`bge_jax.config.fine_tuning_lr`: the preset's own from scratch, else by the model's size)."""
+  opt = config.optimizer.to_dict()
+  if opt.get("lr") is None:
+    opt["lr"], why = fine_tuning_lr(config.model.init_from, config.model.preset, model_config)
+    log.info("optimizer.lr unset: %g, %s; set config.optimizer.lr to choose another",
+             opt["lr"], why)
+  return opt
+
+
 def build(config: Any, stage: Stage, model_config: BertConfig, mesh: Mesh, total_steps: int,
           loss_fn: Callable | None = None) -> TrainProgram:
   """The train program of `config` (a run config: optimizer, dropout, grad_accum_steps,
@@ -116,7 +138,7 @@ def build(config: Any, stage: Stage, model_config: BertConfig, mesh: Mesh, total
   replaces the stage's loss (`(params, batch, rng) -> metrics`): for benchmark variants that
   measure an alternative (launch/bench.py's dense MLM head); the trainer never passes it.
   """
-  tx, schedule = state_lib.make_optimizer(config.optimizer.to_dict(), total_steps)
+  tx, schedule = state_lib.make_optimizer(optimizer_options(config, model_config), total_steps)
   abstract_params, logical = bert.abstract_init(model_config)
   param_sh = sharding.logical_to_sharding(logical, mesh)
   abstract = jax.eval_shape(lambda p: state_lib.init_state(p, tx), abstract_params)
@@ -135,7 +157,8 @@ def build(config: Any, stage: Stage, model_config: BertConfig, mesh: Mesh, total
       skip_nonfinite=bool(config.get("skip_nonfinite_updates", False)))
   return TrainProgram(config=config, stage=stage, model_config=model_config, mesh=mesh, tx=tx,
                       schedule=schedule, param_sharding=param_sh, state_sharding=state_sh,
-                      abstract_state=abstract_state, step_fn=step_fn)
+                      abstract_state=abstract_state, step_fn=step_fn,
+                      eval_fn=lambda params, batch: stage_loss(params, batch, None))
 
 
 DEFAULT_SCHEDULE_STEPS = 1000

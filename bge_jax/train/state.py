@@ -8,6 +8,7 @@ optimizer, the non-finite step count) is enough for a bit-exact resume.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable, Mapping
 
 import flax.struct
@@ -69,10 +70,17 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
   return optax.GradientTransformation(optax.init_empty_state, update)
 
 
+def warmup_steps(opt: Mapping[str, Any], total_steps: int) -> int:
+  """optimizer.warmup_steps when >= 0, else ceil(warmup_ratio x total_steps): the HF Trainer's
+  `TrainingArguments.get_warmup_steps` (FlagEmbedding's --warmup_ratio), which rounds up."""
+  if opt.get("warmup_steps", -1) >= 0:
+    return int(opt["warmup_steps"])
+  return math.ceil(opt.get("warmup_ratio", 0.0) * total_steps)
+
+
 def make_optimizer(opt: Mapping[str, Any], total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """AdamW with decoupled weight decay (masked), global-norm clipping, warmup + decay."""
-  warmup = opt["warmup_steps"] if opt.get("warmup_steps", -1) >= 0 else int(
-      round(opt.get("warmup_ratio", 0.0) * total_steps))
+  warmup = warmup_steps(opt, total_steps)
   schedule = lr_schedule(opt["lr"], total_steps, warmup, opt.get("schedule", "linear"))
   parts = []
   if opt.get("clip_norm", 0.0) and opt["clip_norm"] > 0:
