@@ -12,6 +12,7 @@ import numpy as np
 
 from bge_jax import convert, weights
 from bge_jax.config import BertConfig
+from bge_jax.contrastive import check_truncate_dim, truncate_embeddings
 from bge_jax.models import bert
 
 log = logging.getLogger(__name__)
@@ -98,20 +99,31 @@ def _load_tokenizer(folder: str):
         "with tokenizer_config.json) there, or pass tokenizer= to the Encoder.") from e
 
 
-@functools.lru_cache(maxsize=16)
-def _jitted_embed(config: BertConfig):
-  """One jitted embedding function per config, shared by Encoders (e.g. evaluation during
-  training builds a new Encoder each time; its shapes stay compiled)."""
-  return jax.jit(functools.partial(bert.embed_sentences, config=config))
+def _truncated(vectors: jax.Array, config: BertConfig, truncate_dim: int | None) -> jax.Array:
+  """Un-normalised vectors [N, E] -> the encoder's output: cut to `truncate_dim` (None: all E)
+  and L2-normalised when config.normalize."""
+  if truncate_dim is None:
+    return bert.l2_normalize(vectors) if config.normalize else vectors
+  return truncate_embeddings(vectors, truncate_dim, config.normalize)
 
 
 @functools.lru_cache(maxsize=16)
-def _jitted_embed_packed(config: BertConfig):
+def _jitted_embed(config: BertConfig, truncate_dim: int | None = None):
+  """One jitted embedding function per (config, truncate_dim), shared by Encoders (e.g.
+  evaluation during training builds a new Encoder each time; its shapes stay compiled)."""
+  def embed(params, input_ids, attention_mask):
+    vectors = bert.embed_sentences(params, config, input_ids, attention_mask, normalize=False)
+    return _truncated(vectors, config, truncate_dim)
+  return jax.jit(embed)
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_embed_packed(config: BertConfig, truncate_dim: int | None = None):
   """Packed rows -> the embeddings of the texts that `text_slot` names (`bge_jax.data.packing`)."""
   def embed(params, input_ids, segment_ids, position_ids, text_slot):
     slots = bert.packed_slot_vectors(params, config, input_ids, segment_ids, position_ids,
                                      pooling=config.pooling)
-    return bert.texts_from_slots(slots, text_slot, config.normalize)
+    return _truncated(bert.texts_from_slots(slots, text_slot, False), config, truncate_dim)
   return jax.jit(embed)
 
 
@@ -130,13 +142,20 @@ class Encoder:
   Devices (`devices`, default `default_devices()`: every local GPU/TPU, one CPU device): the
   params are replicated on each, and each batch's rows are split among them (data parallel;
   the row count is rounded up to a multiple of the devices with filler rows).
+
+  `truncate_dim` (Matryoshka, sentence-transformers' `truncate_dim`): vectors [N, truncate_dim],
+  the first truncate_dim features of the pooled vector, L2-re-normalised when `normalize` (unlike
+  sentence-transformers, which cuts after its Normalize module and leaves the cut vectors
+  shorter than 1). None: all hidden_size features.
   """
 
   def __init__(self, params: Any, config: BertConfig, tokenizer: Any, *,
                pooling: str = "cls", normalize: bool = True,
-               devices: Sequence[jax.Device] | None = None):
+               devices: Sequence[jax.Device] | None = None, truncate_dim: int | None = None):
     if pooling not in ("cls", "mean"):
       raise ValueError(f"pooling={pooling!r}; use 'cls' or 'mean'")
+    self.truncate_dim = (None if truncate_dim is None
+                         else check_truncate_dim(truncate_dim, config.hidden_size))
     self.config = config.replace(pooling=pooling, normalize=normalize)
     self.devices = tuple(devices) if devices is not None else default_devices()
     if not self.devices:
@@ -147,25 +166,26 @@ class Encoder:
     # On the devices once: numpy leaves would be copied to them again at every batch.
     self.params = jax.device_put(params, self._replicated)
     self.tokenizer = tokenizer
-    self._embed = _jitted_embed(self.config)
-    self._embed_packed = _jitted_embed_packed(self.config)
+    self._embed = _jitted_embed(self.config, self.truncate_dim)
+    self._embed_packed = _jitted_embed_packed(self.config, self.truncate_dim)
 
   @classmethod
   def from_hf(cls, path: str, pooling: str = "cls", normalize: bool = True, *,
               tokenizer: Any = None, devices: Sequence[jax.Device] | None = None,
-              **config_overrides: Any) -> "Encoder":
+              truncate_dim: int | None = None, **config_overrides: Any) -> "Encoder":
     """From a Hugging Face / sentence-transformers folder, a bge-jax params folder, or a
     training run's workdir (`from_run`: its newest checkpoint).
 
-    config_overrides: BertConfig fields, e.g. dtype="bfloat16" for faster, less exact encoding
-    on an accelerator (default float32, the numbers of the PyTorch model).
+    truncate_dim: Matryoshka vectors of this width (see the class docstring; every loader
+    takes it). config_overrides: BertConfig fields, e.g. dtype="bfloat16" for faster, less
+    exact encoding on an accelerator (default float32, the numbers of the PyTorch model).
     """
     if os.path.isdir(path) and weights.is_checkpoint(path):
       return cls.from_checkpoint(path, pooling, normalize, tokenizer=tokenizer, devices=devices,
-                                 **config_overrides)
+                                 truncate_dim=truncate_dim, **config_overrides)
     if os.path.isdir(path) and weights.is_run_workdir(path):
       return cls.from_run(path, pooling, normalize, tokenizer=tokenizer, devices=devices,
-                          **config_overrides)
+                          truncate_dim=truncate_dim, **config_overrides)
     config, params = convert.load_hf(path, **config_overrides)
     if config.hf_family == "sentence_transformers" and config.pooling != pooling:
       log.warning("%s declares %s pooling; encoding with pooling=%r as requested.",
@@ -173,12 +193,13 @@ class Encoder:
     if tokenizer is None:
       tokenizer = _load_tokenizer(weights.tokenizer_folder(path) or (
           path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))))
-    return cls(params, config, tokenizer, pooling=pooling, normalize=normalize, devices=devices)
+    return cls(params, config, tokenizer, pooling=pooling, normalize=normalize, devices=devices,
+               truncate_dim=truncate_dim)
 
   @classmethod
   def from_checkpoint(cls, path: str, pooling: str = "cls", normalize: bool = True, *,
                       tokenizer: Any = None, devices: Sequence[jax.Device] | None = None,
-                      **config_overrides: Any) -> "Encoder":
+                      truncate_dim: int | None = None, **config_overrides: Any) -> "Encoder":
     """From a bge-jax params folder. It computes in float32 unless `config_overrides` say
     otherwise (dtype="bfloat16"): the checkpoint's config records the compute dtype its
     training run used (bf16 on accelerators), and encodings should not depend on where the
@@ -191,12 +212,13 @@ class Encoder:
         raise convert.ConversionError(
             f"{path}: the checkpoint has no tokenizer/ folder; pass tokenizer=.")
       tokenizer = _load_tokenizer(folder)
-    return cls(params, config, tokenizer, pooling=pooling, normalize=normalize, devices=devices)
+    return cls(params, config, tokenizer, pooling=pooling, normalize=normalize, devices=devices,
+               truncate_dim=truncate_dim)
 
   @classmethod
   def from_run(cls, path: str, pooling: str | None = None, normalize: bool | None = None, *,
                step: int | None = None, tokenizer: Any = None,
-               devices: Sequence[jax.Device] | None = None,
+               devices: Sequence[jax.Device] | None = None, truncate_dim: int | None = None,
                **config_overrides: Any) -> "Encoder":
     """From a training run's workdir (run_info.json + checkpoints/), finished or still running:
     the params of its newest committed checkpoint (or `step`), with the run's tokenizer.
@@ -210,11 +232,13 @@ class Encoder:
     if tokenizer is None:
       tokenizer = _load_tokenizer(weights.run_tokenizer_folder(path))
     return cls(params, config, tokenizer, pooling=pooling or config.pooling,
-               normalize=config.normalize if normalize is None else normalize, devices=devices)
+               normalize=config.normalize if normalize is None else normalize, devices=devices,
+               truncate_dim=truncate_dim)
 
   @property
   def dim(self) -> int:
-    return self.config.hidden_size
+    """The width of `encode`'s vectors: truncate_dim, or the hidden size."""
+    return self.truncate_dim or self.config.hidden_size
 
   def tokenize(self, texts: Sequence[str], max_length: int) -> list[list[int]]:
     return self.tokenizer(list(texts), truncation=True, max_length=max_length, padding=False,

@@ -23,6 +23,7 @@ from bge_jax import contrastive, convert, sharding
 from bge_jax.data import packing
 from bge_jax.models import bert
 from conftest import make_hf_folder
+from test_distill import fe_loss
 
 # Seeds of conftest.tiny_hf_config sharing one shape (vocab 211, hidden 32, 1 layer, 4 heads,
 # ffn 64), so that each loss variant compiles once.
@@ -72,7 +73,7 @@ def torch_model(path) -> transformers.BertModel:
 
 
 def torch_loss(model, batch, *, temperature, group_size, pooling="cls", normalize=True,
-               in_batch_negatives=True):
+               in_batch_negatives=True, distill="kl_div"):
   def encode(ids, mask):
     ids, mask = torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
     hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
@@ -87,14 +88,9 @@ def torch_loss(model, batch, *, temperature, group_size, pooling="cls", normaliz
     temperature = 1.0  # FlagEmbedding: unnormalised similarities are not scaled
   q = encode(batch["query_input_ids"], batch["query_attention_mask"])
   p = encode(batch["passage_input_ids"], batch["passage_attention_mask"])
-  b = q.shape[0]
-  group = torch.einsum("qd,qgd->qg", q, p.view(b, group_size, -1)) / temperature
-  if "teacher_scores" in batch:
-    target = torch.softmax(torch.tensor(batch["teacher_scores"]), dim=-1)
-    return -(target * torch.log_softmax(group, dim=-1)).sum(-1).mean()
-  if in_batch_negatives:
-    return F.cross_entropy(q @ p.T / temperature, torch.arange(b) * group_size)
-  return F.cross_entropy(group, torch.zeros(b, dtype=torch.long))
+  teacher = torch.tensor(batch["teacher_scores"]) if "teacher_scores" in batch else None
+  return fe_loss(q, p, teacher, temperature=temperature, group_size=group_size,
+                 in_batch=in_batch_negatives, kd=distill)
 
 
 def torch_loss_and_grads(model, batch, **kw):
@@ -248,7 +244,15 @@ def check_parity(loaded, seed, report, family, *, group_size, teacher=False, fla
   rel = abs(value - torch_value) / abs(torch_value)
   _note(report, family, "rel loss", rel, f"seed {seed}")
   assert rel <= LOSS_TOL, (value, torch_value, rel)
-  assert float(out["distill_loss" if teacher else "contrastive_loss"]) == value
+  # The reported terms: loss = contrastive_loss (+ distill_loss for kl_div), or distill_loss
+  # alone for m3_kd_loss.
+  if not teacher:
+    terms = out["contrastive_loss"]
+  elif kw.get("distill") == "m3_kd_loss":
+    terms = out["distill_loss"]
+  else:
+    terms = out["contrastive_loss"] + out["distill_loss"]
+  assert float(terms) == value
 
   hf = {k: np.asarray(v, np.float64) for k, v in convert.to_hf_state_dict(grads, config).items()}
   named = dict(model.named_parameters())
@@ -285,10 +289,16 @@ def test_parity_own_group_only(loaded, report, seed):
 
 @pytest.mark.parametrize("seed", SEEDS[:2])
 def test_parity_teacher_scores(loaded, report, seed):
-  """Distillation replaces the contrastive loss and uses the own group's scores only, as
-  FlagEmbedding's kl_div (so the in-batch flag does not change it)."""
-  check_parity(loaded, seed, report, "distillation (teacher scores), G=4", group_size=4,
-               teacher=True)
+  """FlagEmbedding's kl_div: the in-batch contrastive loss plus the cross-entropy of the own
+  group's scores against softmax(teacher scores)."""
+  check_parity(loaded, seed, report, "distillation kl_div, G=4", group_size=4, teacher=True)
+
+
+@pytest.mark.parametrize("seed,flag", [(SEEDS[0], 1), (SEEDS[2], 0)])
+def test_parity_m3_kd_loss(loaded, report, seed, flag):
+  """FlagEmbedding's m3_kd_loss (in-batch; own group only with the batch's flag 0)."""
+  check_parity(loaded, seed, report, "distillation m3_kd_loss, G=4", group_size=4, teacher=True,
+               flag=flag, distill="m3_kd_loss")
 
 
 @pytest.mark.parametrize("seed", SEEDS[::2])

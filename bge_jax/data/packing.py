@@ -160,9 +160,9 @@ def grown_rows(needed: int, n: int, multiple: int = 1, steps: int = 8) -> int:
 def pack_sides(batch: Mapping[str, np.ndarray], rows: Mapping[str, int | None],
                pad_id: int = 0, grow_multiple: int | None = None) -> dict[str, np.ndarray]:
   """The batch with each side in `rows` ({"query": R_q, "passage": R_p}) packed (`pack`, with
-  `grow_multiple`); other keys (teacher scores, flags) unchanged."""
-  out = {k: v for k, v in batch.items()
-         if not any(k.startswith(f"{side}_") for side in rows)}
+  `grow_multiple`); other keys (teacher scores, passage hashes, flags) unchanged."""
+  tokens = {f"{side}_{k}" for side in rows for k in ("input_ids", "attention_mask")}
+  out = {k: v for k, v in batch.items() if k not in tokens}
   for side, r in rows.items():
     packed = pack(batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"], r, pad_id,
                   grow_multiple)

@@ -1,0 +1,215 @@
+"""Distillation (FlagEmbedding's kd_loss_type "kl_div" and "m3_kd_loss") and duplicate-positive
+masking: `contrastive.info_nce` against a PyTorch transcription of FlagEmbedding's formulas
+(`FlagEmbedding/abc/finetune/embedder/AbsModeling.py`: `_compute_in_batch_neg_loss`,
+`_compute_no_in_batch_neg_loss`, `distill_loss`), loss and gradients w.r.t. the embeddings; then
+through `contrastive.loss` w.r.t. the parameters of a tiny BERT, GradCache against unchunked."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+from bge_jax import contrastive
+from bge_jax.data.pairs import text_hashes
+
+LOSS_TOL, GRAD_TOL = 1e-5, 1e-3  # relative, float32 JAX vs float64 torch
+B, G, D, TAU = 6, 4, 16, 0.05
+
+
+# ---------------------------------------------------------------------------------------------
+# The PyTorch reference (float64), written from FlagEmbedding's formulas.
+# ---------------------------------------------------------------------------------------------
+
+def fe_loss(q, p, teacher=None, *, temperature, group_size, in_batch=True, kd="kl_div",
+            duplicates=None):
+  """FlagEmbedding's training loss on embeddings q [B, D], p [B*G, D] (torch tensors).
+
+  teacher: [B, G] teacher scores or None. in_batch: scores over all passages (target i*G), else
+  over the own group (target 0). duplicates: [B, B*G] bool or None, passages equal to query i's
+  positive; their logits are set to the float minimum (as FlagEmbedding masks) except at the
+  cross-entropy's target. m3_kd_loss without in-batch negatives (FlagEmbedding indexes the
+  [B, G] scores with targets i*G + k there) uses targets k of each row's own group.
+  """
+  b = q.shape[0]
+  scores = q @ p.T / temperature                                                 # [B, B*G]
+  cols = torch.arange(b)[:, None] * group_size + torch.arange(group_size)        # [B, G]
+  local = scores.gather(1, cols)                                                 # get_local_score
+  minimum = torch.finfo(scores.dtype).min
+  if in_batch:
+    ce_scores, labels = scores, torch.arange(b) * group_size
+    dup = duplicates
+  else:
+    ce_scores, labels = local, torch.zeros(b, dtype=torch.long)
+    dup = None if duplicates is None else duplicates.gather(1, cols)
+  columns = torch.arange(ce_scores.shape[1])[None, :]
+
+  def cross_entropy(target, extra_mask=None):
+    s = ce_scores if extra_mask is None else ce_scores + extra_mask
+    if dup is not None:
+      s = torch.where(dup & (columns != target[:, None]), torch.full_like(s, minimum), s)
+    return F.cross_entropy(s, target, reduction="none")
+
+  if teacher is None:
+    return cross_entropy(labels).mean()
+  targets = torch.softmax(teacher, dim=-1)
+  if kd == "kl_div":
+    distill = -torch.mean(torch.sum(torch.log_softmax(local, dim=-1) * targets, dim=-1))
+    return distill + cross_entropy(labels).mean()
+  assert kd == "m3_kd_loss"
+  loss, mask = 0, torch.zeros_like(ce_scores)
+  for i in range(group_size):
+    target = labels + i
+    loss = loss + torch.mean(targets[:, i] * cross_entropy(target, mask))
+    mask = torch.scatter(mask, -1, target[:, None], minimum)
+  return loss
+
+
+# ---------------------------------------------------------------------------------------------
+# A batch of embeddings with deliberate duplicates.
+# ---------------------------------------------------------------------------------------------
+
+def embeddings(seed: int, with_duplicates: bool):
+  """(q [B, D], p [B*G, D] unit vectors, passage texts [B*G], teacher scores [B, G]).
+
+  Duplicates of query 0's positive (passage 0): a hard negative of its own group (1), a
+  negative of query 2's group (2G+3) and query 3's positive (3G), so passage 0 is also a
+  duplicate of query 3's positive. Equal texts have equal embeddings, as an encoder gives.
+  """
+  rng = np.random.RandomState(seed)
+  q = rng.randn(B, D)
+  p = rng.randn(B * G, D) + 0.8 * np.repeat(q, G, axis=0)  # scores with some structure
+  texts = [f"passage {j}" for j in range(B * G)]
+  if with_duplicates:
+    for j in (1, 2 * G + 3, 3 * G):
+      p[j], texts[j] = p[0], texts[0]
+  q /= np.linalg.norm(q, axis=-1, keepdims=True)
+  p /= np.linalg.norm(p, axis=-1, keepdims=True)
+  teacher = rng.randn(B, G) * 2.0
+  return q.astype(np.float32), p.astype(np.float32), texts, teacher.astype(np.float32)
+
+
+def duplicate_matrix(texts) -> np.ndarray:
+  """[B, B*G]: passage j has query i's positive's text and is not that positive (numpy)."""
+  t = np.asarray(texts)
+  dup = t[None, :] == t[::G][:, None]
+  dup[np.arange(B), np.arange(B) * G] = False
+  return dup
+
+
+@functools.partial(jax.jit, static_argnames=("in_batch", "kd", "masked"))
+def jax_value_and_grads(q, p, teacher, hashes, *, in_batch, kd, masked):
+  def f(q, p):
+    out = contrastive.info_nce(q, p, temperature=TAU, group_size=G, in_batch_negatives=in_batch,
+                               teacher_scores=teacher, distill=kd or "kl_div",
+                               passage_hash=hashes if masked else None)
+    return out["loss"], out
+  return jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(q, p)
+
+
+def torch_value_and_grads(q, p, teacher, dup, *, in_batch, kd):
+  tq = torch.tensor(q, dtype=torch.float64, requires_grad=True)
+  tp = torch.tensor(p, dtype=torch.float64, requires_grad=True)
+  value = fe_loss(tq, tp, None if teacher is None else torch.tensor(teacher, dtype=torch.float64),
+                  temperature=TAU, group_size=G, in_batch=in_batch, kd=kd,
+                  duplicates=None if dup is None else torch.tensor(dup))
+  value.backward()
+  return float(value.detach()), tq.grad.numpy(), tp.grad.numpy()
+
+
+def rel(a, b) -> float:
+  return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b))
+
+
+CASES = [(kd, in_batch) for kd in (None, "kl_div", "m3_kd_loss") for in_batch in (True, False)]
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("kd,in_batch", CASES)
+def test_info_nce_matches_flagembedding(kd, in_batch, masked):
+  q, p, texts, teacher = embeddings(seed=3, with_duplicates=masked)
+  teacher = teacher if kd else None
+  dup = duplicate_matrix(texts) if masked else None
+  if masked:
+    # Rows 0 and 3 share the positive's text: each sees the other three copies.
+    assert sorted(zip(*np.nonzero(dup))) == [(0, 1), (0, 2 * G + 3), (0, 3 * G), (3, 0), (3, 1),
+                                             (3, 2 * G + 3)]
+  (value, out), (gq, gp) = jax_value_and_grads(q, p, teacher, text_hashes(texts),
+                                               in_batch=in_batch, kd=kd, masked=masked)
+  want, want_q, want_p = torch_value_and_grads(q, p, teacher, dup, in_batch=in_batch, kd=kd)
+  assert abs(float(value) - want) <= LOSS_TOL * abs(want), (float(value), want)
+  assert rel(gq, want_q) <= GRAD_TOL and rel(gp, want_p) <= GRAD_TOL, (rel(gq, want_q),
+                                                                       rel(gp, want_p))
+  # The reported terms: loss = contrastive + distill (kl_div), distill alone (m3_kd_loss).
+  terms = {None: out["contrastive_loss"], "kl_div": out["contrastive_loss"] + out.get(
+      "distill_loss", np.nan), "m3_kd_loss": out.get("distill_loss", np.nan)}[kd]
+  np.testing.assert_allclose(float(terms), float(value), rtol=1e-6)
+  if kd:
+    # The distillation term alone, from the same reference: FE's loss minus the contrastive one.
+    plain, _, _ = torch_value_and_grads(q, p, None, dup, in_batch=in_batch, kd=kd)
+    np.testing.assert_allclose(float(out["contrastive_loss"]), plain, rtol=LOSS_TOL)
+
+
+@pytest.mark.parametrize("kd,in_batch", [(None, True), ("kl_div", True), ("m3_kd_loss", True),
+                                         (None, False)])
+def test_duplicate_masking_changes_the_loss(kd, in_batch):
+  """On a batch with duplicates the masked loss is the reference's masked loss (above) and not
+  the unmasked one; on a batch without duplicates the hashes change nothing."""
+  q, p, texts, teacher = embeddings(seed=5, with_duplicates=True)
+  teacher = teacher if kd else None
+  hashes = text_hashes(texts)
+  (masked, _), _ = jax_value_and_grads(q, p, teacher, hashes, in_batch=in_batch, kd=kd,
+                                       masked=True)
+  (plain, _), _ = jax_value_and_grads(q, p, teacher, hashes, in_batch=in_batch, kd=kd,
+                                      masked=False)
+  assert abs(float(masked) - float(plain)) > 1e-2 * abs(float(plain))
+  # Numpy, directly (contrastive term, in-batch): the duplicates' logits dropped from the
+  # softmax denominator.
+  if kd is None and in_batch:
+    dup = duplicate_matrix(texts)
+    s = q.astype(np.float64) @ p.T.astype(np.float64) / TAU
+    target = s[np.arange(B), np.arange(B) * G]
+    lse = np.log(np.where(dup, 0.0, np.exp(s)).sum(-1))
+    np.testing.assert_allclose(float(masked), np.mean(lse - target), rtol=LOSS_TOL)
+  q, p, texts, teacher = embeddings(seed=5, with_duplicates=False)
+  (a, _), _ = jax_value_and_grads(q, p, teacher if kd else None, text_hashes(texts),
+                                  in_batch=in_batch, kd=kd, masked=True)
+  (b, _), _ = jax_value_and_grads(q, p, teacher if kd else None, text_hashes(texts),
+                                  in_batch=in_batch, kd=kd, masked=False)
+  assert float(a) == float(b)
+
+
+@pytest.mark.parametrize("kd", [None, "kl_div", "m3_kd_loss"])
+def test_traced_in_batch_flag_selects_the_form(kd):
+  """A per-batch flag traced under jit gives each form's loss."""
+  q, p, texts, teacher = embeddings(seed=7, with_duplicates=True)
+  teacher = teacher if kd else None
+  hashes = text_hashes(texts)
+
+  @jax.jit
+  def traced(flag):
+    return contrastive.info_nce(q, p, temperature=TAU, group_size=G, in_batch_negatives=flag,
+                                teacher_scores=teacher, distill=kd or "kl_div",
+                                passage_hash=hashes)["loss"]
+
+  for flag in (True, False):
+    (want, _), _ = jax_value_and_grads(q, p, teacher, hashes, in_batch=flag, kd=kd, masked=True)
+    np.testing.assert_allclose(float(traced(jnp.asarray(flag))), float(want), rtol=1e-6)
+
+
+def test_unknown_distill_type_is_refused():
+  q, p, _, teacher = embeddings(seed=0, with_duplicates=False)
+  with pytest.raises(ValueError, match=r"distill='kl'.*kl_div.*m3_kd_loss"):
+    contrastive.info_nce(q, p, temperature=TAU, group_size=G, teacher_scores=teacher,
+                         distill="kl")
+
+
+def test_text_hashes_are_64_bit_and_equal_for_equal_texts():
+  h = text_hashes(["a", "b", "a", "é", "e\u0301", ""])
+  assert h.shape == (6, 2) and h.dtype == np.int32
+  assert (h[0] == h[2]).all() and not (h[0] == h[1]).all()
+  assert not (h[3] == h[4]).all()  # different code points, different texts
+  assert text_hashes([]).shape == (0, 2)
