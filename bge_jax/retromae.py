@@ -117,6 +117,7 @@ class RetroMAEStage:
           "config.data.max_length.")
 
   def batcher(self, config, tokenizer, model_config, process_index, process_count):
+    from bge_jax.data import holdout
     from bge_jax.data.masking import RetroMAECollator
     from bge_jax.data.sources import open_text_source
     from bge_jax.data.text_batcher import TextBatcher
@@ -128,13 +129,29 @@ class RetroMAEStage:
       raise ValueError("config.data.train is empty: give JSONL/txt files, folders, globs or "
                        "tfds:NAME[:SPLIT] specs, comma-separated.")
     source = open_text_source(specs, field=d.field, on_error=d.on_error, dedupe=d.dedupe)
-    source = source.shard(process_index, process_count)
-    collator = RetroMAECollator(
-        tokenizer, max_length=d.max_length, encoder_mlm_probability=d.encoder_mlm_probability,
-        decoder_mlm_probability=d.decoder_mlm_probability, seed=config.seed)
-    return TextBatcher(source, tokenizer, collator, config.batch_size // process_count,
-                       seed=config.seed, max_length=d.max_length, mode=d.mode,
-                       process_index=process_index, overlong=d.overlong)
+    source, held = holdout.split(source, d)  # data.validation_fraction: never trained on
+    if d.get("validation", ""):
+      held = open_text_source([s for s in d.validation.split(",") if s.strip()], field=d.field,
+                              on_error=d.on_error, dedupe=d.dedupe)
+
+    def text_batcher(texts):
+      collator = RetroMAECollator(
+          tokenizer, max_length=d.max_length, encoder_mlm_probability=d.encoder_mlm_probability,
+          decoder_mlm_probability=d.decoder_mlm_probability, seed=config.seed)
+      return TextBatcher(texts.shard(process_index, process_count), tokenizer, collator,
+                         config.batch_size // process_count, seed=config.seed,
+                         max_length=d.max_length, mode=d.mode, process_index=process_index,
+                         overlong=d.overlong)
+
+    batcher = text_batcher(source)
+    if held is not None:
+      if len(held) < config.batch_size:
+        raise holdout.too_few(len(held), config.batch_size, "texts")
+      # Masks are seeded by (seed, batch index, process): the same at every evaluation.
+      val = text_batcher(held)
+      batcher.validation = holdout.HeldOutBatches(
+          val, val.num_examples // (config.batch_size // process_count), val.describe())
+    return batcher
 
   def abstract_batch(self, config, model_config, *, process_count=1, devices_per_process=1):
     """The collator's arrays, all int32, padded to data.max_length: [B, L] each and the

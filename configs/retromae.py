@@ -18,6 +18,10 @@ def get_config(arg: str = "bge-small-en"):
 
   c.data = ConfigDict()
   c.data.train = ""  # comma-separated JSONL/txt files, folders, globs, tfds:NAME[:SPLIT]
+  # Validation loss (val/*, at every evaluation): texts held out of training (chosen by the data
+  # size alone), or text files/folders/globs; not both. 0 / "" = none.
+  c.data.validation_fraction = 0.0
+  c.data.validation = ""
   c.data.field = "text"  # or several, comma-separated: "pos,neg" reads FlagEmbedding rows' passages
   c.data.dedupe = False  # keep each identical text once
   c.data.on_error = "raise"  # raise | skip (bad rows are counted and reported)

@@ -19,6 +19,9 @@ class TextBatcher:
   block-diagonal attention: `bge_jax.data.packing`.)
   """
 
+  # Batches of the run's validation data (`bge_jax.data.holdout.HeldOutBatches`), set by the stage.
+  validation = None
+
   def __init__(self, source, tokenizer, collator, local_batch: int, *, seed: int,
                max_length: int, mode: str, process_index: int, overlong: str = "truncate"):
     from bge_jax.data.masking import concatenate_into_blocks

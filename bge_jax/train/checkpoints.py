@@ -1,8 +1,10 @@
-"""The trainer's orbax TrainState checkpoints: room checks, async save, restore, preemption."""
+"""The trainer's orbax TrainState checkpoints: room checks, async save, restore, preemption;
+the best step's export (checkpoint.keep_best)."""
 
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import math
 import os
@@ -317,3 +319,109 @@ class PreemptionWatch:
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
       self._previous = None
+
+
+# --- checkpoint.keep_best: the best step's export beside the last one ----------------------------
+BEST_DIR = "best"  # <workdir>/best/: the stage's export (hf/, ...) and BEST_FILE
+BEST_FILE = "best.json"  # {"metric", "mode", "step", "value"}
+EVAL_PREFIXES = ("val/", "eval/")  # the metrics computed at evaluation points
+
+
+def best_mode(metric: str, mode: str = "auto") -> str:
+  """"min" or "max": `mode`, or for "auto" "min" when the metric's name (its last part) says
+  loss (val/loss, val/decoder_loss), else "max" (nDCG, Spearman, accuracy, ...)."""
+  if mode not in ("auto", "min", "max"):
+    from bge_jax.train.init import ConfigError
+    raise ConfigError(f"config.checkpoint.keep_best_mode={mode!r}; use auto, min or max.")
+  if mode != "auto":
+    return mode
+  return "min" if "loss" in metric.rsplit("/", 1)[-1] else "max"
+
+
+class BestExport:
+  """The export of the step with the best value of `metric` so far, in <workdir>/best/.
+
+  Written through a staging folder that replaces best/ in one rename (`convert.atomic_output_dir`),
+  so best/ is always one whole export with the best.json that names its step and value. The best
+  value so far is read back from best/best.json, so a resumed run replaces it only with a strictly
+  better one (a resume recomputes the same steps bit for bit: a tie is the same step). A kill in
+  the moment between the two renames of a replacement leaves the previous best beside the
+  folder; it is put back here.
+  """
+
+  def __init__(self, workdir: str, metric: str, mode: str = "auto"):
+    from bge_jax.train.init import ConfigError
+
+    self.metric, self.mode = metric, best_mode(metric, mode)
+    self.directory = os.path.join(workdir, BEST_DIR)
+    self.step: int | None = None
+    self.value: float | None = None
+    self._recover()
+    path = os.path.join(self.directory, BEST_FILE)
+    if os.path.exists(path):
+      with open(path) as f:
+        record = json.load(f)
+      if (record.get("metric"), record.get("mode")) != (self.metric, self.mode):
+        raise ConfigError(
+            f"{self.directory} holds the best export by {record.get('metric')!r} "
+            f"({record.get('mode')}), but config.checkpoint.keep_best={self.metric!r} "
+            f"({self.mode}); set the recorded one again, or move {self.directory} away to keep "
+            "the best by the new one from now on.")
+      self.step, self.value = int(record["step"]), float(record["value"])
+
+  def _recover(self) -> None:
+    """Puts back the previous best/ if a kill fell between the two renames of a replacement."""
+    if os.path.exists(self.directory):
+      return
+    parent, prefix = os.path.dirname(self.directory), f".{BEST_DIR}.tmp-"
+    try:
+      names = sorted(n for n in os.listdir(parent) if n.startswith(prefix) and n.endswith(".old"))
+    except OSError:
+      return
+    for name in names:
+      if os.path.exists(os.path.join(parent, name, BEST_FILE)):
+        os.rename(os.path.join(parent, name), self.directory)
+        log.warning("restored %s from %s (a replacement of it was interrupted)", self.directory,
+                    name)
+        return
+
+  def check_available(self, available: Any, when: str) -> None:
+    """ConfigError when the metric is not among `available` (the names logged at `when`)."""
+    from bge_jax.train.init import ConfigError
+
+    if self.metric not in available:
+      raise ConfigError(
+          f"config.checkpoint.keep_best={self.metric!r} is not computed {when}; the metrics "
+          f"there: {sorted(available) or 'none'}. Set it to one of them (val/* come with "
+          "config.data.validation_fraction or config.data.validation, eval/* with config.eval).")
+
+  def improves(self, metrics: dict[str, float]) -> bool:
+    """Whether metrics[metric] is finite and strictly better than the best so far."""
+    value = float(metrics[self.metric])
+    if not math.isfinite(value):
+      return False
+    if self.value is None:
+      return True
+    return value < self.value if self.mode == "min" else value > self.value
+
+  def save(self, step: int, value: float, write_export) -> None:
+    """Replaces best/ with `write_export(folder)`'s files and best.json naming step and value."""
+    from bge_jax import convert
+
+    def write(tmp: str) -> None:
+      write_export(tmp)
+      with open(os.path.join(tmp, BEST_FILE), "w") as f:
+        json.dump({"metric": self.metric, "mode": self.mode, "step": int(step),
+                   "value": float(value)}, f, indent=1)
+
+    self._recover()
+    try:
+      convert.atomic_output_dir(self.directory, write, overwrite=True)
+    except OSError as e:
+      failure = write_failure(os.path.dirname(self.directory), "the best export", e)
+      if failure is None:
+        raise
+      raise failure from e
+    self.step, self.value = int(step), float(value)
+    log.info("best %s so far: %.6g at step %d, exported to %s", self.metric, value, step,
+             self.directory)

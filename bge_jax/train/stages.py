@@ -18,10 +18,23 @@ from bge_jax.config import BertConfig
 from bge_jax.flops import StepFlops
 
 
+class ValidationBatches(Protocol):
+  """Process-local batches of a run's validation data (`bge_jax.data.holdout.HeldOutBatches`):
+  full global batches, each a pure function of its index (the same at every evaluation)."""
+
+  num_batches: int  # this process's count (the trainer uses the least over processes)
+
+  def __call__(self, index: int) -> dict[str, np.ndarray]: ...
+
+  def describe(self) -> str: ...
+
+
 class Batcher(Protocol):
   """Process-local host batches as a pure function of the step (so resume is exact)."""
 
   num_examples: int  # examples this process reads (its shard of the source)
+  # The held-out validation batches (data.validation_fraction / data.validation), or None.
+  validation: ValidationBatches | None
 
   def __call__(self, step: int) -> dict[str, np.ndarray]: ...
 
