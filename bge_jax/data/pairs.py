@@ -988,6 +988,14 @@ class ContrastiveBatcher:
     return int(sum(np.count_nonzero(batch[f"{side}_segment_ids"]) if packing.is_packed(batch, side)
                    else np.sum(batch[f"{side}_attention_mask"]) for side in ("query", "passage")))
 
+  def dataset_summaries(self) -> list[dict[str, Any]]:
+    """Per dataset: name, rows, global batch, weight, batches per epoch (run_info.json records
+    them; the export's model card reads them)."""
+    return [{"name": name, "rows": len(src), "global_batch": bg, "weight": w,
+             "batches_per_epoch": k}
+            for name, src, bg, w, k in zip(self.names, self.sources, self.global_batches,
+                                           self.weights, self.slots)]
+
   def describe(self) -> str:
     """One line: the datasets, their rows and skips, the batch geometry."""
     parts = []
