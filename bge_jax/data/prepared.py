@@ -385,6 +385,12 @@ class PreparedPairs(Sequence):
       return np.broadcast_to(np.False_, (len(self),))
     return _TypeMask(self, np.asarray(wanted, np.uint16))
 
+  def subset(self, indices):
+    """Not supported: a held-out part of a prepared dataset (data.validation_fraction)."""
+    raise DataError(f"{self.folder}: data.validation_fraction cannot hold rows out of a prepared "
+                    "dataset; prepare the validation rows separately and name them in "
+                    "data.validation")
+
   def summary(self) -> str:
     n = len(self.origins)
     kinds = "/".join(sorted(set(self.kinds)))
