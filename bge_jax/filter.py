@@ -82,18 +82,10 @@ class RowResult:
     if not self.keep.any():
       return None
     row = self.row
-    out: dict[str, Any] = {"query": row.query,
-                           "pos": [p for p, k in zip(row.pos, self.keep) if k]}
-    if row.neg:
-      out["neg"] = list(row.neg)
-    if row.pos_scores is not None:
-      out["pos_scores"] = [s for s, k in zip(row.pos_scores, self.keep) if k]
-    if row.neg_scores is not None:
-      out["neg_scores"] = list(row.neg_scores)
-    for key in ("prompt", "type"):
-      if getattr(row, key) is not None:
-        out[key] = getattr(row, key)
-    return out
+    return mine.fe_row(row._replace(
+        pos=tuple(p for p, k in zip(row.pos, self.keep) if k),
+        pos_scores=None if row.pos_scores is None else
+        tuple(s for s, k in zip(row.pos_scores, self.keep) if k)))
 
   def dropped(self, where: str | None = None) -> dict | None:
     """The dropped pairs of the row with their scores (and ranks), for inspection; None when

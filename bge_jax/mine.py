@@ -317,8 +317,27 @@ def _jsonl(path: str) -> Iterator[tuple[int, Any]]:
             from None
 
 
+def fe_row(row: Any) -> dict:
+  """A `pairs.PairRow` as a FlagEmbedding JSON row (fields that are None or empty left out)."""
+  out: dict[str, Any] = {"query": row.query, "pos": list(row.pos)}
+  if row.neg:
+    out["neg"] = list(row.neg)
+  for key in ("pos_scores", "neg_scores"):
+    if getattr(row, key) is not None:
+      out[key] = list(getattr(row, key))
+  for key in ("prompt", "type"):
+    if getattr(row, key) is not None:
+      out[key] = getattr(row, key)
+  return out
+
+
 def read_rows(path: str) -> list[dict]:
-  """Training rows of a FlagEmbedding JSONL file, each checked (errors name `path:line`)."""
+  """Training rows of a FlagEmbedding JSONL file, each checked (errors name `path:line`), or of
+  a prepared pairs folder (`bge_jax.data.prepared`, validated when prepared; the fields of
+  `pairs.PairRow` only)."""
+  from bge_jax.data import prepared
+  if prepared.is_prepared(path):
+    return [fe_row(row) for row in prepared.open_prepared_pairs(path)]
   rows = []
   for lineno, row in _jsonl(path):
     check_row(row, f"{path}:{lineno}")
@@ -329,7 +348,12 @@ def read_rows(path: str) -> list[dict]:
 
 
 def read_candidate_pool(path: str) -> list[str]:
-  """The `"text"` of every row of a JSONL candidate pool (errors name `path:line`)."""
+  """The `"text"` of every row of a JSONL candidate pool (errors name `path:line`), or the texts
+  of a prepared text folder (`bge_jax.data.prepared`)."""
+  from bge_jax.data import prepared
+  if prepared.is_prepared(path):
+    part = prepared.open_prepared_texts(path)
+    return part.get_many(range(len(part)))
   texts = []
   for lineno, row in _jsonl(path):
     if not isinstance(row, dict) or "text" not in row:
@@ -729,5 +753,5 @@ def mine_hard_negatives(rows: Sequence[dict], encoder: Any, *,
 
 
 __all__ = ["MiningInputError", "MiningStats", "ScoreLimits", "CorpusIndex", "exact_top_k",
-           "merge_top_k", "corpus_split", "check_row", "read_rows", "read_candidate_pool",
+           "merge_top_k", "corpus_split", "check_row", "fe_row", "read_rows", "read_candidate_pool",
            "parse_range", "atomic_file", "write_rows", "mine_hard_negatives", "mine_with_stats"]

@@ -103,18 +103,6 @@ def _check_output(flag: str, path: str | None) -> str | None:
   return None
 
 
-def _open_input(spec: str, kind: str, on_error: str):
-  """A prepared dataset folder (read lazily), else what training's JSONL path reads."""
-  from bge_jax.data import pairs
-  try:
-    from bge_jax.data import prepared
-  except ImportError:
-    prepared = None
-  if prepared is not None and prepared.is_prepared(spec):
-    return prepared.open_prepared_pairs(spec, kind=kind, on_error=on_error)
-  return pairs.open_contrastive_data(spec, kind=kind, on_error=on_error)
-
-
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -122,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
   from bge_jax import convert, mine
   from bge_jax import filter as filter_lib
+  from bge_jax.data import pairs
   from bge_jax.data.sources import DataError
 
   if args.threshold is None and args.top_k is None:
@@ -150,11 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
       return _fail(problem)
   if args.prepared is not None:
-    try:
-      from bge_jax.data import prepare as prepare_lib
-    except ImportError:
-      return _fail("--prepared needs bge_jax.data.prepare (launch/prepare_data.py), which this "
-                   "checkout lacks")
+    from bge_jax.data import prepare as prepare_lib
     parent = os.path.dirname(os.path.abspath(args.prepared))
     if os.path.exists(args.prepared):
       return _fail(f"--prepared {args.prepared} exists; remove it or name another folder")
@@ -164,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     return _fail(f"--model {args.model}: no such file or folder")
 
   try:
-    source = _open_input(args.input, args.kind, args.on_error)
+    # A prepared folder is read lazily (bge_jax.data.prepared), files are read into memory.
+    source = pairs.open_contrastive_data(args.input, kind=args.kind, on_error=args.on_error)
   except DataError as e:
     return _fail(str(e))
 

@@ -38,11 +38,13 @@ def _parser() -> argparse.ArgumentParser:
                  help="Hugging Face / sentence-transformers folder, bge-jax params folder, "
                       "or a training run's workdir (its newest checkpoint).")
   p.add_argument("--input", required=True, metavar="JSONL",
-                 help='training rows {"query", "pos", "neg"?, ...}.')
+                 help='training rows {"query", "pos", "neg"?, ...}, or a prepared pairs folder '
+                 "(launch/prepare_data.py).")
   p.add_argument("--output", required=True, metavar="JSONL",
                  help="where to write the rows with mined negatives (replaced atomically).")
   p.add_argument("--candidate-pool", default=None, metavar="JSONL",
-                 help='{"text"} rows to mine from (default: all pos/neg passages of --input).')
+                 help='{"text"} rows to mine from, or a prepared text folder (default: all '
+                 "pos/neg passages of --input).")
   p.add_argument("--range", default="10-210", dest="range_for_sampling", metavar="START-END",
                  help="neighbour ranks to sample from, END exclusive (default: 10-210).")
   p.add_argument("--negatives", type=int, default=15, metavar="N",
@@ -116,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
   logging.getLogger("bge_jax.mine").setLevel(logging.INFO)
 
   from bge_jax import convert, mine
+  from bge_jax.data import prepared
+  from bge_jax.data.sources import DataError
 
   try:
     start, end = mine.parse_range(args.range_for_sampling)
@@ -133,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     if value is not None and not math.isfinite(value):
       return _fail(f"{name}={value}; it must be a finite number")
   for name, path in (("--input", args.input), ("--candidate-pool", args.candidate_pool)):
-    if path is not None and not os.path.isfile(path):
+    if path is not None and not (os.path.isfile(path) or prepared.is_prepared(path)):
       return _fail(f"{name} {path}: no such file")
   if not os.path.exists(args.model):
     return _fail(f"--model {args.model}: no such file or folder")
@@ -150,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
   try:
     rows = mine.read_rows(args.input)
     pool = mine.read_candidate_pool(args.candidate_pool) if args.candidate_pool else None
-  except mine.MiningInputError as e:
+  except (mine.MiningInputError, DataError) as e:
     return _fail(str(e))
 
   from bge_jax.encoder import Encoder

@@ -561,6 +561,27 @@ def test_cli_refusals(tiny_model, tmp_path, capsys):
   assert sorted(read_jsonl(out)[0]["neg"]) == ["alpha.", "beta."]
 
 
+def test_cli_reads_prepared_data(tiny_model, rows, tmp_path, capsys):
+  """A prepared pairs folder as --input and a prepared text folder as --candidate-pool mine
+  the same negatives as their JSONL files."""
+  prepare = pytest.importorskip("bge_jax.data.prepare")
+  plain = [{k: v for k, v in r.items() if k != "id"} for r in rows]  # PairRow fields only
+  train = write_jsonl(tmp_path / "train.jsonl", plain)
+  pool = write_jsonl(tmp_path / "pool.jsonl", [{"text": t} for t in corpus_of(rows)[::2]])
+  prepare.prepare([train], str(tmp_path / "train_prepared"), progress=False)
+  prepare.prepare([pool], str(tmp_path / "pool_prepared"), data="text", progress=False)
+  args = ["--model", str(tiny_model), "--range", "1-30", "--negatives", "4", "--max-length",
+          "32", "--margin", "0.0"]
+  assert mine_cli.main(args + ["--input", train, "--candidate-pool", pool, "--output",
+                               str(tmp_path / "a.jsonl")]) == 0
+  assert mine_cli.main(args + ["--input", str(tmp_path / "train_prepared"), "--candidate-pool",
+                               str(tmp_path / "pool_prepared"), "--output",
+                               str(tmp_path / "b.jsonl")]) == 0
+  a, b = read_jsonl(tmp_path / "a.jsonl"), read_jsonl(tmp_path / "b.jsonl")
+  assert a == b and len(a) == len(rows) and a[0]["neg"] != plain[0]["neg"]
+  assert "margin skipped" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_mine_toy_finetune_data_with_minilm(minilm_path, shared_data, tmp_path):
   path = shared_data / "en" / "toy_finetune_data.jsonl"
