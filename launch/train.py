@@ -48,6 +48,17 @@ _ACCEPT_CONFIG_CHANGES = flags.DEFINE_bool(
     "(optimizer, model, data, loss, seed, batch...; each change is logged). Without it such a "
     "resume is refused, naming the keys (exit 2). A flag, not a config key, so that it is not "
     "recorded in the run's config.json.")
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    "heartbeat_timeout_s", 100,
+    "Multi-process runs: seconds without a heartbeat after which jax's coordination service "
+    "counts a process as lost and stops the others (jax's default, 100). A process that dies "
+    "is usually noticed sooner, by the step's collective.")
+_SUPERVISE = flags.DEFINE_bool(
+    "supervise", True,
+    "Multi-process runs: run the trainer under a small parent process that turns jax's abort "
+    "on a lost peer (a C++ stack) into one error line and exit status 1, keeping jax's output "
+    "in WORKDIR/lost-peer.process<I>.log (launch/supervisor.py). --nosupervise runs the "
+    "trainer in this process.")
 
 
 def _cluster_detected() -> str | None:
@@ -80,9 +91,10 @@ def init_distributed() -> None:
     # Cross-process collectives between CPU devices (jax's default, set explicitly here; it
     # only concerns the CPU backend).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                               heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value)
   elif _DISTRIBUTED.value == "on" or (_DISTRIBUTED.value == "auto" and _cluster_detected()):
-    jax.distributed.initialize()
+    jax.distributed.initialize(heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value)
   else:
     return
   logging.getLogger("bge_jax").info("jax.distributed: process %d of %d, %d local / %d devices",
@@ -252,6 +264,47 @@ def _run():
     raise
 
 
+def _flag_value(argv: list[str], name: str) -> str | None:
+  """--name=value or --name value, before absl parses the flags (the last one wins)."""
+  value = None
+  for i, a in enumerate(argv):
+    if a.startswith(f"--{name}="):
+      value = a.split("=", 1)[1]
+    elif a == f"--{name}" and i + 1 < len(argv):
+      value = argv[i + 1]
+  return value
+
+
+def _supervised_command(argv: list[str]) -> tuple[str, int | None, int | None] | None:
+  """(workdir, process index, process count) when this command starts a process of a
+  multi-process run that should run under the supervisor (see --supervise), else None."""
+  from launch import supervisor
+
+  if os.environ.get(supervisor.ENV_MARKER) or any(
+      a in ("--help", "--helpfull", "--helpshort", "-h", "--nosupervise", "--supervise=false",
+            "--supervise=False", "--supervise=0") for a in argv):
+    return None
+  distributed = _flag_value(argv, "distributed") or "auto"
+  workdir = _flag_value(argv, "workdir")
+  if not workdir or distributed == "off" or not (
+      _flag_value(argv, "coordinator_address") or distributed == "on" or _cluster_detected()):
+    return None
+
+  def integer(name):
+    v = _flag_value(argv, name)
+    return int(v) if v is not None and v.lstrip("-").isdigit() else None
+
+  return workdir, integer("process_id"), integer("num_processes")
+
+
 if __name__ == "__main__":
   os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false")
+  _supervised = _supervised_command(sys.argv[1:])
+  if _supervised is not None:
+    from launch.supervisor import supervise
+
+    _workdir, _index, _count = _supervised
+    sys.exit(supervise([sys.executable, os.path.abspath(__file__)] + sys.argv[1:],
+                       workdir=os.path.abspath(_workdir), process_index=_index,
+                       process_count=_count))
   _run()

@@ -1,6 +1,16 @@
-"""A lost peer in a multi-process run: when one process is SIGKILLed, the survivor says which
-process stopped and that rerunning resumes, in one line, and exits 1 promptly (no traceback, no
-C++ abort stack from jax's coordination service, no ~100 s wait for its heartbeat timeout)."""
+"""A lost peer in a multi-process run: the survivor says, in one line, that another process
+stopped and that rerunning every process resumes, and exits 1 (no traceback, no C++ abort stack
+from jax's coordination service, which launch/supervisor.py diverts to a log file).
+
+Three ways a peer is lost, each reaching the survivor by another path:
+* process 1 is SIGKILLed: the survivor's step collective fails (gloo: a reset connection) and
+  the trainer itself prints the line (launch/train.py);
+* process 0, the coordinator, is SIGKILLed: jax's C++ client aborts the survivor at once;
+* process 1 stops responding (SIGSTOP): nothing fails until the coordination service's heartbeat
+  timeout (`--heartbeat_timeout_s`), then jax aborts the survivor, as it would one waiting in
+  orbax's save barrier or in a collective that hangs (NCCL).
+In the last two the supervisor prints the line.
+"""
 
 import os
 import signal
@@ -12,13 +22,29 @@ import pytest
 from conftest import make_corpus, make_tokenizer, wait_for_step
 from test_multihost import free_port, start_processes
 
-# The survivor hears of the lost peer from gloo (a reset connection) within a step; the bound
-# leaves room for a slow, busy CI machine, and stays well under the 100 s heartbeat timeout.
+# The bound leaves room for a slow, busy CI machine; it stays well under jax's default 100 s
+# heartbeat timeout, which the first two cases must not wait for.
 EXIT_WITHIN_S = 45
+HEARTBEAT_S = 10
+FORBIDDEN = ("Traceback", "SIGABRT", "Fatal Python error", "*** Begin stack trace",
+             "Check failure stack trace", "Terminating process")
 
 
-@pytest.mark.slow
-def test_survivor_of_a_killed_process_exits_1_with_one_line(tmp_path):
+def _trainer_pid(supervisor_pid: int) -> int:
+  """The trainer process the supervisor of a process started (its only child)."""
+  deadline = time.time() + 30
+  while time.time() < deadline:
+    with open(f"/proc/{supervisor_pid}/task/{supervisor_pid}/children") as f:
+      children = f.read().split()
+    if children:
+      return int(children[0])
+    time.sleep(0.1)
+  raise AssertionError("the supervisor started no trainer")
+
+
+def _lose_a_peer(tmp_path, lost: int, how: signal.Signals, extra_flags=()):
+  """Starts a 2-process stage-1 run, makes process `lost` go away with `how` at step 3, and
+  returns (survivor's exit status, seconds it took after the signal, its output, workdir)."""
   workdir = tmp_path / "run"
   port = free_port()
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1 "
@@ -27,39 +53,143 @@ def test_survivor_of_a_killed_process_exits_1_with_one_line(tmp_path):
   values = {"tokenizer": make_tokenizer(tmp_path / "tok"),
             "data.train": make_corpus(tmp_path / "train.jsonl", 128), "data.max_length": 32,
             "model.max_position_embeddings": 64, "batch_size": 8,
-            # No save near the kill: the survivor waits in a step's gloo collective (the case
-            # this covers), not in orbax's save barrier, which only the coordination service's
-            # ~100 s heartbeat timeout ends (docs/launching.md, the failure table).
             "num_train_steps": 100000, "checkpoint.every_steps": 100000, "log_every_steps": 1,
             "export": False}
   logs = [open(tmp_path / f"process{i}.log", "w+") for i in range(2)]
-  procs = start_processes("retromae", workdir, values, env, logs, port)
+  procs = start_processes("retromae", workdir, values, env, logs, port, list(extra_flags))
+  survivor = procs[1 - lost]
+  stopped = None
   try:
     wait_for_step(workdir, 3, procs)
-    procs[1].send_signal(signal.SIGKILL)
-    killed = time.monotonic()
+    if how == signal.SIGSTOP:  # the trainer itself: its supervisor would forward nothing
+      stopped = _trainer_pid(procs[lost].pid)
+      os.kill(stopped, signal.SIGSTOP)
+    else:
+      procs[lost].send_signal(how)
+    start = time.monotonic()
     try:
-      procs[0].wait(timeout=EXIT_WITHIN_S)
+      survivor.wait(timeout=EXIT_WITHIN_S + (HEARTBEAT_S if how == signal.SIGSTOP else 0))
     except subprocess.TimeoutExpired:
       pass
-    waited = time.monotonic() - killed
+    waited = time.monotonic() - start
   finally:
+    if stopped is not None:
+      os.kill(stopped, signal.SIGKILL)
     for p in procs:
       if p.poll() is None:
         p.kill()
         p.wait()
-  logs[0].seek(0)
-  out = logs[0].read()
+  f = logs[1 - lost]
+  f.seek(0)
+  out = f.read()
   for f in logs:
     f.close()
-  assert procs[0].returncode == 1, (
-      f"exit {procs[0].returncode} after {waited:.0f} s:\n{out[-4000:]}")
-  assert waited < EXIT_WITHIN_S
+  return survivor.returncode, waited, out, workdir
+
+
+def _check_one_line(rc, waited, out, limit_s, *phrases):
+  assert rc == 1, f"exit {rc} after {waited:.0f} s:\n{out[-4000:]}"
+  assert waited < limit_s, f"{waited:.0f} s:\n{out[-4000:]}"
   lines = [x for x in out.splitlines() if x.startswith("error:")]
   assert len(lines) == 1, out[-4000:]
-  assert "process 1 of this 2-process run stopped" in lines[0], lines[0]
-  assert "restart every process with the same command to resume" in lines[0], lines[0]
-  assert str(workdir / "checkpoints") in lines[0], lines[0]
-  for bad in ("Traceback", "SIGABRT", "Fatal Python error", "*** Begin stack trace",
-              "Check failure stack trace"):
+  for phrase in phrases:
+    assert phrase in lines[0], lines[0]
+  for bad in FORBIDDEN:
     assert bad not in out, f"{bad!r} in:\n{out[-4000:]}"
+  return lines[0]
+
+
+@pytest.mark.slow
+def test_survivor_of_a_killed_process_exits_1_with_one_line(tmp_path):
+  rc, waited, out, workdir = _lose_a_peer(tmp_path, lost=1, how=signal.SIGKILL)
+  _check_one_line(rc, waited, out, EXIT_WITHIN_S, "process 1 of this 2-process run stopped",
+                  "restart every process with the same command to resume",
+                  str(workdir / "checkpoints"))
+
+
+@pytest.mark.slow
+def test_survivor_of_a_killed_coordinator_exits_1_with_one_line(tmp_path):
+  rc, waited, out, workdir = _lose_a_peer(tmp_path, lost=0, how=signal.SIGKILL)
+  line = _check_one_line(rc, waited, out, EXIT_WITHIN_S,
+                         "restart every process with the same command to resume",
+                         str(workdir / "checkpoints"))
+  # jax's own account of the abort is kept, not shown.
+  if "lost-peer" in line:
+    log = workdir / "lost-peer.process1.log"
+    assert log.exists() and "coordination service" in log.read_text()
+
+
+@pytest.mark.slow
+def test_survivor_of_a_hung_process_exits_1_after_the_heartbeat_timeout(tmp_path):
+  rc, waited, out, workdir = _lose_a_peer(tmp_path, lost=1, how=signal.SIGSTOP,
+                                          extra_flags=[f"--heartbeat_timeout_s={HEARTBEAT_S}"])
+  line = _check_one_line(rc, waited, out, EXIT_WITHIN_S + HEARTBEAT_S,
+                         "jax stopped process 0: process 1 stopped sending heartbeats",
+                         "restart every process with the same command to resume",
+                         str(workdir / "lost-peer.process0.log"))
+  assert waited > HEARTBEAT_S * 0.5, line  # it was the heartbeat that ended it
+  assert "Terminating process" in (workdir / "lost-peer.process0.log").read_text()
+
+
+# The supervisor's stream handling, on bytes as jax 0.10 writes them (no processes).
+
+def _stream(tmp_path):
+  from launch.supervisor import _Stream
+
+  out = open(tmp_path / "terminal", "wb+")
+  return _Stream(out.fileno(), str(tmp_path / "jax.log")), out
+
+
+def _shown(out) -> bytes:
+  out.seek(0)
+  return out.read()
+
+
+ABORT = (b"E1205 coordination_service_agent.cc:289] Polled an error from coordination service "
+         b"(this can be an error from this or another task).\nF1205 client.h:80] Terminating "
+         b"process because the JAX distributed service detected fatal errors.\nAdditional GRPC "
+         b"error information from remote target coordination_service while calling "
+         b"/xla.coordination.CoordinationService/PollForError:\n:UNKNOWN:Error received from peer"
+         b"  {grpc_message:\"Socket closed\", grpc_status:14}\n*** Check failure stack trace: ***\n")
+
+
+def test_supervisor_diverts_the_abort_and_the_traceback_it_raced(tmp_path):
+  stream, out = _stream(tmp_path)
+  stream.feed(b"train: 3/10 [loss=1.0]\rtrain: 4/10")
+  stream.feed(b"\nTraceback (most recent call last):\n  File \"x.py\", line 1\n")
+  stream.feed(ABORT[:40])  # a marker split across two reads
+  stream.feed(ABORT[40:])
+  stream.finish()
+  assert _shown(out) == b"train: 3/10 [loss=1.0]\rtrain: 4/10\n"
+  kept = (tmp_path / "jax.log").read_bytes()
+  assert kept.startswith(b"Traceback") and b"Check failure stack trace" in kept
+  assert stream.aborting and stream.cause(2) == (
+      "the coordinator, process 0, is unreachable: Socket closed")
+
+
+def test_supervisor_forwards_a_traceback_jax_did_not_follow(tmp_path, monkeypatch):
+  import launch.supervisor as supervisor
+
+  stream, out = _stream(tmp_path)
+  stream.feed(b"Traceback (most recent call last):\nValueError: a real bug\n")
+  assert _shown(out) == b""  # held: jax's abort may follow it
+  monkeypatch.setattr(supervisor, "HOLD_S", 0.0)
+  time.sleep(0.01)
+  stream.tick()
+  assert _shown(out) == b"Traceback (most recent call last):\nValueError: a real bug\n"
+  stream.feed(b"more\n")
+  stream.finish()
+  assert _shown(out).endswith(b"more\n") and not stream.aborting
+
+
+def test_supervisor_shows_the_trainers_own_line_once(tmp_path):
+  stream, out = _stream(tmp_path)
+  stream.feed(ABORT + b"error: process 0 of this 2-process run stopped (...); restart\n")
+  stream.finish()
+  assert stream.child_error_lines() == [b"error: process 0 of this 2-process run stopped (...); "
+                                        b"restart\n"]
+  stream, out = _stream(tmp_path)
+  stream.feed(b"error: process 1 of this 2-process run stopped\n")
+  stream.feed(ABORT)
+  stream.finish()
+  assert stream.shown_error and _shown(out) == b"error: process 1 of this 2-process run stopped\n"

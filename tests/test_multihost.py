@@ -101,14 +101,15 @@ def overrides(stage, tmp_path):
                          "model.max_position_embeddings": 32, "batch_size": 16})
 
 
-def start_processes(stage, workdir, values, env, logs, port):
-  """launch/train.py with configs/<stage>.py:tiny and `values` as len(logs) processes over gloo
-  on 127.0.0.1:port, process i writing to logs[i]; returns the Popen objects."""
+def start_processes(stage, workdir, values, env, logs, port, flags=()):
+  """launch/train.py with configs/<stage>.py:tiny, `values` and extra command-line `flags` as
+  len(logs) processes over gloo on 127.0.0.1:port, process i writing to logs[i]; returns the
+  Popen objects."""
   return [subprocess.Popen(
       [sys.executable, str(REPO / "launch" / "train.py"),
        f"--config={REPO / 'configs' / f'{stage}.py'}:tiny", f"--workdir={workdir}",
        f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={len(logs)}",
-       f"--process_id={i}"] + [f"--config.{k}={v}" for k, v in values.items()],
+       f"--process_id={i}", *flags] + [f"--config.{k}={v}" for k, v in values.items()],
       env=env, stdout=log, stderr=subprocess.STDOUT, text=True) for i, log in enumerate(logs)]
 
 
