@@ -7,14 +7,32 @@ For every training row `{"query", "pos", "neg"?}` the corpus (a candidate pool, 
 corpus, a narrow range) are topped up with random corpus passages that are neither positives
 nor already chosen.
 
+False-negative control (`ScoreLimits`, sentence-transformers' `mine_hard_negatives` rules):
+`max_score` skips candidates scoring above it against the query, `margin` (ST's
+`absolute_margin`) those scoring within it of the query's positive, `relative_margin` those
+above `pos - |pos| * relative_margin`; with a row of several positives, its lowest positive
+score counts (as ST). ST then returns rows with fewer negatives (or drops them); here a row is
+topped up from passages ranked past `end` when the rank-`end - 1` score keeps the limits (so
+every top-up provably keeps them too), and otherwise stays short.
+
+Several processes (`jax.distributed`): every process reads the rows and the corpus texts;
+process p embeds and searches only its contiguous slice of the corpus (whole `chunk_size`
+chunks, `corpus_split`), and the per-process top-k lists are gathered and merged
+(`merge_top_k`) `QUERY_CHUNK` queries at a time. Each passage is encoded in the same chunk
+whatever the process count and equal scores keep the lower index first, so the negatives are
+those of one process. Per process: corpus embeddings N/P x D x 4 bytes (the term that
+outgrows a host: 3 KiB per passage at D = 768), all query embeddings Q x D x 4, the texts, and a
+[P, QUERY_CHUNK, end] merge buffer; time: encoding N/P passages and all Q queries, and
+Q x N/P x D multiply-adds of search.
+
 Differences from the PyTorch original, on purpose:
 
-* The search is exact (no faiss): `exact_top_k` scores the corpus block by block in float32 at
-  HIGHEST matmul precision, keeps a running top-k, and shards the corpus blocks over the devices
-  of a mesh. Ties go to the lower corpus index, so a mining run is reproducible bit for bit.
+* The search is exact (no faiss): `CorpusIndex` scores the corpus block by block in float32 at
+  HIGHEST matmul precision, keeps a running top-k, and shards the corpus blocks over the local
+  devices. Ties go to the lower corpus index, so a mining run is reproducible bit for bit.
 * The corpus is deduplicated in first-seen order (not `list(set(...))`), and every row draws
   from its own generator seeded with `(seed, row index)`: the same inputs and seed give the same
-  negatives, whatever the device count.
+  negatives, whatever the device or process count.
 * Top-ups never pick a positive or the query (the original samples the whole corpus, a source
   of false negatives). Sampled negatives keep their rank order, hardest first; top-ups follow.
 * A row's `neg_scores` (teacher scores of the old negatives) are dropped: they no longer match.
