@@ -5,6 +5,7 @@
   python launch/bench.py encode [--model PATH] [--n 512] [--batch-size 64] [--repeats 5]
   python launch/bench.py gradcache [--preset tiny] [--batches 256,1024,4096] [--chunks 0,128] [--run]
   python launch/bench.py gemm [--preset bge-small-en] [--threads 1,2] [--dtypes float32,bfloat16]
+  python launch/bench.py data [--rows 1000000,10000000] [--workers N] [--out docs/bench/data]
 
 `compare`: for each model shape, three benchmarks on the same batch, dtype (float32) and thread
 count in both frameworks, with the same random weights (bge-jax params converted to the HF
@@ -36,6 +37,13 @@ and thread count in its own child process pinned to that many cores (sched_setaf
 the library starts; in one process, either library's idle threads slow the other's next short
 call): how much of a step ratio is each library's GEMM speed on this machine.
 
+`data`: synthetic {"query", "pos"} pairs (streamed to --files JSONL files), prepared with
+launch/prepare_data.py (rows/s), then in a fresh process: the prepared folder's open time and
+resident-set growth (VmRSS of /proc/self/status), and ContrastiveBatcher's host batch time
+(rows read + groups drawn + tokenised, at --batch-size queries x --group-size passages,
+--query/passage-max-length) with the RSS after the batches; plus the bge-base v5e-256 step time
+at 30% / 50% MFU that one host's 300 queries must keep up with.
+
 `encode`: bge-jax `Encoder.encode` vs sentence-transformers `encode` (PyTorch) on the same texts,
 batch size, max length and thread count; medians, the time ratio (JAX / PyTorch; < 1 = JAX is
 faster) and real (non-pad) tokens/s. Default model: all-MiniLM-L6-v2 from the PyPI package
@@ -55,6 +63,7 @@ import math
 import os
 import pathlib
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -838,6 +847,157 @@ def table(r: dict) -> str:
   ])
 
 
+# ---------------------------------------------------------------------------------------------
+# data: prepared-data throughput (launch/prepare_data.py, bge_jax.data.prepared).
+# ---------------------------------------------------------------------------------------------
+
+V5E_PEAK_BF16 = 197e12  # FLOP/s per v5e chip (dense bf16)
+
+
+def synthetic_pairs(folder: str, rows: int, files: int, tokenizer: str, seed: int = 0) -> int:
+  """Writes `rows` {"query", "pos"} pair rows into `files` JSONL files, streaming (chunks of
+  10k rows): queries of 6-16 words, passages of 40-110 words, drawn from the tokenizer's
+  whole-word vocabulary. Returns the bytes written."""
+  import numpy as np
+  vocab = [w for w in open(os.path.join(tokenizer, "vocab.txt"), encoding="utf-8").read().split()
+           if w.isalpha() and len(w) > 2]
+  rng = np.random.default_rng(seed)
+  os.makedirs(folder, exist_ok=True)
+  per_file = -(-rows // files)
+  written = 0
+  for k in range(files):
+    n = min(per_file, rows - k * per_file)
+    with open(os.path.join(folder, f"pairs-{k:04d}.jsonl"), "w", encoding="utf-8") as f:
+      for lo in range(0, n, 10_000):
+        m = min(10_000, n - lo)
+        q_len, p_len = rng.integers(6, 17, m).tolist(), rng.integers(40, 111, m).tolist()
+        words = rng.integers(len(vocab), size=(m, 126)).tolist()
+        # Alphabetic words need no JSON escaping: formatted directly (json.dumps per row
+        # would double the generation time).
+        lines = [f'{{"query": "{" ".join(map(vocab.__getitem__, words[i][:q_len[i]]))}", '
+                 f'"pos": ["{" ".join(map(vocab.__getitem__, words[i][16:16 + p_len[i]]))}"]}}'
+                 for i in range(m)]
+        text = "\n".join(lines) + "\n"
+        f.write(text)
+        written += len(text)
+  return written
+
+
+def _rss_mb() -> float:
+  return _status_kb("VmRSS") / 1024
+
+
+def _data_child(args) -> dict:
+  """In a fresh process: open time and RSS growth of a prepared folder, then host batch
+  throughput of ContrastiveBatcher (tokenisation included) and the RSS after the batches."""
+  import numpy as np
+  from transformers import AutoTokenizer
+  from bge_jax.data.pairs import ContrastiveBatcher, open_contrastive_data
+  tok = AutoTokenizer.from_pretrained(args.tokenizer)
+  gc.collect()
+  base = _rss_mb()
+  t = time.perf_counter()
+  src = open_contrastive_data(args.child)
+  out = {"open_s": time.perf_counter() - t, "open_rss_mb": _rss_mb() - base, "rows": len(src)}
+  t = time.perf_counter()
+  batcher = ContrastiveBatcher([("d", src)], tok, batch_size=args.batch_size,
+                               group_size=args.group_size, query_max_length=args.query_max_length,
+                               passage_max_length=args.passage_max_length,
+                               process_index=0, process_count=args.processes)
+  out["batcher_s"] = time.perf_counter() - t
+  batcher(0)  # warm-up: the epoch's permutation, first readers
+  steps = np.random.default_rng(1).integers(batcher.steps_per_epoch, size=args.steps)
+  times, read_s, cpu_s = [], [], []
+  for step in steps:
+    t = time.perf_counter()
+    batcher.examples(int(step))
+    read_s.append(time.perf_counter() - t)
+    t, c = time.perf_counter(), time.process_time()
+    batcher(int(step))
+    times.append(time.perf_counter() - t)
+    cpu_s.append(time.process_time() - c)
+  out.update(batch_s=statistics.median(times), read_s=statistics.median(read_s),
+             batch_cpu_s=statistics.median(cpu_s),
+             examples_per_cpu_s=args.batch_size / statistics.median(cpu_s),
+             examples_per_s=args.batch_size / statistics.median(times),
+             after_batches_rss_mb=_rss_mb() - base, shards_opened=sum(
+                 r is not None for r in src._shards._readers))  # pylint: disable=protected-access
+  return out
+
+
+def v5e_step_seconds(mfu: float, queries: int = 19_200, group_size: int = 8, q_len: int = 32,
+                     p_len: int = 128, chips: int = 256) -> float:
+  """Estimated bge-base stage-2 step time on a v5e slice: the step's model FLOPs at `mfu` of the
+  chips' bf16 peak (GradCache's recompute is extra hardware work inside that MFU)."""
+  from bge_jax import flops
+  from bge_jax.config import preset
+  f = flops.contrastive_step_flops(preset("bge-base-en"), queries, q_len, p_len, group_size,
+                                   gradcache_chunk=128)
+  return f.model / (chips * V5E_PEAK_BF16 * mfu)  # MFU counts model FLOPs, not the recompute
+
+
+def bench_data(args) -> dict:
+  """Prepare throughput, open time, RSS growth and host batch throughput per row count."""
+  from bge_jax.data import prepare
+  args.tokenizer = args.tokenizer or default_model()
+  work = args.dir or tempfile.mkdtemp(prefix="bge_data_bench_")
+  result = {"machine": machine(), "load_before": load_average(), "runs": [],
+            "shapes": {"batch_size": args.batch_size, "group_size": args.group_size,
+                       "query_max_length": args.query_max_length,
+                       "passage_max_length": args.passage_max_length}}
+  for rows in [int(float(r)) for r in args.rows.split(",")]:
+    src, out = os.path.join(work, f"jsonl_{rows}"), os.path.join(work, f"prepared_{rows}")
+    run = {"rows": rows, "workers": args.workers, "files": args.files}
+    t = time.perf_counter()
+    if not os.path.isdir(src):
+      run["jsonl_bytes"] = synthetic_pairs(src, rows, args.files, args.tokenizer)
+    run["generate_s"] = time.perf_counter() - t
+    if not os.path.isdir(out):
+      m = prepare.prepare([src], out, workers=args.workers, progress=not args.quiet)
+      run["prepare_s"] = m["prepare_seconds"]["total"]
+      run["prepare_rows_per_s"] = rows / run["prepare_s"]
+    with open(os.path.join(out, "bge_jax_manifest.json")) as f:
+      m = json.load(f)
+    run["shards"] = len(m["shards"])
+    run["prepared_bytes"] = sum(s["bytes"] for s in m["shards"])
+    child = subprocess.run(
+        [sys.executable, __file__, "data", "--child", out, "--tokenizer", args.tokenizer,
+         "--batch-size", str(args.batch_size), "--group-size", str(args.group_size),
+         "--query-max-length", str(args.query_max_length), "--passage-max-length",
+         str(args.passage_max_length), "--steps", str(args.steps), "--processes",
+         str(args.processes)], capture_output=True, text=True, check=False)
+    if child.returncode:
+      raise RuntimeError(child.stderr[-3000:])
+    run.update(json.loads(child.stdout.strip().splitlines()[-1]))
+    result["runs"].append(run)
+    print(json.dumps(run), flush=True)
+    if not args.keep:
+      shutil.rmtree(src, ignore_errors=True)
+      shutil.rmtree(out, ignore_errors=True)
+  result["load_after"] = load_average()
+  result["v5e_step_s"] = {str(mfu): v5e_step_seconds(mfu) for mfu in (0.3, 0.5)}
+  return result
+
+
+def data_table(r: dict) -> str:
+  lines = ["| rows | JSONL GB | prepare s (rows/s, workers) | shards | open s | RSS +MB after open | "
+           "RSS +MB after batches | batch s (read s) | examples/s per process (per CPU-s) |",
+           "|---|---|---|---|---|---|---|---|---|"]
+  for x in r["runs"]:
+    lines.append(
+        f"| {x['rows']:,} | {x.get('jsonl_bytes', 0) / 1e9:.2f} | "
+        f"{x.get('prepare_s', float('nan')):.0f} ({x.get('prepare_rows_per_s', 0):,.0f}, "
+        f"{x['workers']}) | {x['shards']} | {x['open_s']:.3f} | {x['open_rss_mb']:.1f} | "
+        f"{x['after_batches_rss_mb']:.1f} | {x['batch_s']:.3f} ({x['read_s']:.3f}) | "
+        f"{x['examples_per_s']:,.0f} ({x['examples_per_cpu_s']:,.0f}) |")
+  need = {k: 300 / v for k, v in r["v5e_step_s"].items()}
+  lines.append("")
+  lines.append("v5e-256, bge-base stage 2 (19,200 queries x group 8, 32/128 tokens, GradCache): "
+               + ", ".join(f"MFU {k}: step {v:.2f} s, a host (300 queries) needs "
+                           f"{need[k]:,.0f} examples/s" for k, v in r["v5e_step_s"].items()))
+  return "\n".join(lines)
+
+
 def write_result(out: str | None, result: dict, table: str) -> None:
   """Prints the markdown table; with --out, writes OUT.json (the raw result) and OUT.md."""
   print(table)
@@ -924,7 +1084,32 @@ def main(argv=None):
   gm.add_argument("--repeats", type=int, default=15, help="timed blocks of ~50 ms each")
   gm.add_argument("--child", choices=("jax", "torch"), help=argparse.SUPPRESS)
   gm.add_argument("--out", default=None, help="write OUT.json and OUT.md")
+  dp = sub.add_parser("data", help="prepared data: prepare rows/s, open time, RSS, batches/s")
+  dp.add_argument("--rows", default="1000000",
+                  help="comma-separated synthetic pair counts (e.g. 1000000,10000000)")
+  dp.add_argument("--files", type=int, default=16, help="JSONL files the rows are split into")
+  dp.add_argument("--workers", type=int, default=os.cpu_count(), help="prepare processes")
+  dp.add_argument("--dir", default=None, help="work folder (default: a new one under /tmp)")
+  dp.add_argument("--keep", action="store_true", help="keep the generated and prepared data")
+  dp.add_argument("--tokenizer", default=None, help="default: all-MiniLM-L6-v2's (BERT uncased)")
+  dp.add_argument("--batch-size", type=int, default=300,
+                  help="queries per process per step (v5e-256 at 19,200: 300 per host)")
+  dp.add_argument("--group-size", type=int, default=8)
+  dp.add_argument("--query-max-length", type=int, default=32)
+  dp.add_argument("--passage-max-length", type=int, default=128)
+  dp.add_argument("--processes", type=int, default=64, help="processes of the global batch")
+  dp.add_argument("--steps", type=int, default=5, help="timed batches (random steps)")
+  dp.add_argument("--quiet", action="store_true")
+  dp.add_argument("--child", default=None, help=argparse.SUPPRESS)
+  dp.add_argument("--out", default=None, help="write OUT.json and OUT.md")
   args = parser.parse_args(argv)
+  if args.cmd == "data":
+    if args.child:
+      print(json.dumps(_data_child(args)))
+      return
+    result = bench_data(args)
+    write_result(args.out, result, data_table(result))
+    return
   if args.cmd == "gemm":
     if args.child:
       print(json.dumps(_gemm_child(args)))
