@@ -236,6 +236,29 @@ def test_text_dedupe_matches_open_text_source(tmp_path):
   assert part.locate(len(part) - 1) == ref.locate(len(ref) - 1)
 
 
+def test_stage1_reads_prepared_text_lazily(tmp_path):
+  """open_text_source on a prepared text folder: the texts, locations, skips and process shards
+  of the inputs; refusals for other fields and a missing dedupe."""
+  corpus = make_corpus(tmp_path / "c.jsonl", 50)
+  with open(corpus, "a") as f:
+    f.write('{"text": ""}\n')
+  ref = open_text_source(str(corpus), on_error="skip")
+  prepare.prepare([str(corpus)], str(tmp_path / "p"), data="text", on_error="skip",
+                  rows_per_shard=12, progress=False)
+  src = open_text_source(str(tmp_path / "p"), on_error="skip")
+  assert list(src) == list(ref) and src.skipped == ref.skipped == {"empty_text": 1}
+  assert src.locate(49) == ref.locate(49) and src.summary() == ref.summary()
+  for k in range(2):
+    assert list(src.shard(k, 2)) == list(ref.shard(k, 2))
+  assert src.__getitems__([40, 3, 17]) == ref.__getitems__([40, 3, 17])
+  with pytest.raises(DataError, match=r"prepared with on_error='skip'.*empty_text at "):
+    open_text_source(str(tmp_path / "p"))
+  with pytest.raises(DataError, match=r"prepared with field 'text' but data\.field is 'body'"):
+    open_text_source(str(tmp_path / "p"), field="body", on_error="skip")
+  with pytest.raises(DataError, match=r"prepared without --dedupe but data\.dedupe is set"):
+    open_text_source(str(tmp_path / "p"), dedupe=True, on_error="skip")
+
+
 def test_bad_row_stops_with_file_line_and_leaves_nothing(tmp_path):
   path = fe_file(tmp_path / "in" / "a.jsonl", 20)
   with open(path, "a") as f:

@@ -533,9 +533,9 @@ class PreparedTextPart:
 
 def open_prepared_texts(spec: str | os.PathLike, *, fields: Sequence[str] | None = None,
                         min_chars: int | None = None, on_error: str = "raise",
-                        verify: bool = False) -> PreparedTextPart:
-  """Opens a prepared text dataset (stage 1); refuses one prepared for other fields or a lower
-  min_chars than asked (`fields`/`min_chars` None: accept any)."""
+                        dedupe: bool = False, verify: bool = False) -> PreparedTextPart:
+  """Opens a prepared text dataset (stage 1); refuses one prepared for other fields, a lower
+  min_chars than asked (`fields`/`min_chars` None: accept any) or without dedupe when `dedupe`."""
   folder, manifest, shards = _open(spec, "text", verify)
   path = os.path.join(folder, MANIFEST)
   options = manifest["options"]
@@ -546,6 +546,9 @@ def open_prepared_texts(spec: str | os.PathLike, *, fields: Sequence[str] | None
   if min_chars is not None and int(options.get("min_chars", 1)) < min_chars:
     raise DataError(f"{path}: prepared with min_chars={options.get('min_chars', 1)}, below "
                     f"data.min_chars={min_chars}: prepare again with --min-chars {min_chars}")
+  if dedupe and not options.get("dedupe"):
+    raise DataError(f"{path}: prepared without --dedupe but data.dedupe is set: prepare again "
+                    "with --dedupe, or unset data.dedupe")
   _check_on_error(folder, manifest, on_error, "set data.on_error='skip' to accept the skips, or "
                   "fix the inputs and prepare again")
   return PreparedTextPart(folder, manifest, shards)

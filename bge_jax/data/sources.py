@@ -12,6 +12,11 @@ builds such a `TextSource` from one or several specs:
   path/to/folder            every *.jsonl, *.json, *.txt (and .gz) below it, recursively, sorted
                             by relative path; hidden files and folders (".name") are ignored
   path/with/*/glob*.jsonl   matches sorted (`**` recurses); a matched folder is read as above
+  path/to/prepared          a folder written by `launch/prepare_data.py --data text`
+                            (`bge_jax.data.prepared`): validated when prepared, read lazily,
+                            record by record; opening reads only its manifest (it must have been
+                            prepared with the same `field`, a `min_chars` at least as high and,
+                            for `dedupe=True`, with --dedupe)
   tfds:NAME[/CONFIG][:VERSION][:SPLIT][@DATA_DIR]
                             a TFDS dataset in array_record format, read lazily with
                             `tfds.data_source` (no TensorFlow needed); SPLIT defaults to "train"
@@ -814,11 +819,25 @@ def open_text_source(spec: Spec | Sequence[Spec], *, field: str | Sequence[str] 
       raise DataError(f"dedupe=True cannot apply to {tfds_specs[0]!r}: TFDS records are read "
                       "lazily, deduplicating them would need every text in memory; deduplicate "
                       "the dataset when building it, or set dedupe=False")
+  from bge_jax.data import prepared  # pylint: disable=import-outside-toplevel
+  ready = [s for s in specs if prepared.is_prepared(s)]
+  if dedupe and ready and len(specs) > 1:
+    raise DataError(f"dedupe=True cannot apply across the prepared dataset {ready[0]} and other "
+                    "specs; prepare all the inputs together with --dedupe")
   reader = _Reader(fields, on_error, min_chars, dedupe)
   parts: list[_Part] = []
   origins: list[str] = []
   seen: set[str] = set()
   for s in specs:
+    if s in ready:
+      part = prepared.open_prepared_texts(s, fields=fields, min_chars=min_chars,
+                                          on_error=on_error, dedupe=dedupe)
+      parts.append(part)
+      origins.extend(part.origins)
+      reader.skipped.update(part.manifest["skipped"])
+      for reason, where in part.manifest["first_skipped"].items():
+        reader.first_skipped.setdefault(reason, where)
+      continue
     if s.startswith(TFDS_PREFIX):
       part = _open_tfds(s, fields, min_chars)
       parts.append(part)
