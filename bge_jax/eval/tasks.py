@@ -89,7 +89,8 @@ def task_types() -> dict[str, TaskType]:
   """{name: TaskType} of every registered type, in `TASK_MODULES` order."""
   for module in TASK_MODULES:
     importlib.import_module(f"bge_jax.eval.{module}")
-  return dict(_REGISTRY)
+  rank = {name: i for i, name in enumerate(TASK_MODULES)}  # a type is named after its module
+  return {n: _REGISTRY[n] for n in sorted(_REGISTRY, key=lambda n: rank.get(n, len(rank)))}
 
 
 def task_type(name: str) -> TaskType:
@@ -185,6 +186,30 @@ def encode_unique(encoder: Any, texts: Sequence[str], settings: EvalSettings,
   return emb[[index[t] for t in texts]]
 
 
+class CachedEncoder:
+  """Wraps an encoder and remembers each (text, instruction, max_length)'s embedding, so tasks
+  sharing texts (the suite's retrieval and reranking tasks read the same rows) encode them once.
+  Memory: one [D] float32 vector per distinct text."""
+
+  def __init__(self, encoder: Any):
+    self.encoder = encoder
+    self._cache: dict[tuple[str | None, int, str], np.ndarray] = {}
+
+  @property
+  def dim(self) -> int:
+    return self.encoder.dim
+
+  def encode(self, texts: Sequence[str], batch_size: int = 256, max_length: int = 512,
+             instruction: str | None = None, **kwargs: Any) -> np.ndarray:
+    keys = [(instruction, max_length, t) for t in texts]
+    new = list(dict.fromkeys(k[2] for k in keys if k not in self._cache))
+    if new:
+      emb = np.asarray(self.encoder.encode(new, batch_size=batch_size, max_length=max_length,
+                                           instruction=instruction, **kwargs))
+      self._cache.update({(instruction, max_length, t): e for t, e in zip(new, emb)})
+    return np.stack([self._cache[k] for k in keys]) if keys else np.zeros((0, self.dim))
+
+
 def unit_rows(x: np.ndarray) -> np.ndarray:
   """Rows scaled to unit L2 norm in float64 (zero rows stay zero)."""
   x = np.asarray(x, np.float64)
@@ -194,15 +219,3 @@ def unit_rows(x: np.ndarray) -> np.ndarray:
 def paired_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
   """Cosine similarity [N] (float64) of row i of `a` with row i of `b`."""
   return (unit_rows(a) * unit_rows(b)).sum(-1)
-
-
-def check_fraction(value: Any, key: str) -> None:
-  if not isinstance(value, (int, float)) or not 0 < value <= 1:
-    raise ValueError(f"{key}={value!r}; expected a number in (0, 1]")
-
-
-def require_keys(row: Mapping[str, Any], keys: Sequence[str], path: str, line: int) -> None:
-  missing = [k for k in keys if k not in row]
-  if missing:
-    raise EvalDataError(f"{path}:{line}: missing {', '.join(repr(k) for k in missing)} (a row "
-                        f"needs {', '.join(repr(k) for k in keys)})")
