@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import collections
 import glob
 import gzip
+import logging
 import os
 import re
 import zlib
@@ -114,3 +116,57 @@ def nonblank_lines(f: IO[bytes], on_damage: Callable[[int, BaseException], None]
         yield lineno, raw
   except DAMAGED as e:
     on_damage(lineno + 1, e)
+
+
+class DataError(ValueError):
+  """A data source cannot be opened or holds a bad row; the message says where and how to fix."""
+
+
+class BadRow(Exception):
+  """One row failed validation: `reason` (the skip-count key) and a human-readable `problem`."""
+
+  def __init__(self, reason: str, problem: str):
+    super().__init__(problem)
+    self.reason, self.problem = reason, problem
+
+
+class RowReader:
+  """What the text and pair readers share: `on_error`, the skip counts per reason with the first
+  `file:line` of each, and the handling of bad rows and damaged .gz files.
+
+  Subclasses validate rows and call `bad` for each bad one; `option` is how messages name the
+  on_error setting ("data.on_error" for the trainer's text sources).
+  """
+
+  option = "on_error"
+
+  def __init__(self, on_error: str):
+    self.on_error = on_error
+    self.skipped: collections.Counter[str] = collections.Counter()
+    self.first_skipped: dict[str, str] = {}
+
+  def count(self, reason: str, path: str, lineno: int) -> None:
+    self.skipped[reason] += 1
+    self.first_skipped.setdefault(reason, f"{path}:{lineno}")
+
+  def bad(self, path: str, lineno: int, row: BadRow) -> None:
+    """A bad row: raises DataError naming file:line (on_error="raise") or counts it."""
+    if self.on_error == "raise":
+      raise DataError(f"{path}:{lineno}: {row.problem}. Fix the row, or set {self.option}='skip' "
+                      "to count and skip bad rows.")
+    self.count(row.reason, path, lineno)
+
+  def damaged(self, path: str, lineno: int, e: BaseException) -> None:
+    """A damaged compressed file: raises, or (on_error="skip") counts it once, keeping the rows
+    read before the damage."""
+    message = damaged(path, lineno, e)
+    if self.on_error == "raise":
+      raise DataError(f"{message}; or set {self.option}='skip' to keep the rows before line "
+                      f"{lineno}")
+    logging.getLogger(type(self).__module__).warning(
+        "data: %s; kept the rows before line %d (%s='skip')", message, lineno, self.option)
+    self.count(DAMAGE_REASON, path, lineno)
+
+  def lines(self, path: str, f: IO[bytes]) -> Iterator[tuple[int, bytes]]:
+    """(line number, raw line) of the non-blank lines of `f`, damage handled by `damaged`."""
+    return nonblank_lines(f, lambda line, e: self.damaged(path, line, e))

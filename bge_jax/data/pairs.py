@@ -47,7 +47,6 @@ FlagEmbedding's file-name convention is kept: a dataset whose file stem or folde
 
 from __future__ import annotations
 
-import collections
 import hashlib
 import json
 import logging
@@ -62,6 +61,7 @@ import numpy as np
 
 from bge_jax.data import files as files_lib
 from bge_jax.data import packing
+from bge_jax.data.files import BadRow as _BadRow
 from bge_jax.data.sources import DataError
 from bge_jax.data.tokenizer import private_copy
 
@@ -86,7 +86,6 @@ NO_IN_BATCH_TYPES = ("classification", "clustering", "symmetric_class", "symmetr
 SYMMETRIC_TYPES = ("symmetric_sts", "symmetric_clustering")
 NO_IN_BATCH_SUFFIX = "no_in_batch_neg"
 
-_SKIP_HINT = "set on_error='skip' to count and skip bad rows"
 _SURROGATE = re.compile("[\ud800-\udfff]")
 # Stream tags of the seeded generators (so the schedule, row order and groups are independent).
 _TAG_MIX, _TAG_ROWS, _TAG_GROUP = 0x6D6978, 0x726F77, 0x677270
@@ -102,14 +101,6 @@ class PairRow(NamedTuple):
   neg_scores: tuple[float, ...] | None  # Aligned with `neg` when present.
   prompt: str | None  # Per-row query instruction.
   type: str | None
-
-
-class _BadRow(Exception):
-  """Internal: one row failed validation (reason key, human-readable problem)."""
-
-  def __init__(self, reason: str, problem: str):
-    super().__init__(problem)
-    self.reason, self.problem = reason, problem
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,42 +297,20 @@ def _pair_row(row: Any, pair_fields: Sequence[tuple[str, str]],
                 "pair_fields to the keys holding the query and the passage")
 
 
-class _Reader:
-  """Reads and validates files of one spec, collecting skip counts."""
+class _Reader(files_lib.RowReader):
+  """Reads and validates files of one spec, collecting skip counts (`files.RowReader`)."""
 
   def __init__(self, kind: str, on_error: str, pair_fields: Sequence[tuple[str, str]]):
-    self.kind, self.on_error, self.pair_fields = kind, on_error, tuple(pair_fields)
-    self.skipped: collections.Counter[str] = collections.Counter()
-    self.first_skipped: dict[str, str] = {}
+    super().__init__(on_error)
+    self.kind, self.pair_fields = kind, tuple(pair_fields)
     self.rows: list[PairRow] = []
     self.files: list[int] = []
-    self.lines: list[int] = []
-
-  def _bad(self, path: str, lineno: int, bad: _BadRow) -> None:
-    if self.on_error == "raise":
-      raise DataError(f"{path}:{lineno}: {bad.problem}. Fix the row, or {_SKIP_HINT}.")
-    self.skipped[bad.reason] += 1
-    self.first_skipped.setdefault(bad.reason, f"{path}:{lineno}")
+    self.linenos: list[int] = []
 
   def _keep(self, row: PairRow, file_index: int, lineno: int) -> None:
     self.rows.append(row)
     self.files.append(file_index)
-    self.lines.append(lineno)
-
-  def _damaged(self, path: str, lineno: int, e: BaseException) -> None:
-    """A damaged compressed file: raises, or (on_error="skip") counts it once, keeping the rows
-    read before the damage."""
-    message = files_lib.damaged(path, lineno, e)
-    if self.on_error == "raise":
-      raise DataError(f"{message}; or set on_error='skip' to keep the rows before line {lineno}")
-    log.warning("data: %s; kept the rows before line %d (on_error='skip')", message, lineno)
-    self.skipped[files_lib.DAMAGE_REASON] += 1
-    self.first_skipped.setdefault(files_lib.DAMAGE_REASON, f"{path}:{lineno}")
-
-  def _lines(self, path: str, f) -> Iterator[tuple[int, bytes]]:
-    """(line number, raw line without the line break) for the non-blank lines; a damaged .gz
-    stream ends them (or raises) through `_damaged`."""
-    return files_lib.nonblank_lines(f, lambda line, e: self._damaged(path, line, e))
+    self.linenos.append(lineno)
 
   @staticmethod
   def _decode(raw: bytes) -> str:
@@ -369,7 +338,7 @@ class _Reader:
 
   def _read_jsonl(self, path: str, file_index: int, f) -> str:
     kind = None if self.kind == "auto" else self.kind
-    for lineno, raw in self._lines(path, f):
+    for lineno, raw in self.lines(path, f):
       try:
         line = self._decode(raw)
         escapes = b"\\u" in raw
@@ -389,13 +358,13 @@ class _Reader:
         else:
           self._keep(_fe_row(row, escapes), file_index, lineno)
       except _BadRow as e:
-        self._bad(path, lineno, e)
+        self.bad(path, lineno, e)
     return kind or "fe"
 
   def _read_tsv(self, path: str, file_index: int, f) -> None:
     columns: tuple[int, int] | None = None
     width = 2
-    for lineno, raw in self._lines(path, f):
+    for lineno, raw in self.lines(path, f):
       try:
         cells = self._decode(raw).split("\t")
         if columns is None:
@@ -415,7 +384,7 @@ class _Reader:
         passage = _text(cells[columns[1]], f"column {columns[1] + 1} (passage)", False)
         self._keep(PairRow(query, (passage,), (), None, None, None, None), file_index, lineno)
       except _BadRow as e:
-        self._bad(path, lineno, e)
+        self.bad(path, lineno, e)
 
 
 def _resolve_files(spec: str) -> list[str]:
@@ -487,7 +456,7 @@ def open_contrastive_data(spec: Spec | Sequence[Spec], *, kind: str = "auto",
       kinds.append(reader.read(path, len(origins)))
       origins.append(path)
   source = PairSource(reader.rows, np.asarray(reader.files, np.int32),
-                      np.asarray(reader.lines, np.int64), origins=origins, kinds=kinds,
+                      np.asarray(reader.linenos, np.int64), origins=origins, kinds=kinds,
                       skipped=dict(reader.skipped), first_skipped=reader.first_skipped,
                       no_in_batch_neg=all(_stem(s).endswith(NO_IN_BATCH_SUFFIX) for s in specs))
   if not len(source):
@@ -568,6 +537,22 @@ def mixing_options(data: Any, batch_size: int, process_count: int, batch_shards:
   if sampling not in SAMPLINGS:
     raise ValueError(f"config.data.sampling={sampling!r}; use one of {SAMPLINGS}")
   return {"batch_sizes": sizes, "weights": weights, "sampling": sampling}
+
+
+def use_packing(config: Any) -> bool:
+  """Whether stages 2-3 pack their batches (`ContrastiveBatcher.enable_packing`).
+
+  config.data.pack True or False as set; unset (None, the default) packs wherever packing gives
+  the padded batch's loss and gradients, i.e. unless config.grad_accum_steps > 1 (packed rows do
+  not split into micro-batches) or data.batch_sizes gives datasets different batch sizes (the
+  packed rows are sized for one). With dropout the packed and padded steps draw different masks
+  from the same distribution.
+  """
+  pack = config.data.get("pack", None)
+  if pack is not None:
+    return bool(pack)
+  sizes = set(_list(config.data.get("batch_sizes", ""), int, "batch_sizes") or ())
+  return config.get("grad_accum_steps", 1) == 1 and len(sizes | {config.batch_size}) == 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -958,10 +943,10 @@ class ContrastiveBatcher:
     grow_multiple (one process only): a batch whose texts need more rows takes
     `packing.grown_rows` rows, a multiple of this (the batch shards), instead of raising.
     """
-    if len(set(self.batch_sizes)) > 1:
-      raise ValueError("packing (data.pack) with per-dataset batch sizes (data.batch_sizes) is "
-                       "not supported: the packed rows are sized for one batch size; set "
-                       "data.pack=False or one batch size")
+    if set(self.batch_sizes) != {self.batch_size}:
+      raise ValueError("packing (data.pack=True) with per-dataset batch sizes (data.batch_sizes) "
+                       "is not supported: the packed rows are sized for batch_size; set "
+                       "data.pack=False (or leave it unset), or drop data.batch_sizes")
     if grow_multiple is not None and self.process_count > 1:
       raise ValueError("packed rows can grow on one process only: every process must pack "
                        "to the same shape")

@@ -82,23 +82,14 @@ ON_ERROR = ("raise", "skip")
 DUPLICATE = "duplicate"  # The `skipped` reason for texts dropped by dedupe=True (not an error).
 TFDS_PREFIX = "tfds:"
 
-_SKIP_HINT = "set data.on_error='skip' to count and skip bad rows"
 _TFDS_HINT = ("TFDS records are checked when read and cannot be skipped (on_error does not apply); "
               "clean the dataset when building it")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _VERSION = re.compile(r"^\d+\.\d+\.\d+$")
 
 
-class DataError(ValueError):
-  """A data source cannot be opened or holds a bad row; the message says where and how to fix."""
-
-
-class _BadRow(Exception):
-  """Internal: one row failed validation (reason key, human-readable problem)."""
-
-  def __init__(self, reason: str, problem: str):
-    super().__init__(problem)
-    self.reason, self.problem = reason, problem
+DataError = files_lib.DataError  # one class for every data reader (re-exported here)
+_BadRow = files_lib.BadRow
 
 
 # ---------------------------------------------------------------------------------------------
@@ -447,34 +438,25 @@ class TextSource(Sequence):
 # Reading files.
 # ---------------------------------------------------------------------------------------------
 
-class _Reader:
+class _Reader(files_lib.RowReader):
   """Reads and validates files, collecting skip counts (and, with dedupe, the texts seen)."""
+
+  option = "data.on_error"
 
   def __init__(self, fields: tuple[str, ...], on_error: str, min_chars: int,
                dedupe: bool = False):
-    self.fields, self.on_error, self.min_chars = fields, on_error, min_chars
+    super().__init__(on_error)
+    self.fields, self.min_chars = fields, min_chars
     self.what = {name: f"field {name!r}" for name in fields}
     self.seen: set[str] | None = set() if dedupe else None
-    self.skipped: collections.Counter[str] = collections.Counter()
-    self.first_skipped: dict[str, str] = {}
     self.rows = 0  # JSON rows read (objects), for the warning about fields that never occur.
     self.field_rows: collections.Counter[str] = collections.Counter()
-
-  def _bad(self, path: str, lineno: int, bad: _BadRow) -> None:
-    if self.on_error == "raise":
-      raise DataError(f"{path}:{lineno}: {bad.problem}. Fix the row, or {_SKIP_HINT}.")
-    self._count(bad.reason, path, lineno)
-
-  def _count(self, reason: str, path: str, lineno: int) -> None:
-    self.skipped[reason] += 1
-    if reason not in self.first_skipped:
-      self.first_skipped[reason] = f"{path}:{lineno}"
 
   def _keep(self, text: str, path: str, lineno: int, texts: list[str], lines: list[int]) -> None:
     seen = self.seen
     if seen is not None:
       if text in seen:
-        return self._count(DUPLICATE, path, lineno)
+        return self.count(DUPLICATE, path, lineno)
       seen.add(text)
     texts.append(text)
     lines.append(lineno)
@@ -483,7 +465,7 @@ class _Reader:
                lines: list[int]) -> None:
     """Appends the valid texts of a decoded JSON row (reporting bad rows and texts)."""
     if not isinstance(row, dict):
-      return self._bad(path, lineno, _BadRow(
+      return self.bad(path, lineno, _BadRow(
           "not_object", f"a JSON {_json_type(row)} where an object like "
           f"{{\"{self.fields[0]}\": \"...\"}} was expected"))
     self.rows += 1
@@ -498,25 +480,25 @@ class _Reader:
         try:
           text = _check_text(value, self.min_chars, self.what[name], suspect)
         except _BadRow as e:
-          self._bad(path, lineno, e)
+          self.bad(path, lineno, e)
         else:
           self._keep(text, path, lineno, texts, lines)
       elif isinstance(value, list):
         units += len(value)
         for j, item in enumerate(value):
           if not isinstance(item, str):
-            self._bad(path, lineno, _BadRow("not_string", f"field {name!r}[{j}] is a JSON "
+            self.bad(path, lineno, _BadRow("not_string", f"field {name!r}[{j}] is a JSON "
                                             f"{_json_type(item)}, not a string"))
             continue
           try:
             text = _check_text(item, self.min_chars, self.what[name], suspect, item=j)
           except _BadRow as e:
-            self._bad(path, lineno, e)
+            self.bad(path, lineno, e)
           else:
             self._keep(text, path, lineno, texts, lines)
       else:
         units += 1
-        self._bad(path, lineno, _BadRow("not_string", f"field {name!r} is a JSON "
+        self.bad(path, lineno, _BadRow("not_string", f"field {name!r} is a JSON "
                                         f"{_json_type(value)}, not a string or a list of strings"))
     if len(self.fields) > 1:
       self.field_rows.update(name for name in self.fields if name in row)
@@ -529,10 +511,10 @@ class _Reader:
       else:
         problem = (f"none of the fields {_names(self.fields)} ({has}); set data.field to the keys "
                    "holding the texts")
-      self._bad(path, lineno, _BadRow("missing_field", problem))
+      self.bad(path, lineno, _BadRow("missing_field", problem))
     elif not units:
       empty = [name for name in self.fields if name in row]
-      self._bad(path, lineno, _BadRow("empty_text", (
+      self.bad(path, lineno, _BadRow("empty_text", (
           f"field {empty[0]!r} is an empty list" if len(empty) == 1 else
           f"fields {_names(empty, 'and')} are empty lists") + ": the row holds no text"))
 
@@ -565,24 +547,14 @@ class _Reader:
     except OSError as e:
       raise DataError(f"cannot read {path}: {e}") from None
 
-  def _damaged(self, path: str, lineno: int, e: BaseException) -> None:
-    """A damaged compressed file: raises, or (on_error="skip") counts it once, keeping the rows
-    read before the damage."""
-    message = files_lib.damaged(path, lineno, e)
-    if self.on_error == "raise":
-      raise DataError(f"{message}; or set data.on_error='skip' to keep the rows before line "
-                      f"{lineno}")
-    log.warning("data: %s; kept the rows before line %d (data.on_error='skip')", message, lineno)
-    self._count(files_lib.DAMAGE_REASON, path, lineno)
-
   def _lines(self, path: str, f) -> Iterator[tuple[int, str, bool]]:
     """(line number, decoded line, may hold surrogates) for the non-blank lines.
 
     Bytes that are not UTF-8 survive decoding as surrogates (errors="surrogateescape") so that
     they are reported (or skipped) per row, with the row's line number. A damaged .gz stream
-    ends the lines (or raises) through `_damaged`.
+    ends the lines (or raises) through `damaged`.
     """
-    for lineno, raw in files_lib.nonblank_lines(f, lambda line, e: self._damaged(path, line, e)):
+    for lineno, raw in self.lines(path, f):
       try:
         yield lineno, raw.decode("utf-8"), b"\\u" in raw
       except UnicodeDecodeError:
@@ -594,7 +566,7 @@ class _Reader:
       try:
         text = _check_text(line, self.min_chars, "line", suspect)
       except _BadRow as e:
-        self._bad(path, lineno, e)
+        self.bad(path, lineno, e)
       else:
         self._keep(text, path, lineno, texts, lines)
     return _MemoryPart(path, texts, np.asarray(lines, np.int64))
@@ -606,7 +578,7 @@ class _Reader:
       try:
         row = loads(line)
       except json.JSONDecodeError as e:
-        self._bad(path, lineno, _BadRow(
+        self.bad(path, lineno, _BadRow(
             "invalid_json", f"invalid JSON ({e.msg} at column {e.colno}); each line must be one "
             f"object like {{\"{self.fields[0]}\": \"...\"}}"))
         continue
