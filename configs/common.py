@@ -88,6 +88,9 @@ def base_config() -> ConfigDict:
   c.eval.sts = ""  # STS-B TSV (split column) or s1<TAB>s2<TAB>score files
   c.eval.sts_split = "dev"
   c.eval.retrieval = ""  # BEIR folders: queries.jsonl, corpus.jsonl, qrels/test.tsv
+  # Registry tasks, "TYPE:PATH,...": retrieval, reranking, sts, pair_classification,
+  # classification, clustering (docs/tools.md); logged as eval/<name>/<metric>.
+  c.eval.tasks = ""
   c.eval.query_instruction = ""
   c.eval.max_length = 128
   c.eval.batch_size = 128

@@ -359,3 +359,146 @@ def test_cached_encoder_encodes_each_text_once():
   assert calls == [["x y", "z"], ["w"], ["z"]]
   np.testing.assert_array_equal(a[[1, 0]], b[:2])
   np.testing.assert_array_equal(c[0], HashEncoder().encode(["z"])[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# In-training evaluation (bge_jax.train.evaluate) and launch/eval.py
+# ---------------------------------------------------------------------------------------------
+
+def _word_files(root: pathlib.Path) -> dict[str, str]:
+  """STS, pair and FlagEmbedding-row files over the tiny tokenizer's words."""
+  from conftest import WORDS
+  rng = np.random.default_rng(1)
+  say = lambda n: " ".join(rng.choice(WORDS, n))
+  lines, pairs, rows = [], [], []
+  for i in range(24):
+    a = say(5)
+    b = " ".join(a.split()[:2 + i % 4]) + " " + say(3 - i % 3)
+    lines.append(f"{a}\t{b}\t{i % 4 + 2 * (i % 2)}")
+    pairs.append({"sentence1": a, "sentence2": b if i % 2 else say(5), "label": i % 2})
+    rows.append({"query": say(3), "pos": [say(6)], "neg": [say(6) for _ in range(4)]})
+  (root / "words.data").write_text("\n".join(lines) + "\n")
+  return {"sts": str(root / "words.data"),
+          "pair_classification": _jsonl(root / "wpairs.jsonl", pairs),
+          "reranking": _jsonl(root / "wrows.jsonl", rows)}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  """(root, params, model config, tokenizer, word files) of a random tiny BERT."""
+  import jax
+  from transformers import AutoTokenizer
+
+  from bge_jax import config as config_lib
+  from bge_jax.models import bert
+
+  root = tmp_path_factory.mktemp("tiny_eval")
+  model = config_lib.preset("tiny", num_layers=1, vocab_size=64, max_position_embeddings=64,
+                            pooling="mean")
+  params, _ = bert.init(model, jax.random.key(0))
+  params = jax.tree.map(lambda x: x * 4.0, params)  # beyond init's 0.02: distinct embeddings
+  tokenizer = AutoTokenizer.from_pretrained(str(make_tokenizer(root / "tok")))
+  return root, params, model, tokenizer, _word_files(root)
+
+
+class _Sliced:
+  """The reference for a Matryoshka width: full embeddings cut in numpy and re-normalised."""
+
+  def __init__(self, encoder, dim):
+    self.encoder, self.dim = encoder, dim
+
+  def encode(self, texts, **kwargs):
+    return tasks.unit_rows(self.encoder.encode(texts, **kwargs)[:, :self.dim])
+
+
+def test_make_evaluator_tasks_legacy_keys_and_matryoshka_dims(tiny):
+  from ml_collections import ConfigDict
+
+  from bge_jax.encoder import Encoder
+  from bge_jax.train.evaluate import make_evaluator
+
+  root, params, model, tokenizer, files = tiny
+  config = ConfigDict({
+      "eval": {"every_steps": 0, "sts": files["sts"], "sts_split": "dev", "retrieval": "",
+               "tasks": f"pair_classification:{files['pair_classification']},"
+                        f"reranking:{files['reranking']}",
+               "query_instruction": "query: ", "max_length": 32, "batch_size": 8},
+      "loss": {"matryoshka_dims": [16, 8]}})
+  metrics = make_evaluator(config, tokenizer)(params, model)
+  assert sorted(metrics) == sorted(
+      f"eval/{key}{suffix}" for key in
+      ["sts/words", "wpairs/ap", "wpairs/accuracy", "wpairs/f1", "wrows/map@1000",
+       "wrows/mrr@10", "wrows/ndcg@10"] for suffix in ("", "/dim_16", "/dim_8"))
+  full = Encoder(params, model, tokenizer, pooling="mean")
+  settings = tasks.EvalSettings(batch_size=8, max_length=32, query_instruction="query: ")
+  for dim, suffix in ((None, ""), (8, "/dim_8")):
+    enc = full if dim is None else _Sliced(full, dim)
+    ref = tasks.evaluate_task(enc, tasks.load_task("reranking", files["reranking"]), settings)
+    for metric, value in ref.items():
+      assert metrics[f"eval/wrows/{metric}{suffix}"] == pytest.approx(value, abs=1e-5), metric
+    ref = tasks.evaluate_task(enc, tasks.load_task("sts", files["sts"]), settings)
+    assert metrics[f"eval/sts/words{suffix}"] == pytest.approx(ref["spearman"], abs=1e-5)
+  assert metrics["eval/sts/words/dim_8"] != metrics["eval/sts/words"]
+
+  config.eval.tasks = f"retrieval:{files['reranking']},reranking:{files['reranking']}"
+  with pytest.raises(ValueError, match=r"two tasks log 'eval/wrows/.*wrows.jsonl and .*wrows.jsonl"):
+    make_evaluator(config, tokenizer)
+  config.eval.tasks, config.eval.sts = "", ""
+  assert make_evaluator(config, tokenizer) is None
+
+
+def test_eval_cli_tasks_per_dim_json_and_refusals(tiny, capsys):
+  from launch import eval as eval_cli
+
+  root, _, _, _, files = tiny
+  model = make_hf_folder(root, "bert", seed=1)
+  for f in (root / "tok").iterdir():
+    (model / f.name).write_bytes(f.read_bytes())
+  out = root / "res" / "suite.json"
+  argv = ["--model", str(model), "--tasks", ",".join(f"{t}:{p}" for t, p in files.items()),
+          "--truncate_dim", "16", "8", "--batch-size", "8", "--max-length", "32",
+          "--query-instruction", "query: ", "--out", str(out)]
+  assert eval_cli.main(argv) == 0
+  printed = capsys.readouterr().out
+  result = json.loads(out.read_text())
+  assert list(result["dims"]) == ["16", "8"]
+  for dim, block in result["dims"].items():
+    assert [r["type"] for r in block["tasks"]] == ["sts", "pair_classification", "reranking"]
+    assert list(block["categories"]) == ["Reranking (1)", "STS (1)", "PairClassification (1)",
+                                         "average"]
+    assert block["categories"]["average"] == pytest.approx(
+        np.mean([r["main_score"] for r in block["tasks"]]), abs=1e-12)
+    assert f"per category (dim {dim}; main scores)" in printed
+  assert re.search(r"\[2/3\] PairClassification\s+wpairs\s+ap \d\.\d{4}", printed)
+
+  cases = [
+      (["--model", str(model)], "nothing to evaluate"),
+      (["--model", str(model), "--tasks", "nope:x"], "unknown task type 'nope'"),
+      (["--model", str(model), "--tasks", f"sts:{root / 'absent.tsv'}"], "absent.tsv: no such"),
+      (["--model", str(model), "--tasks", f"sts:{files['sts']}", "--truncate_dim", "999"],
+       "the model's embeddings have"),
+      (["--model", str(root / "nomodel"), "--suite"], "no such model"),
+      (["--model", str(model), "--suite", "--data-dir", str(root / "nodata")], "no such folder"),
+  ]
+  for argv, message in cases:
+    assert eval_cli.main(argv) == 2, argv
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], (message, err)
+  assert not (root / "res" / "other.json").exists()
+
+
+def test_eval_cli_mteb_task_not_cached_is_one_line_and_exit_3(tiny, capsys):
+  pytest.importorskip("mteb")
+  from launch import eval as eval_cli
+
+  root, _, _, _, files = tiny
+  model = next(p for p in root.iterdir() if (p / "config.json").exists())
+  status = eval_cli.main(["--model", str(model), "--tasks", f"sts:{files['sts']}",
+                          "--mteb-tasks", "STSBenchmark", "--max-length", "32"])
+  printed = capsys.readouterr().out
+  skipped = [line for line in printed.splitlines() if line.startswith("skipped:")]
+  if status == 0:
+    pytest.skip("STSBenchmark is in this machine's Hugging Face cache")
+  assert status == 3 and len(skipped) == 1, printed
+  assert "STSBenchmark: its data is not in the local cache" in skipped[0]
+  assert "per category" in printed  # the local task still ran

@@ -120,9 +120,11 @@ def task_name(path: str) -> str:
 
 
 def load_task(type_name: str, path: str, name: str | None = None, **options: Any) -> Task:
-  """Reads one task: `task_type(type_name).load(path, **options)`, named `name` or the path's."""
+  """Reads one task: `task_type(type_name).load(path, **options)`, named `name`, else the path's
+  file name ("stdlib_<type>" for the generated standard-library tasks)."""
   kind = task_type(type_name)
-  return Task(type_name, name or task_name(path), kind.load(path, **options), path)
+  name = name or (f"stdlib_{type_name}" if path == "stdlib" else task_name(path))
+  return Task(type_name, name, kind.load(path, **options), path)
 
 
 def parse_specs(spec: str | Sequence[str], key: str = "eval.tasks") -> list[tuple[str, str]]:

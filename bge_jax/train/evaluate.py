@@ -1,9 +1,10 @@
-"""Evaluation inside a training run: STS and retrieval on the current params, logged as eval/*."""
+"""Evaluation inside a training run: the `config.eval` tasks on the current params, logged as
+eval/*."""
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from bge_jax.config import BertConfig
 
@@ -11,48 +12,95 @@ log = logging.getLogger("bge_jax.train")
 
 
 def make_evaluator(config: Any, tokenizer: Any) -> Callable[[Any, BertConfig], dict[str, float]] | None:
-  """`(params, model_config) -> {"eval/...": value}` from `config.eval`, or None when unset.
+  """`(params, model_config) -> {"eval/<task>/<metric>": value}` from `config.eval`, or None
+  when it names no task.
 
-  config.eval.sts: comma-separated STS files (English STS-B TSV or `s1<TAB>s2<TAB>score`), each
-  scored as Spearman of cosine similarities (split `config.eval.sts_split` where the file has
-  one). config.eval.retrieval: comma-separated BEIR folders (queries.jsonl, corpus.jsonl,
-  qrels), scored by nDCG@10, Recall@k and MRR@10 with `config.eval.query_instruction` on queries.
-  Data is read once, here, so a bad file fails before training starts.
+  Tasks (read once, here, so a bad file fails before training starts):
+  * config.eval.tasks: "TYPE:PATH,..." tasks of the evaluation registry (`bge_jax.eval.tasks`:
+    retrieval, reranking, sts, pair_classification, classification, clustering), each logged
+    as `eval/<name>/<metric>` for every metric of its type (name: the file or folder name without
+    extension; STS files read split `config.eval.sts_split` where they have a split column).
+  * config.eval.sts (comma-separated STS files): `eval/sts/<name>` (Spearman), and
+    config.eval.retrieval (comma-separated BEIR folders): `eval/<name>/<metric>`: the
+    original keys, kept with their metric names.
+  Retrieval and reranking queries get `config.eval.query_instruction`; texts are encoded with
+  `config.eval.batch_size` and `config.eval.max_length`.
+
+  Matryoshka (`config.loss.matryoshka_dims`, a list of widths): every metric is also computed on
+  the embeddings cut to each width (re-normalised when the model normalises) and logged with a
+  `/dim_<d>` suffix, e.g. `eval/sts/stsb/dim_64`; the unsuffixed metrics are the full width.
+  Cost: one evaluation per width plus the full one.
   """
   e = config.get("eval")
-  if e is None or not (e.sts or e.retrieval):
+  if e is None:
     return None
-  from bge_jax.eval import evaluate_retrieval, load_beir, read_sts, sts_spearman
+  from bge_jax.eval import tasks
 
-  sts_sets = []
-  for path in [p.strip() for p in e.sts.split(",") if p.strip()]:
-    try:
-      data = read_sts(path, split=e.sts_split)
-    except ValueError:  # a file without a split column (e.g. s1<TAB>s2<TAB>score)
-      data = read_sts(path)
-    sts_sets.append((_name(path), data))
-  beir_sets = [(_name(p), load_beir(p.strip())) for p in e.retrieval.split(",") if p.strip()]
+  entries: list[tuple[Callable[[str], str], tasks.Task]] = []
+  for path in _split(e.get("sts", "")):
+    task = tasks.load_task("sts", path, split=e.sts_split or None)
+    entries.append((lambda metric, n=task.name: f"eval/sts/{n}" if metric == "spearman" else "",
+                    task))
+  for path in _split(e.get("retrieval", "")):
+    entries.append((_named(tasks.task_name(path)), tasks.load_task("retrieval", path)))
+  for type_name, path in tasks.parse_specs(e.get("tasks", ""), "eval.tasks"):
+    options = {"split": e.sts_split or None} if type_name == "sts" else {}
+    task = tasks.load_task(type_name, path, **options)
+    entries.append((_named(task.name), task))
+  if not entries:
+    return None
+  _check_unique_names(entries)
+  dims = _matryoshka_dims(config)
+  settings = tasks.EvalSettings(batch_size=e.batch_size, max_length=e.max_length,
+                                query_instruction=e.query_instruction or None)
 
   def evaluate(params: Any, model_config: BertConfig) -> dict[str, float]:
     from bge_jax.encoder import Encoder
 
-    enc = Encoder(params, model_config.replace(add_mlm_head=False, add_decoder=False), tokenizer,
-                  pooling=model_config.pooling, normalize=model_config.normalize)
+    model = model_config.replace(add_mlm_head=False, add_decoder=False)
     out: dict[str, float] = {}
-    for name, (s1, s2, gold) in sts_sets:
-      out[f"eval/sts/{name}"] = sts_spearman(enc, s1, s2, gold, batch_size=e.batch_size,
-                                             max_length=e.max_length)
-    for name, (queries, corpus, qrels) in beir_sets:
-      metrics = evaluate_retrieval(enc, queries, corpus, qrels,
-                                   query_instruction=e.query_instruction or None,
-                                   batch_size=e.batch_size, max_length=e.max_length)
-      out.update({f"eval/{name}/{k}": float(v) for k, v in metrics.items()
-                  if isinstance(v, (int, float)) and not k.startswith("num_")})
+    for dim in (None, *dims):
+      if dim is not None and dim > model.hidden_size:
+        raise ValueError(f"loss.matryoshka_dims has {dim}, wider than the model's hidden_size "
+                         f"{model.hidden_size}")
+      enc = Encoder(params, model, tokenizer, pooling=model_config.pooling,
+                    normalize=model_config.normalize, truncate_dim=dim)
+      suffix = "" if dim is None else f"/dim_{dim}"
+      for key_of, task in entries:
+        for metric, value in tasks.evaluate_task(enc, task, settings).items():
+          if key := key_of(metric):
+            out[key + suffix] = float(value)
     return out
 
   return evaluate
 
 
-def _name(path: str) -> str:
-  import os
-  return os.path.splitext(os.path.basename(os.path.normpath(path.strip())))[0]
+def _split(value: str) -> list[str]:
+  return [p.strip() for p in (value or "").split(",") if p.strip()]
+
+
+def _named(name: str) -> Callable[[str], str]:
+  return lambda metric: f"eval/{name}/{metric}"
+
+
+def _check_unique_names(entries: Sequence[tuple[Callable[[str], str], Any]]) -> None:
+  """Two tasks logging the same metric name (e.g. retrieval and reranking tasks on files of the
+  same name: both have ndcg@10) would overwrite each other: refused."""
+  seen: dict[str, str] = {}
+  for key_of, task in entries:
+    for metric in task.kind.mteb_metrics:  # every metric the type reports
+      key = key_of(metric)
+      if key and key in seen:
+        raise ValueError(f"config.eval: two tasks log {key!r} ({seen[key]} and {task.source}); "
+                         "rename one file or folder")
+      seen[key] = task.source
+
+
+def _matryoshka_dims(config: Any) -> tuple[int, ...]:
+  loss = config.get("loss")
+  dims = loss.get("matryoshka_dims") if loss is not None else None
+  if not dims:
+    return ()
+  if isinstance(dims, str) or not all(isinstance(d, int) and d >= 1 for d in dims):
+    raise ValueError(f"loss.matryoshka_dims={dims!r}; expected a list of widths >= 1")
+  return tuple(sorted(set(dims), reverse=True))
