@@ -22,8 +22,8 @@ from bge_jax import config as config_lib
 from bge_jax import contrastive, convert, sharding
 from bge_jax.data import packing
 from bge_jax.models import bert
+from bge_jax.testing.torch_reference import flagembedding_contrastive_loss as fe_loss
 from conftest import make_hf_folder
-from test_distill import fe_loss
 
 # Seeds of conftest.tiny_hf_config sharing one shape (vocab 211, hidden 32, 1 layer, 4 heads,
 # ffn 64), so that each loss variant compiles once.
@@ -73,7 +73,7 @@ def torch_model(path) -> transformers.BertModel:
 
 
 def torch_loss(model, batch, *, temperature, group_size, pooling="cls", normalize=True,
-               in_batch_negatives=True, distill="kl_div"):
+               in_batch_negatives=True, distill="kl_div", duplicates=None):
   def encode(ids, mask):
     ids, mask = torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
     hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
@@ -90,7 +90,7 @@ def torch_loss(model, batch, *, temperature, group_size, pooling="cls", normaliz
   p = encode(batch["passage_input_ids"], batch["passage_attention_mask"])
   teacher = torch.tensor(batch["teacher_scores"]) if "teacher_scores" in batch else None
   return fe_loss(q, p, teacher, temperature=temperature, group_size=group_size,
-                 in_batch=in_batch_negatives, kd=distill)
+                 in_batch=in_batch_negatives, kd=distill, duplicates=duplicates)
 
 
 def torch_loss_and_grads(model, batch, **kw):

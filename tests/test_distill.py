@@ -11,61 +11,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from torch.nn import functional as F
 
-from bge_jax import contrastive
+from bge_jax import contrastive, convert
+from bge_jax.data import packing
 from bge_jax.data.pairs import text_hashes
+from bge_jax.testing.torch_reference import flagembedding_contrastive_loss as fe_loss
+from test_contrastive import (SEEDS, compare_grads, files, flat, jax_loss_and_grads,  # noqa: F401
+                              loaded, make_batch, torch_loss_and_grads)
 
-LOSS_TOL, GRAD_TOL = 1e-5, 1e-3  # relative, float32 JAX vs float64 torch
+LOSS_TOL, GRAD_TOL = 1e-5, 1e-3  # relative, float32 JAX vs float64 torch (float32 below)
 B, G, D, TAU = 6, 4, 16, 0.05
-
-
-# ---------------------------------------------------------------------------------------------
-# The PyTorch reference (float64), written from FlagEmbedding's formulas.
-# ---------------------------------------------------------------------------------------------
-
-def fe_loss(q, p, teacher=None, *, temperature, group_size, in_batch=True, kd="kl_div",
-            duplicates=None):
-  """FlagEmbedding's training loss on embeddings q [B, D], p [B*G, D] (torch tensors).
-
-  teacher: [B, G] teacher scores or None. in_batch: scores over all passages (target i*G), else
-  over the own group (target 0). duplicates: [B, B*G] bool or None, passages equal to query i's
-  positive; their logits are set to the float minimum (as FlagEmbedding masks) except at the
-  cross-entropy's target. m3_kd_loss without in-batch negatives (FlagEmbedding indexes the
-  [B, G] scores with targets i*G + k there) uses targets k of each row's own group.
-  """
-  b = q.shape[0]
-  scores = q @ p.T / temperature                                                 # [B, B*G]
-  cols = torch.arange(b)[:, None] * group_size + torch.arange(group_size)        # [B, G]
-  local = scores.gather(1, cols)                                                 # get_local_score
-  minimum = torch.finfo(scores.dtype).min
-  if in_batch:
-    ce_scores, labels = scores, torch.arange(b) * group_size
-    dup = duplicates
-  else:
-    ce_scores, labels = local, torch.zeros(b, dtype=torch.long)
-    dup = None if duplicates is None else duplicates.gather(1, cols)
-  columns = torch.arange(ce_scores.shape[1])[None, :]
-
-  def cross_entropy(target, extra_mask=None):
-    s = ce_scores if extra_mask is None else ce_scores + extra_mask
-    if dup is not None:
-      s = torch.where(dup & (columns != target[:, None]), torch.full_like(s, minimum), s)
-    return F.cross_entropy(s, target, reduction="none")
-
-  if teacher is None:
-    return cross_entropy(labels).mean()
-  targets = torch.softmax(teacher, dim=-1)
-  if kd == "kl_div":
-    distill = -torch.mean(torch.sum(torch.log_softmax(local, dim=-1) * targets, dim=-1))
-    return distill + cross_entropy(labels).mean()
-  assert kd == "m3_kd_loss"
-  loss, mask = 0, torch.zeros_like(ce_scores)
-  for i in range(group_size):
-    target = labels + i
-    loss = loss + torch.mean(targets[:, i] * cross_entropy(target, mask))
-    mask = torch.scatter(mask, -1, target[:, None], minimum)
-  return loss
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,3 +168,64 @@ def test_text_hashes_are_64_bit_and_equal_for_equal_texts():
   assert (h[0] == h[2]).all() and not (h[0] == h[1]).all()
   assert not (h[3] == h[4]).all()  # different code points, different texts
   assert text_hashes([]).shape == (0, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Through `contrastive.loss` on a tiny BERT: torch parity of the parameters' gradients, and
+# GradCache / packing against the unchunked padded step.
+# ---------------------------------------------------------------------------------------------
+
+PARAM_LOSS_TOL = 1e-5  # float32 JAX vs float32 torch through the model
+SAME_TOL = 1e-5  # GradCache / packed vs unchunked padded (the brief's bound is 1e-3)
+
+
+def batch_with_duplicates(vocab_size: int, seed: int, group_size: int = 4):
+  """make_batch with teacher scores, passage 0 repeated as a hard negative of its own group
+  (1) and in another query's group (2G+1), and the passages' text hashes."""
+  batch = make_batch(vocab_size, seed, group_size, teacher=True)
+  for j in (1, 2 * group_size + 1):
+    batch["passage_input_ids"][j] = batch["passage_input_ids"][0]
+    batch["passage_attention_mask"][j] = batch["passage_attention_mask"][0]
+  texts = [" ".join(map(str, ids[mask > 0])) for ids, mask in
+           zip(batch["passage_input_ids"], batch["passage_attention_mask"])]
+  batch["passage_hash"] = text_hashes(texts)
+  return batch, texts
+
+
+@pytest.mark.parametrize("distill", ["kl_div", "m3_kd_loss"])
+def test_params_parity_and_gradcache_with_distillation_and_masking(loaded, distill):
+  config, params, model = loaded[SEEDS[1]]
+  batch, texts = batch_with_duplicates(config.vocab_size, SEEDS[1])
+  g = 4
+  dup = np.asarray(texts)[None, :] == np.asarray(texts)[::g][:, None]
+  dup[np.arange(4), np.arange(4) * g] = False
+  assert dup.sum() == 2
+  kw = dict(temperature=0.02, group_size=g, distill=distill)
+  want, want_grads = torch_loss_and_grads(model, batch, duplicates=torch.tensor(dup), **kw)
+  value, out, grads = jax_loss_and_grads(params, config, batch, mask_duplicate_positives=True,
+                                         **kw)
+  assert abs(value - want) <= PARAM_LOSS_TOL * abs(want), (value, want)
+  hf = {k: np.asarray(v, np.float64)
+        for k, v in convert.to_hf_state_dict(grads, config).items()}
+  compare_grads({k: hf[k] for k in want_grads}, want_grads, GRAD_TOL)
+  assert "distill_loss" in out and "contrastive_loss" in out
+  unmasked, _, _ = jax_loss_and_grads(params, config, batch, **kw)
+  assert abs(unmasked - value) > 1e-3 * abs(value)  # the duplicates mattered
+
+  ref_grads = flat(grads)
+  packed = packing.pack_sides(batch, {"query": None, "passage": None})
+  assert "passage_hash" in packed and packed["passage_input_ids"].shape[0] < 16
+  for tag, b, chunk in (("GradCache 2", batch, 2), ("GradCache 4", batch, 4),
+                        ("packed", packed, 0)):
+    got, _, got_grads = jax_loss_and_grads(params, config, b, chunk_size=chunk,
+                                           mask_duplicate_positives=True, **kw)
+    assert abs(got - value) <= SAME_TOL * abs(value), (tag, got, value)
+    compare_grads(flat(got_grads), ref_grads, SAME_TOL)
+
+
+def test_mask_without_hashes_is_refused(loaded):
+  config, params, _ = loaded[SEEDS[1]]
+  batch = make_batch(config.vocab_size, SEEDS[1], 4)
+  with pytest.raises(KeyError, match="passage_hash"):
+    contrastive.loss(params, config, batch, temperature=0.02, group_size=4,
+                     mask_duplicate_positives=True)

@@ -4,6 +4,8 @@
 HF BertLayer parameter names; `TorchRetroMAE` is FlagEmbedding's RetroMAEForPretraining forward
 rebuilt from transformers' BertForMaskedLM and that layer. tests/test_retromae.py checks the JAX
 stage-1 loss and gradients against it; launch/bench.py times it against the JAX step.
+`flagembedding_contrastive_loss` is FlagEmbedding's stage-2/3 loss (contrastive, distillation)
+on embeddings, for tests/test_distill.py and tests/test_contrastive.py.
 """
 
 from __future__ import annotations
@@ -86,3 +88,49 @@ class TorchRetroMAE(nn.Module):
                                    decoder_labels.reshape(-1), ignore_index=-100)
     return {"loss": decoder_loss + lm_out.loss, "encoder_loss": lm_out.loss,
             "decoder_loss": decoder_loss}
+
+
+def flagembedding_contrastive_loss(q, p, teacher=None, *, temperature, group_size, in_batch=True,
+                                   kd="kl_div", duplicates=None):
+  """FlagEmbedding's training loss on embeddings q [B, D], p [B*G, D] (torch tensors), written
+  from `FlagEmbedding/abc/finetune/embedder/AbsModeling.py` (`_compute_in_batch_neg_loss`,
+  `_compute_no_in_batch_neg_loss`, `distill_loss`; kd = its `kd_loss_type`).
+
+  teacher: [B, G] teacher scores or None. in_batch: scores over all passages (target i*G), else
+  over the own group (target 0). duplicates: [B, B*G] bool or None, passages equal to query i's
+  positive; their logits are set to the float minimum (as FlagEmbedding masks) except at the
+  cross-entropy's target. m3_kd_loss without in-batch negatives (FlagEmbedding indexes the
+  [B, G] scores with targets i*G + k there) uses targets k of each row's own group.
+  """
+  b = q.shape[0]
+  scores = q @ p.T / temperature                                                 # [B, B*G]
+  cols = torch.arange(b)[:, None] * group_size + torch.arange(group_size)        # [B, G]
+  local = scores.gather(1, cols)                                                 # get_local_score
+  minimum = torch.finfo(scores.dtype).min
+  if in_batch:
+    ce_scores, labels = scores, torch.arange(b) * group_size
+    dup = duplicates
+  else:
+    ce_scores, labels = local, torch.zeros(b, dtype=torch.long)
+    dup = None if duplicates is None else duplicates.gather(1, cols)
+  columns = torch.arange(ce_scores.shape[1])[None, :]
+
+  def cross_entropy(target, extra_mask=None):
+    s = ce_scores if extra_mask is None else ce_scores + extra_mask
+    if dup is not None:
+      s = torch.where(dup & (columns != target[:, None]), torch.full_like(s, minimum), s)
+    return F.cross_entropy(s, target, reduction="none")
+
+  if teacher is None:
+    return cross_entropy(labels).mean()
+  targets = torch.softmax(teacher, dim=-1)
+  if kd == "kl_div":
+    distill = -torch.mean(torch.sum(torch.log_softmax(local, dim=-1) * targets, dim=-1))
+    return distill + cross_entropy(labels).mean()
+  assert kd == "m3_kd_loss"
+  loss, mask = 0, torch.zeros_like(ce_scores)
+  for i in range(group_size):
+    target = labels + i
+    loss = loss + torch.mean(targets[:, i] * cross_entropy(target, mask))
+    mask = torch.scatter(mask, -1, target[:, None], minimum)
+  return loss
