@@ -502,3 +502,24 @@ def test_eval_cli_mteb_task_not_cached_is_one_line_and_exit_3(tiny, capsys):
   assert status == 3 and len(skipped) == 1, printed
   assert "STSBenchmark: its data is not in the local cache" in skipped[0]
   assert "per category" in printed  # the local task still ran
+
+
+@pytest.mark.slow
+def test_minilm_reranking_and_pairs_agree_with_mteb(minilm_path, shared_data, tmp_path, capsys):
+  """all-MiniLM-L6-v2 on real rows, ours beside mteb's (`--check-mteb`). The model encodes
+  different batches in the two runs (packing differs), so cosines differ by float rounding
+  (~1e-6); mteb rounds MAP to 5 decimals: 1e-4 covers both."""
+  pytest.importorskip("mteb")
+  from launch import eval as eval_cli
+
+  out = tmp_path / "minilm.json"
+  assert eval_cli.main(["--model", minilm_path, "--tasks",
+                        f"reranking:{shared_data / 'en' / 'msmarco.jsonl'},"
+                        f"pair_classification:{shared_data / 'en' / 'nli.jsonl'}",
+                        "--max-length", "256", "--check-mteb", "--out", str(out)]) == 0
+  rows = json.loads(out.read_text())["dims"]["384"]["tasks"]
+  assert [r["main_metric"] for r in rows] == ["map@1000", "ap"]
+  for row in rows:
+    assert row["main_score"] == pytest.approx(row["mteb_main_score"], abs=1e-4), row
+    assert 0.2 < row["main_score"] < 1.0
+  assert "(mteb 0." in capsys.readouterr().out
