@@ -39,7 +39,7 @@ def check_truncate_dim(dim: Any, hidden_size: int, name: str = "truncate_dim") -
   config key) and the allowed range."""
   if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or not 0 < dim <= hidden_size:
     raise ValueError(f"{name}={dim!r}: it must be an integer from 1 to the model's hidden size "
-                     f"{hidden_size} (the embeddings' first {name} dimensions are kept).")
+                     f"{hidden_size} (a number of leading embedding dimensions to keep).")
   return int(dim)
 
 
