@@ -71,6 +71,10 @@ def _parser() -> argparse.ArgumentParser:
                  help="processes reading input files in parallel (default: min(8, CPUs)).")
   p.add_argument("--rows-per-shard", type=int, default=None, metavar="N",
                  help="most rows per shard file (default: 250000).")
+  p.add_argument("--records-per-chunk", type=int, default=1, metavar="N",
+                 help="array_record records per compressed chunk (default: 1, the fastest random "
+                      "reads; the reader's index keeps ~10-12 bytes per row of each shard it "
+                      "opened: 4 cuts that to a quarter, ~1.8x the time per read).")
   p.add_argument("--dedupe-memory-mb", type=int, default=256, metavar="MB",
                  help="memory for sorting hashes in the dedupe phase (default: 256).")
   p.add_argument("--overwrite", action="store_true",
@@ -108,7 +112,8 @@ def main(argv=None) -> int:
     m = prepare.prepare(args.inputs, args.out, data=args.data, kind=args.kind, field=args.field,
                         min_chars=args.min_chars, on_error=args.on_error, dedupe=args.dedupe,
                         workers=args.workers, overwrite=args.overwrite, progress=not args.quiet,
-                        dedupe_memory=args.dedupe_memory_mb << 20, **kw)
+                        dedupe_memory=args.dedupe_memory_mb << 20,
+                        records_per_chunk=args.records_per_chunk, **kw)
   except (DataError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -105,6 +105,10 @@ def test_prepared_rows_equal_the_inputs(inputs, ready):
   np.testing.assert_array_equal(src.type_mask(types)[idx], ref.type_mask(types)[idx])
   assert not src.type_mask(("clustering",))[idx].any()
   m = json.loads((ready / prepared.MANIFEST).read_text())
+  # The shards are plain array_record files: grain reads them too (records: prepared.decode_pair).
+  from grain import python as grain
+  ds = grain.ArrayRecordDataSource([str(ready / s["file"]) for s in m["shards"]])
+  assert [prepared.decode_pair(ds[int(i)]) for i in idx[:20]] == [ref[int(i)] for i in idx[:20]]
   assert [s["path"] for s in m["sources"]] == inputs["files"]
   assert all(s["bytes"] == os.path.getsize(s["path"]) for s in m["sources"])
   assert sum(s["rows"] for s in m["shards"]) == m["rows"] == 310
@@ -144,7 +148,10 @@ def test_batches_equal_the_jsonl_path_batch_for_batch(inputs, ready, process_cou
 
 def test_teacher_scores_batches_equal(tmp_path, inputs):
   path = fe_file(tmp_path / "s.jsonl", 64, neg_every=1, scores=True)
-  prepare.prepare([str(path)], str(tmp_path / "p"), progress=False, rows_per_shard=20)
+  # 4 records per compressed chunk (a smaller reader index): the same rows.
+  prepare.prepare([str(path)], str(tmp_path / "p"), progress=False, rows_per_shard=20,
+                  records_per_chunk=4)
+  assert "group_size:4" in open_contrastive_data(str(tmp_path / "p")).manifest["writer_options"]
   tok = tokenizer(inputs)
   kw = dict(batch_size=8, group_size=3, query_max_length=12, passage_max_length=16,
             use_teacher_scores=True)

@@ -68,8 +68,9 @@ class _ShardWriter:
   """Writes records to shards `{prefix}-{k:04d}.array_record` of at most `rows_per_shard` rows,
   with their statistics (`finish` -> one dict per shard)."""
 
-  def __init__(self, work: str, prefix: str, rows_per_shard: int, kind: str, dedupe: bool):
-    self.work, self.prefix, self.limit = work, prefix, rows_per_shard
+  def __init__(self, work: str, prefix: str, rows_per_shard: int, kind: str, dedupe: bool,
+               options: str):
+    self.work, self.prefix, self.limit, self.options = work, prefix, rows_per_shard, options
     self.kind, self.dedupe = kind, dedupe
     self.shards: list[dict] = []
     self._writer = None
@@ -80,7 +81,7 @@ class _ShardWriter:
     name = f"{self.prefix}-{len(self.shards):04d}"
     self._name = name
     self._writer = ArrayRecordWriter(os.path.join(self.work, name + ".array_record"),
-                                     fmt.WRITER_OPTIONS)
+                                     self.options)
     self._rows = 0
     self._hashes: list[int] = []
     self._npos: list[int] = []
@@ -176,7 +177,7 @@ def _read_file(task: dict) -> dict:
   """Phase 1 for one input file (runs in a worker)."""
   i, path, o = task["index"], task["path"], task["options"]
   writer = _ShardWriter(task["work"], f"f{i:06d}", task["rows_per_shard"], task["data"],
-                        o["dedupe"])
+                        o["dedupe"], task["writer_options"])
   if task["data"] == "pairs":
     reader = _PairSink(writer, kind=o["kind"], on_error=o["on_error"],
                        pair_fields=[tuple(p) for p in o["pair_fields"]])
@@ -200,7 +201,7 @@ def _rewrite_shard(task: dict) -> list[dict]:
   work, src = task["work"], task["tmp"]
   drop = np.unpackbits(np.frombuffer(task["drop"], np.uint8), count=task["rows"],
                        bitorder="little").astype(bool)
-  writer = _ShardWriter(work, src + "d", 1 << 62, task["data"], False)
+  writer = _ShardWriter(work, src + "d", 1 << 62, task["data"], False, task["writer_options"])
   reader = ArrayRecordReader(os.path.join(work, src + ".array_record"))
   for lo in range(0, task["rows"], 4096):
     for j, record in enumerate(reader.read(lo, min(task["rows"], lo + 4096)), lo):
@@ -343,6 +344,7 @@ def prepare(specs: Sequence[str], out: str, *, data: str = "pairs", kind: str = 
             pair_fields: Sequence[tuple[str, str]] = pairs_lib.DEFAULT_PAIR_FIELDS,
             field: str | Sequence[str] = "text", min_chars: int = 1, on_error: str = "raise",
             dedupe: bool = False, rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
+            records_per_chunk: int = fmt.RECORDS_PER_CHUNK,
             workers: int = 1, overwrite: bool = False, progress: bool = True,
             dedupe_memory: int = DEFAULT_DEDUPE_MEMORY) -> dict:
   """Reads, validates and writes `specs` as a prepared dataset folder `out`; returns its manifest.
@@ -358,6 +360,8 @@ def prepare(specs: Sequence[str], out: str, *, data: str = "pairs", kind: str = 
       or "skip" (counted per reason in the manifest, with the first file:line per reason).
     dedupe: drop exact duplicate rows (module docstring), counted as skipped "duplicate".
     rows_per_shard: the most rows per shard file.
+    records_per_chunk: array_record records per compressed chunk (`prepared.writer_options`: 1
+      reads fastest, 4 keeps a quarter of the reader's index in memory).
     workers: processes reading input files in parallel (1: this process).
     dedupe_memory: bytes of hashes sorted at once in the dedupe phase.
 
@@ -369,8 +373,10 @@ def prepare(specs: Sequence[str], out: str, *, data: str = "pairs", kind: str = 
     raise ValueError(f"data={data!r}; use one of {fmt.KINDS}")
   if on_error not in sources_lib.ON_ERROR:
     raise ValueError(f"on_error={on_error!r}; use 'raise' or 'skip'")
-  if rows_per_shard < 1 or workers < 1:
-    raise ValueError(f"rows_per_shard={rows_per_shard}, workers={workers}: both must be >= 1")
+  if rows_per_shard < 1 or workers < 1 or records_per_chunk < 1:
+    raise ValueError(f"rows_per_shard={rows_per_shard}, workers={workers}, records_per_chunk="
+                     f"{records_per_chunk}: each must be >= 1")
+  options_string = fmt.writer_options(records_per_chunk)
   specs = [s for s in (os.fspath(s).strip() for s in specs) if s]
   if not specs:
     raise DataError("no input given: name JSONL/TSV/txt files, folders or globs")
@@ -402,7 +408,8 @@ def prepare(specs: Sequence[str], out: str, *, data: str = "pairs", kind: str = 
   try:
     t0 = time.perf_counter()
     tasks = [{"index": i, "path": p, "work": work, "data": data, "options": options,
-              "rows_per_shard": rows_per_shard} for i, p in enumerate(paths)]
+              "rows_per_shard": rows_per_shard, "writer_options": options_string}
+             for i, p in enumerate(paths)]
     results = pool.map(_read_file, tasks, "prepare")
     shards = [s for r in results for s in r["shards"] if s["rows"]]
     skipped: collections.Counter[str] = collections.Counter()
@@ -432,6 +439,7 @@ def prepare(specs: Sequence[str], out: str, *, data: str = "pairs", kind: str = 
         start, tasks = 0, []
         for s in shards:
           tasks.append({"work": work, "tmp": s["tmp"], "rows": s["rows"], "data": data,
+                        "writer_options": options_string,
                         "drop": np.packbits(dups[start:start + s["rows"]],
                                             bitorder="little").tobytes()})
           start += s["rows"]
@@ -444,6 +452,7 @@ def prepare(specs: Sequence[str], out: str, *, data: str = "pairs", kind: str = 
                           dict(skipped), first_skipped))
     manifest = _finalize(work, shards, data, options, results, dict(skipped), first_skipped,
                          specs)
+    manifest["writer_options"] = options_string
     manifest["prepare_seconds"] = {"read": round(read_s, 3),
                                    "total": round(time.perf_counter() - t0, 3)}
     _write_json(os.path.join(work, fmt.MANIFEST), manifest)
@@ -540,7 +549,7 @@ def _finalize(work: str, shards: list[dict], data: str, options: dict, results: 
       "record": list(fmt.PAIR_RECORD if data == "pairs" else fmt.TEXT_RECORD),
       "options": options, "rows": int(sum(s["rows"] for s in shards)), "shards": entries,
       "sources": [r["source"] for r in results], "skipped": skipped,
-      "first_skipped": first_skipped, "writer_options": fmt.WRITER_OPTIONS,
+      "first_skipped": first_skipped,
       "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
   }
   if data == "pairs":
