@@ -100,7 +100,8 @@ def _init_distributed(args: argparse.Namespace) -> str | None:
     return ("--coordinator-address, --num-processes and --process-id go together (process 0's "
             "host:port, the process count, this process's index)")
   if not 0 <= args.process_id < args.num_processes:
-    return f"--process-id={args.process_id}; it must be in [0, --num-processes={args.num_processes})"
+    return (f"--process-id={args.process_id}; it must be in [0, --num-processes="
+            f"{args.num_processes})")
   import jax
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
