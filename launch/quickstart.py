@@ -14,11 +14,14 @@ title-passage pairs of BGE's stage 2. 15% of the pairs are held out as a retriev
   4. optional reference: the bundled all-MiniLM-L6-v2 converted HF -> bge-jax -> HF, checked
      against PyTorch, scored on the same benchmark
 
-Every stage is `launch/train.py`'s trainer with `configs/demo.py:<stage>` (its held-out
-retrieval is also logged before its first step and at its end). Every row of the report is
-scored with mean pooling (stage 3's queries with its instruction). The report: held-out retrieval after each stage beside random init,
-the loss curves as a PNG, and the sentence-transformers folder stage 3 exported, with the code
-that loads it. Re-running the command resumes (finished stages are skipped).
+Every stage is `launch/train.py`'s trainer with `configs/demo.py:<stage>`: at EVALS_PER_STAGE
+points of each stage and before its first step it logs and prints the validation loss on the
+held-out pairs (val/loss) and their retrieval (eval/heldout/*), and keeps its best step's export
+(WORKDIR/best/). Every row of the report is scored with mean pooling (stage 3's queries with its
+instruction). The report: held-out retrieval after each stage beside random init, the
+validation loss and nDCG@10 at each evaluation of each stage with its best step, the loss curves
+as a PNG, and the sentence-transformers folder stage 3 exported, with the code that loads it.
+Re-running the command resumes (finished stages are skipped).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 METRICS = ("ndcg@10", "recall@1", "mrr@10")
+EVALS_PER_STAGE = 4  # evaluations after the first step (eval.every_steps = steps / this)
 
 
 def demo_configs():
@@ -57,6 +61,9 @@ def write_data(out: pathlib.Path, vocab_size: int) -> dict[str, int]:
   (data / "heldout" / "qrels").mkdir(parents=True, exist_ok=True)
   stdlib_corpus.write_texts(train_pairs, str(data / "passages.jsonl"))
   _write_jsonl(data / "pairs.jsonl", ({"query": t, "pos": [p]} for t, p in train_pairs))
+  # The held-out pairs again, as validation data (val/loss) of stage 1 and of stages 2-3.
+  stdlib_corpus.write_texts(held_out, str(data / "heldout_passages.jsonl"))
+  _write_jsonl(data / "heldout_pairs.jsonl", ({"query": t, "pos": [p]} for t, p in held_out))
   _write_jsonl(data / "heldout" / "queries.jsonl",
                ({"_id": f"q{i}", "text": t} for i, (t, _) in enumerate(held_out)))
   _write_jsonl(data / "heldout" / "corpus.jsonl",
@@ -142,7 +149,7 @@ def main(argv=None) -> int:
     config = demo.get_config(f"{stage},{out}")
     instruction = config.data.get("query_instruction") or None
     config.num_train_steps = max(2, round(config.num_train_steps * args.scale))
-    config.eval.every_steps = 0
+    config.eval.every_steps = max(1, config.num_train_steps // EVALS_PER_STAGE)
     config.checkpoint.every_steps = config.num_train_steps
     if stage == demo.MINED:
       summary = mine(out, encoder, instruction)
@@ -169,7 +176,9 @@ def main(argv=None) -> int:
   curves = plot_runs([str(out / name) for name in names], str(out / "curves.png"),
                      labels=[demo.TITLES[stage].split(":")[0] for stage in demo.STAGES])
   export = out / "stage3" / "export" / "hf"
-  report = render_report(results, counts, timings, curves, export, time.time() - t0)
+  progress = {demo.TITLES[stage].split(":")[0]: validation_progress(out / name)
+              for name, stage in zip(names, demo.STAGES)}
+  report = render_report(results, counts, timings, curves, export, time.time() - t0, progress)
   (out / "report.md").write_text(report)
   print("\n" + report, flush=True)
   return 0
@@ -191,7 +200,21 @@ def minilm_reference(out: pathlib.Path) -> dict | None:
   return heldout_scores(out, Encoder.from_hf(str(ckpt), pooling="mean"))
 
 
-def render_report(results, counts, timings, curves, export, total) -> str:
+def validation_progress(workdir: pathlib.Path) -> str:
+  """One line per stage: val/loss and held-out nDCG@10 at each evaluation, and the best step."""
+  from bge_jax.train.checkpoints import BEST_DIR, BEST_FILE
+  from bge_jax.train.metrics import read_metrics
+  points = [f"{r['step']}: {r['val/loss']:.3f} / {r.get('eval/heldout/ndcg@10', float('nan')):.3f}"
+            for r in read_metrics(str(workdir)) if "val/loss" in r]
+  line = "; ".join(points)
+  best = workdir / BEST_DIR / BEST_FILE
+  if best.exists():
+    record = json.loads(best.read_text())
+    line += f" (best {record['metric']} {record['value']:.3f} at step {record['step']})"
+  return line
+
+
+def render_report(results, counts, timings, curves, export, total, progress=None) -> str:
   lines = ["# bge-jax quickstart report", "",
            f"Held-out retrieval: {counts['held_out']} standard-library names as queries, their "
            "docstrings among all held-out docstrings as the corpus "
@@ -199,6 +222,10 @@ def render_report(results, counts, timings, curves, export, total) -> str:
            "| model | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
   lines += [f"| {name} | " + " | ".join(f"{s[m]:.3f}" for m in METRICS) + " |"
             for name, s in results.items()]
+  if progress:
+    lines += ["", "During training, at each evaluation (step: validation loss on the held-out "
+              "pairs / their nDCG@10; the best step's export is in STAGE/best/):", ""]
+    lines += [f"- {stage}: {line}" for stage, line in progress.items()]
   lines += ["", "Stage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) +
             f"; total {total:.0f} s.", "",
             f"Loss curves: {curves}", "",

@@ -3,7 +3,7 @@
 The trainer logs scalars to `<workdir>/metrics.jsonl` (and TensorBoard files in `<workdir>/tb/`,
 see `bge_jax.train.metrics`). TensorBoard needs a server and a browser; a PNG is what a demo, a
 report or a remote machine wants, so `plot_runs` turns one or several runs' logs into a single
-image: the training loss and every `eval/*` metric against the step by default, one subplot per
+image: the training loss, the validation loss and every `eval/*` metric against the step by default, one subplot per
 metric, each run a coloured line with a legend. Rendering uses matplotlib's Agg canvas directly
 (no pyplot, no display, no global backend switch), and the file is written atomically.
 """
@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 from bge_jax.train.metrics import MetricsLogError, metrics_path, read_metrics
 
-DEFAULT_METRICS = ("loss", "eval/*")
+DEFAULT_METRICS = ("loss", "val/loss", "eval/*")
 
 
 class PlotError(ValueError):
@@ -41,7 +41,7 @@ def select_metrics(runs: Sequence[Sequence[dict[str, Any]]],
                    metrics: Sequence[str] | None = None) -> list[str]:
   """Metric names to plot, in the order asked for: exact names or glob patterns ("eval/*").
 
-  Default: `DEFAULT_METRICS` (the loss and every eval metric); patterns that match nothing are
+  Default: `DEFAULT_METRICS` (the loss, the validation loss and every eval metric); patterns that match nothing are
   then ignored. An explicitly asked name or pattern that matches nothing is an error listing
   the metrics the runs have.
   """
@@ -83,7 +83,7 @@ def plot_runs(workdirs: Sequence[str] | str, out_path: str, metrics: Sequence[st
   Args:
     workdirs: trainer workdirs (or metrics.jsonl files); each is one line per subplot.
     out_path: the PNG to write (parent folders are created; replaced atomically).
-    metrics: names or glob patterns (default: "loss" and "eval/*").
+    metrics: names or glob patterns (default: "loss", "val/loss" and "eval/*").
     labels: legend labels, one per run (default: the folder names).
     title: the figure title (default: none).
     dpi: resolution.
