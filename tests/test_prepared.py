@@ -6,7 +6,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import pathlib
 import random
 import shutil
 import signal
@@ -59,7 +58,8 @@ def fe_file(path, n, seed=0, neg_every=2, types=True, scores=False, dup_every=0)
 def tsv_file(path, n, seed=1):
   rng = random.Random(seed)
   path.write_text("query\tpassage\n" + "".join(
-      f"{' '.join(rng.sample(WORDS, 3))}\t{' '.join(rng.sample(WORDS, 6))} {i}\n" for i in range(n)))
+      f"{' '.join(rng.sample(WORDS, 3))}\t{' '.join(rng.sample(WORDS, 6))} {i}\n"
+      for i in range(n)))
   return path
 
 

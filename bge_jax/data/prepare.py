@@ -110,7 +110,6 @@ class _ShardWriter:
           self._cover = (distinct, i)
       if len(self._pool) < POOL_CAP:
         self._pool.update(_hash(p.encode("utf-8")) for p in row.pos)
-    global _counter
     self._pending += 1
     if _counter is not None and self._pending >= 1024:
       with _counter.get_lock():
@@ -143,7 +142,6 @@ class _ShardWriter:
   def finish(self) -> list[dict]:
     if self._writer is not None:
       self._close()
-    global _counter
     if _counter is not None and self._pending:
       with _counter.get_lock():
         _counter.value += self._pending
@@ -448,8 +446,8 @@ def prepare(specs: Sequence[str], out: str, *, data: str = "pairs", kind: str = 
         total = sum(s["rows"] for s in shards)
     if not total:
       raise DataError(f"inputs {', '.join(specs)}: no usable row in {len(paths)} file"
-                      f"{'s' if len(paths) != 1 else ''}" + fmt._skip_line(  # pylint: disable=protected-access
-                          dict(skipped), first_skipped))
+                      f"{'s' if len(paths) != 1 else ''}"
+                      + fmt.skip_line(dict(skipped), first_skipped))
     manifest = _finalize(work, shards, data, options, results, dict(skipped), first_skipped,
                          specs)
     manifest["writer_options"] = options_string
@@ -553,8 +551,7 @@ def _finalize(work: str, shards: list[dict], data: str, options: dict, results: 
       "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
   }
   if data == "pairs":
-    manifest["no_in_batch_neg"] = all(
-        pairs_lib._stem(s).endswith(pairs_lib.NO_IN_BATCH_SUFFIX)  # pylint: disable=protected-access
-        for s in specs)
+    stem = pairs_lib._stem  # pylint: disable=protected-access
+    manifest["no_in_batch_neg"] = all(stem(s).endswith(pairs_lib.NO_IN_BATCH_SUFFIX) for s in specs)
     manifest["pairs"] = pairs
   return manifest

@@ -12,8 +12,8 @@ validates every row with the same readers as the in-memory path (`pairs.open_con
                                          index into manifest["pairs"]["types"] plus 1 (0: none)
 
 Record layout (one array_record record per row; written with `writer_options()`, by default
-one record per chunk, so reading row i decompresses row i only): 12 bytes `<IQ` (input file index into
-manifest["sources"], 1-based line), then for pairs the msgpack list
+one record per chunk, so reading row i decompresses row i only): 12 bytes `<IQ` (input file
+index into manifest["sources"], 1-based line), then for pairs the msgpack list
 [query, pos, neg, pos_scores, neg_scores, prompt, type] (a `pairs.PairRow`), for text the UTF-8
 text.
 
@@ -291,7 +291,8 @@ def _check_on_error(folder: str, manifest: dict, on_error: str, hint: str) -> No
         f"refuses them as the inputs would be refused: {hint}")
 
 
-def _skip_line(skipped: dict, first: dict) -> str:
+def skip_line(skipped: dict, first: dict) -> str:
+  """'; skipped N rows: reason k (first at file:line), ...' (empty when nothing was skipped)."""
   if not skipped:
     return ""
   total = sum(skipped.values())
@@ -406,7 +407,7 @@ class PreparedPairs(Sequence):
     n = len(self.origins)
     kinds = "/".join(sorted(set(self.kinds)))
     return (f"{len(self)} rows ({kinds}) prepared in {self.folder} from {n} file"
-            f"{'s' if n != 1 else ''}" + _skip_line(self.skipped, self._first_skipped))
+            f"{'s' if n != 1 else ''}" + skip_line(self.skipped, self._first_skipped))
 
   def __repr__(self) -> str:
     return f"PreparedPairs({self.summary()})"
@@ -537,7 +538,8 @@ class PreparedTextPart:
     return f"{self.origins[f]}:{line}"
 
   def take(self, r: range) -> PreparedTextPart:
-    return PreparedTextPart(self.folder, self.manifest, self._shards, self.text_ids[r.start:r.stop:r.step])
+    return PreparedTextPart(self.folder, self.manifest, self._shards,
+                            self.text_ids[r.start:r.stop:r.step])
 
 
 def open_prepared_texts(spec: str | os.PathLike, *, fields: Sequence[str] | None = None,
