@@ -15,6 +15,12 @@ happens inside `save`, before the next step may reuse the donated buffers; the f
 in the background). A SIGTERM saves at the current step and returns; an unreadable newest
 checkpoint is set aside with a warning and the one before it is used.
 
+Evaluation (before the first step, every config.eval.every_steps, at the end; before that step's
+checkpoint save, so a resume never skips one): the validation loss `val/*` (`validation`: the
+stage's loss on the batcher's held-out batches, `bge_jax.data.holdout`) and `eval/*`
+(`evaluate`); with config.checkpoint.keep_best, the best step's export goes to <workdir>/best/
+(`checkpoints.BestExport`).
+
 Multi-process: every process runs this same function on its own shard of the data
 (`stage.batcher(..., process_index, process_count)`); the global batch is assembled with
 `make_array_from_process_local_data`; orbax writes checkpoints collectively; only process 0

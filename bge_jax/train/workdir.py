@@ -126,11 +126,12 @@ def lock(workdir: str, process_index: int = 0) -> Iterator[str | None]:
 # Keys whose change leaves the trained model the same: how often and where the run logs,
 # evaluates, checkpoints and exports, how it is laid out on devices (orbax restores onto another
 # mesh), the input pipeline's depth, the MFU denominator, and when a run of skipped NaN/inf
-# updates stops it (raising it is how such a stopped run goes on; no applied update changes).
-# A name ending in "." is a prefix.
+# updates stops it (raising it is how such a stopped run goes on; no applied update changes),
+# and validation files (data.validation: evaluated only; data.validation_fraction, which takes
+# rows out of training, is refused). A name ending in "." is a prefix.
 KEPT_ON_RESUME = (
     "log_every_steps", "checkpoint.", "eval.", "export", "data.prefetch", "peak_tflops", "mesh.",
-    "max_consecutive_nonfinite_steps",
+    "max_consecutive_nonfinite_steps", "data.validation",
 )
 # Paths read at the start: on resume the checkpoint's weights win over model.init_from, and a
 # moved folder is the usual reason these change. Logged, not refused (a different model shape
