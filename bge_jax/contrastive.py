@@ -431,7 +431,8 @@ class ContrastiveStage:
 
   def batcher(self, config, tokenizer, model_config, process_index, process_count):
     from bge_jax.data import holdout
-    from bge_jax.data.pairs import ContrastiveBatcher, mixing_options, open_contrastive_data
+    from bge_jax.data.pairs import (ContrastiveBatcher, mixing_options, open_contrastive_data,
+                                    use_packing)
 
     d = config.data
     specs = [s.strip() for s in d.train.split(",") if s.strip()]
@@ -467,7 +468,7 @@ class ContrastiveStage:
                          len(datasets)))
     batcher.validation = self._validation(config, tokenizer, held, no_in_batch, process_index,
                                           process_count)
-    if d.get("pack", False):
+    if use_packing(config):
       measure = lambda: max_over_processes(  # noqa: E731
           batcher.packed_rows_needed(range(PACK_CALIBRATION_STEPS)), process_count)
       rows, multiple = packed_rows(config, process_count, jax.local_device_count(), measure)
@@ -514,12 +515,14 @@ class ContrastiveStage:
     Packed rows with data.pack_rows_fraction=0 are sized from the data in training; without data
     this takes fraction 1 (one row per text: the largest step a batch can compile to).
     """
+    from bge_jax.data.pairs import use_packing
+
     self._check_lengths(config, model_config)
     d = config.data
     b, g = config.batch_size, d.group_size
     sides = {"query": (b, d.query_max_length), "passage": (b * g, d.passage_max_length)}
     shapes: dict[str, tuple[tuple[int, ...], Any]] = {}
-    if d.get("pack", False):
+    if use_packing(config):
       rows, _ = packed_rows(config, process_count, devices_per_process)
       for side, (n, length) in sides.items():
         shapes.update({f"{side}_{k}": ((rows[side] * process_count, length), jnp.int32)
@@ -552,12 +555,26 @@ class ContrastiveStage:
         micro_batches=getattr(config, "grad_accum_steps", 1))
 
   def export(self, params, model_config, tokenizer, out_dir, config):
-    """An HF BertModel + sentence-transformers folder (the loss's pooling, Normalize)."""
+    """out_dir/hf: an HF BertModel + sentence-transformers folder (the loss's pooling,
+    Normalize) whose prompts are the training instructions ("query": data.query_instruction,
+    "document": data.passage_instruction; no default prompt, so plain `encode` adds none, as
+    BGE passages), with a model card (README.md, `bge_jax.model_card`) from the run's records
+    in the workdir that holds out_dir."""
     import os
 
-    from bge_jax import convert
+    from bge_jax import convert, model_card
+    from bge_jax.config import fine_tuning_lr
+
+    d = config.data
+    prompts = {"query": d.query_instruction or "", "document": d.passage_instruction or ""}
+    lr = config.optimizer.lr
+    if lr is None:
+      lr = fine_tuning_lr(config.model.init_from, config.model.preset, model_config)[0]
+    card = model_card.render(config, model_config, os.path.dirname(os.path.abspath(out_dir)),
+                             lr=lr, prompts=prompts)
     return [convert.save_hf(params, model_config, os.path.join(out_dir, "hf"), tokenizer=tokenizer,
-                            overwrite=True, max_seq_length=config.data.passage_max_length)]
+                            overwrite=True, max_seq_length=d.passage_max_length,
+                            prompts=prompts, model_card=card)]
 
 
 CONTRASTIVE = ContrastiveStage("contrastive")

@@ -85,6 +85,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt",
 ST_TRANSFORMER = "sentence_transformers.models.Transformer"
 ST_POOLING = "sentence_transformers.models.Pooling"
 ST_NORMALIZE = "sentence_transformers.models.Normalize"
+ST_CONFIG_FILE = "config_sentence_transformers.json"  # prompts, default prompt, similarity
 
 
 class ConversionError(ValueError):
@@ -505,14 +506,19 @@ def export_config(config: BertConfig) -> BertConfig:
 
 def save_hf(params: Any, config: BertConfig, out_dir: str, tokenizer: Any = None,
             sentence_transformers: bool = True, *, overwrite: bool = False,
-            max_seq_length: int | None = None) -> str:
+            max_seq_length: int | None = None, prompts: Mapping[str, str] | None = None,
+            default_prompt_name: str | None = None, model_card: str | None = None) -> str:
   """Writes a folder that transformers and sentence-transformers load with no weight warnings.
 
   * config.json + model.safetensors: BertForMaskedLM when the params have an MLM head
     (AutoModelForMaskedLM loads it whole, AutoModel the encoder), else BertModel.
   * tokenizer: a folder to copy tokenizer files from, or a tokenizer with `save_pretrained`.
   * sentence_transformers=True: modules.json (classic module names), 1_Pooling with the
-    config's pooling (CLS unless the source said otherwise), 2_Normalize when normalising.
+    config's pooling (CLS unless the source said otherwise), 2_Normalize when normalising, and
+    config_sentence_transformers.json with `prompts` (name -> text prepended to the input, e.g.
+    {"query": instruction, "document": ""}: `encode(texts, prompt_name="query")`) and
+    `default_prompt_name` (the prompt `encode` uses when given none; None = no prompt).
+  * model_card: the text of a README.md (a model card) written into the folder.
   * params with a RetroMAE decoder: also `retromae_state.safetensors`, the full state in
     FlagEmbedding's naming (`load_hf` reads it back with the folder's config.json).
 
@@ -536,7 +542,11 @@ def save_hf(params: Any, config: BertConfig, out_dir: str, tokenizer: Any = None
     if tokenizer is not None:
       write_tokenizer(tokenizer, tmp)
     if sentence_transformers:
-      write_sentence_transformers_files(tmp, config, max_seq_length)
+      write_sentence_transformers_files(tmp, config, max_seq_length, prompts,
+                                        default_prompt_name)
+    if model_card is not None:
+      with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
+        f.write(model_card)
 
   return atomic_output_dir(out_dir, write, overwrite=overwrite)
 
@@ -560,7 +570,14 @@ def write_tokenizer(tokenizer: Any, out_dir: str) -> None:
 
 
 def write_sentence_transformers_files(out_dir: str, config: BertConfig,
-                                      max_seq_length: int | None = None) -> None:
+                                      max_seq_length: int | None = None,
+                                      prompts: Mapping[str, str] | None = None,
+                                      default_prompt_name: str | None = None) -> None:
+  """sentence-transformers' module files (see `save_hf`) in out_dir."""
+  prompts = {str(k): str(v) for k, v in (prompts or {}).items()}
+  if default_prompt_name is not None and default_prompt_name not in prompts:
+    raise ValueError(f"default_prompt_name={default_prompt_name!r} is not one of the prompts "
+                     f"{sorted(prompts)}")
   modules = [{"idx": 0, "name": "0", "path": "", "type": ST_TRANSFORMER},
              {"idx": 1, "name": "1", "path": "1_Pooling", "type": ST_POOLING}]
   if config.normalize:
@@ -578,6 +595,13 @@ def write_sentence_transformers_files(out_dir: str, config: BertConfig,
   with open(os.path.join(out_dir, "sentence_bert_config.json"), "w") as f:
     json.dump({"max_seq_length": max_seq_length or config.max_position_embeddings,
                "do_lower_case": False}, f, indent=2)
+  # sentence-transformers' own keys (SentenceTransformer._get_model_config; it reads prompts and
+  # default_prompt_name at load, and compares with cosine unless told otherwise). Dot products
+  # for unnormalised embeddings: what the contrastive loss scored.
+  with open(os.path.join(out_dir, ST_CONFIG_FILE), "w") as f:
+    json.dump({"model_type": "SentenceTransformer", "prompts": prompts,
+               "default_prompt_name": default_prompt_name,
+               "similarity_fn_name": "cosine" if config.normalize else "dot"}, f, indent=2)
 
 
 def _replace_dir(tmp: str, out_dir: str) -> None:

@@ -23,6 +23,8 @@ def write_run_info(workdir, config, model_config, origin, total_steps, batcher, 
       "num_params": model_config.num_params(), "devices": jax.device_count(),
       "processes": jax.process_count(),
   }
+  if hasattr(batcher, "dataset_summaries"):  # stages 2-3: rows and batches per dataset
+    info["datasets"] = batcher.dataset_summaries()
   if memory is not None:
     info["compiled_step_bytes"] = dict(memory, peak=memory_lib.peak_bytes(memory))
   write_atomic(workdir, "run_info.json", lambda f: json.dump(info, f, indent=2))
