@@ -218,9 +218,9 @@ def score_rows(source: Sequence[PairRow], encoder: Any, rule: FilterRule, *,
     sample = draw_sample(source, rule.sample_size, rule.seed)
     log.info("consistency sample: %d passages from %d rows", len(sample),
              min(rule.sample_size, n))
-    vectors = mine._encode_chunks(encoder, sample, 0, len(sample), mine.DEFAULT_CHUNK_SIZE,
-                                  bool(show_progress), batch_size=batch_size,
-                                  max_length=max_length)
+    show = show_progress if show_progress is not None else len(sample) > 4 * batch_size
+    vectors = mine.encode_chunks(encoder, sample, 0, len(sample), mine.DEFAULT_CHUNK_SIZE,
+                                  show, batch_size=batch_size, max_length=max_length)
     position = {t: j for j, t in enumerate(sample)}
     block, _ = mine.search_shapes(len(sample), 1, block_size)
     index = mine.CorpusIndex(vectors, block=block, mesh=mesh)

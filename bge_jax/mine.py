@@ -553,7 +553,7 @@ def _gather(x: np.ndarray) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x))
 
 
-def _encode_chunks(encoder: Any, texts: Sequence[str], lo: int, hi: int, chunk_size: int,
+def encode_chunks(encoder: Any, texts: Sequence[str], lo: int, hi: int, chunk_size: int,
                    show_progress: bool, **encode_kwargs: Any) -> np.ndarray:
   """Embeddings of texts[lo:hi], encoded `chunk_size` texts per call on chunk boundaries of
   the whole corpus, so that a passage's batch (hence its embedding, bit for bit) does not
@@ -655,7 +655,7 @@ def mine_with_stats(rows: Sequence[dict], encoder: Any, *,
 
   log.info("encoding the corpus (%d passages%s)", n,
            f"; this process: {lo}-{hi}" if processes > 1 else "")
-  local = _encode_chunks(encoder, corpus, lo, hi, chunk_size, show_progress, **encode_kwargs)
+  local = encode_chunks(encoder, corpus, lo, hi, chunk_size, show_progress, **encode_kwargs)
   log.info("encoding the queries (%d rows)", len(rows))
   q_vecs = encoder.encode([row["query"] for row in rows], instruction=query_instruction,
                           show_progress=show_progress, **encode_kwargs)
@@ -771,5 +771,5 @@ def mine_hard_negatives(rows: Sequence[dict], encoder: Any, *,
 
 
 __all__ = ["MiningInputError", "MiningStats", "ScoreLimits", "CorpusIndex", "exact_top_k",
-           "merge_top_k", "corpus_split", "check_row", "fe_row", "read_rows", "read_candidate_pool",
+           "merge_top_k", "corpus_split", "encode_chunks", "check_row", "fe_row", "read_rows", "read_candidate_pool",
            "parse_range", "atomic_file", "write_rows", "mine_hard_negatives", "mine_with_stats"]
