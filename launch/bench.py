@@ -857,10 +857,10 @@ V5E_PEAK_BF16 = 197e12  # FLOP/s per v5e chip (dense bf16)
 def synthetic_pairs(folder: str, rows: int, files: int, tokenizer: str, seed: int = 0) -> int:
   """Writes `rows` {"query", "pos"} pair rows into `files` JSONL files, streaming (chunks of
   10k rows): queries of 6-16 words, passages of 40-110 words, drawn from the tokenizer's
-  whole-word vocabulary. Returns the bytes written."""
+  whole-word (ASCII) vocabulary. Returns the bytes written."""
   import numpy as np
   vocab = [w for w in open(os.path.join(tokenizer, "vocab.txt"), encoding="utf-8").read().split()
-           if w.isalpha() and len(w) > 2]
+           if w.isascii() and w.isalpha() and len(w) > 2]
   rng = np.random.default_rng(seed)
   os.makedirs(folder, exist_ok=True)
   per_file = -(-rows // files)
@@ -877,9 +877,8 @@ def synthetic_pairs(folder: str, rows: int, files: int, tokenizer: str, seed: in
         lines = [f'{{"query": "{" ".join(map(vocab.__getitem__, words[i][:q_len[i]]))}", '
                  f'"pos": ["{" ".join(map(vocab.__getitem__, words[i][16:16 + p_len[i]]))}"]}}'
                  for i in range(m)]
-        text = "\n".join(lines) + "\n"
-        f.write(text)
-        written += len(text)
+        f.write("\n".join(lines) + "\n")
+    written += os.path.getsize(os.path.join(folder, f"pairs-{k:04d}.jsonl"))
   return written
 
 

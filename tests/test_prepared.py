@@ -443,3 +443,24 @@ def test_kill_and_resume_on_prepared_data_is_bitwise(inputs, tmp_path):
   assert "resumed from" in run(tmp_path / "prep", killed).stderr
   assert loss_rows(killed) == loss_rows(tmp_path / "reference")
   assert_bitwise_equal(final_params(killed, steps), final_params(tmp_path / "reference", steps))
+
+
+@pytest.mark.slow
+def test_data_benchmark_smoke(tmp_path, minilm_path):
+  """launch/bench.py data on 3,000 synthetic pairs: the generated JSONL is the row count, and the
+  figures are measured (open, RSS, batches)."""
+  from launch import bench
+
+  tok = minilm_path
+  written = bench.synthetic_pairs(str(tmp_path / "gen"), 300, 2, tok)
+  lines = [json.loads(x) for f in sorted((tmp_path / "gen").iterdir()) for x in open(f)]
+  assert len(lines) == 300
+  assert written == sum(os.path.getsize(f) for f in (tmp_path / "gen").iterdir())
+  bench.main(["data", "--rows", "3000", "--files", "2", "--workers", "1", "--steps", "2",
+              "--batch-size", "16", "--processes", "2", "--quiet", "--dir", str(tmp_path / "w"),
+              "--out", str(tmp_path / "data")])
+  result = json.loads((tmp_path / "data.json").read_text())
+  run, = result["runs"]
+  assert run["rows"] == 3000 and run["shards"] == 2 and run["examples_per_s"] > 0
+  assert 0 < run["open_s"] < 10 and run["shards_opened"] == 2
+  assert "a host (300 queries) needs" in (tmp_path / "data.md").read_text()
