@@ -137,3 +137,35 @@ def test_stage2_validation_loss_from_a_file(data, tmp_path):  # noqa: F811
                                                 rel=1e-5)
   info = json.loads((tmp_path / "w" / "run_info.json").read_text())
   assert info  # the run recorded its start as usual
+
+
+@pytest.mark.slow
+def test_two_processes_validate_on_their_rows_of_the_global_batches(tmp_path):
+  """launch/train.py as 2 processes: val/loss equals the loss on the global validation batches
+  assembled from both processes' rows (computed here in one process, without the trainer)."""
+  from bge_jax import weights
+  from bge_jax.train import init
+  from bge_jax.train.metrics import read_metrics
+  from bge_jax.train.stages import get_stage
+  from test_multihost import overrides, run_two_processes
+  from test_train import load_config, override
+
+  values = dict(overrides("retromae", tmp_path), **{
+      "data.validation_fraction": 0.25, "eval.every_steps": 2, "checkpoint.keep": 5})
+  workdir = tmp_path / "multi"
+  procs, outputs = run_two_processes("retromae", workdir, values, tmp_path)
+  for i, (p, out) in enumerate(zip(procs, outputs)):
+    assert p.returncode == 0, f"process {i}:\n{out[-4000:]}"
+  logged = {r["step"]: r["val/loss"] for r in read_metrics(str(workdir)) if "val/loss" in r}
+
+  config = override(load_config("retromae", "tiny"), **values)
+  stage, tokenizer = get_stage("retromae"), init.load_tokenizer(config)
+  model_config = stage.model_config(init.model_config_and_weights(config, tokenizer)[0], config)
+  parts = [stage.batcher(config, tokenizer, model_config, p, 2).validation for p in range(2)]
+  n = min(v.num_batches for v in parts)
+  batches = [{k: np.concatenate([v(i)[k] for v in parts]) for k in parts[0](i)} for i in range(n)]
+  loss = stage.loss_fn(config, model_config)
+  for step in sorted(s for s in logged if s > 0):
+    _, _, params = weights.load_run_params(str(workdir), step)
+    direct = np.mean([float(loss(params, b, None)["loss"]) for b in batches])
+    assert logged[step] == pytest.approx(direct, rel=1e-5), step
