@@ -5,6 +5,7 @@
       [--pooling cls|mean] [--limit N] [--check]
   python launch/mteb_eval.py --model PATH --retrieval BEIR_FOLDER [--retrieval-split test]
       [--query-instruction TEXT] [--check]
+  python launch/mteb_eval.py --model PATH --task TYPE:PATH [--query-instruction TEXT] [--check]
 
 --model is an exported folder (a run's export/hf), any Hugging Face or sentence-transformers
 folder, a bge-jax params folder, or the WORKDIR of a run (still training or finished): its
@@ -14,6 +15,10 @@ else CLS). --data defaults to the English STS Benchmark TSV in ../shared/data (d
 Chinese `s1<TAB>s2<TAB>score` files work too (pass --split "" and --lang cmn-Hans).
 --retrieval evaluates a BEIR folder (queries.jsonl, corpus.jsonl, qrels/test.tsv) instead:
 main score nDCG@10, queries with --query-instruction, documents without.
+
+--task runs any type of the evaluation registry (retrieval, reranking, sts, pair_classification,
+classification, clustering; file formats in docs/tools.md) as an in-memory mteb task
+(`mteb_adapter.local_task`); --check prints bge-jax's own main score (`tasks.evaluate_task`).
 
 How it works (the pieces to reuse for other tasks):
 
@@ -64,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--retrieval", metavar="BEIR_FOLDER",
                       help="evaluate retrieval on this BEIR folder instead of STS")
   parser.add_argument("--retrieval-split", default="test", help="qrels split (default: test)")
+  parser.add_argument("--task", metavar="TYPE:PATH",
+                      help="an evaluation-registry task instead (e.g. reranking:rows.jsonl)")
   parser.add_argument("--batch-size", type=int, default=256)
   parser.add_argument("--max-length", type=int, default=512)
   parser.add_argument("--query-instruction", help="prepended to retrieval queries (unused by STS)")
@@ -81,22 +88,30 @@ def main(argv: list[str] | None = None) -> int:
     return 2
   import mteb
 
+  from bge_jax.eval import tasks
+
   split = args.split or None
   try:  # the data is validated before the model loads
-    if args.retrieval:
+    if args.task:
+      (type_name, path), = tasks.parse_specs([args.task], "--task")
+      local = tasks.load_task(type_name, path)
+    elif args.retrieval:
       queries, corpus, qrels = load_beir(args.retrieval, args.retrieval_split)
     else:
       s1, s2, scores = read_sts(args.data, split)
     encoder = mteb_adapter.load_encoder(args.model, args.pooling, step=args.step,
                                         tokenizer=_tokenizer(args.tokenizer))
-  except (EvalDataError, ConversionError, OSError) as e:
+  except (EvalDataError, ConversionError, OSError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
 
   model = mteb_adapter.MTEBEncoder(encoder, query_instruction=args.query_instruction,
                                    name=f"bge-jax/{pathlib.Path(args.model).name or 'model'}",
                                    batch_size=args.batch_size, max_length=args.max_length)
-  if args.retrieval:
+  if args.task:
+    task = mteb_adapter.local_task(local)
+    what = local.kind.describe(local.data)
+  elif args.retrieval:
     task = mteb_adapter.local_retrieval_task(args.retrieval, args.retrieval_split, lang=args.lang)
     what = f"{args.retrieval_split}, {len(corpus)} documents"
   else:
@@ -108,7 +123,12 @@ def main(argv: list[str] | None = None) -> int:
   print(f"{task.metadata.name} ({what}, {encoder.config.pooling} pooling) "
         f"{task.metadata.main_score}: {score:.6f}")
   if args.check:
-    if args.retrieval:
+    if args.task:
+      settings = tasks.EvalSettings(batch_size=args.batch_size, max_length=args.max_length,
+                                    query_instruction=args.query_instruction)
+      ours = tasks.main_score(local, tasks.evaluate_task(encoder, local, settings))
+      name = f"bge_jax.eval.tasks {local.kind.main_metric}"
+    elif args.retrieval:
       ours = evaluate_retrieval(encoder, queries, corpus, qrels,
                                 query_instruction=args.query_instruction,
                                 batch_size=args.batch_size, max_length=args.max_length)["ndcg@10"]

@@ -385,7 +385,7 @@ def _word_files(root: pathlib.Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-  """(root, params, model config, tokenizer, word files) of a random tiny BERT."""
+  """(root, params, model config, tokenizer, word files, saved HF folder) of random tiny BERTs."""
   import jax
   from transformers import AutoTokenizer
 
@@ -398,7 +398,10 @@ def tiny(tmp_path_factory):
   params, _ = bert.init(model, jax.random.key(0))
   params = jax.tree.map(lambda x: x * 4.0, params)  # beyond init's 0.02: distinct embeddings
   tokenizer = AutoTokenizer.from_pretrained(str(make_tokenizer(root / "tok")))
-  return root, params, model, tokenizer, _word_files(root)
+  folder = make_hf_folder(root, "bert", seed=1)  # a saved model for the command lines
+  for f in (root / "tok").iterdir():
+    (folder / f.name).write_bytes(f.read_bytes())
+  return root, params, model, tokenizer, _word_files(root), folder
 
 
 class _Sliced:
@@ -417,7 +420,7 @@ def test_make_evaluator_tasks_legacy_keys_and_matryoshka_dims(tiny):
   from bge_jax.encoder import Encoder
   from bge_jax.train.evaluate import make_evaluator
 
-  root, params, model, tokenizer, files = tiny
+  root, params, model, tokenizer, files, _ = tiny
   config = ConfigDict({
       "eval": {"every_steps": 0, "sts": files["sts"], "sts_split": "dev", "retrieval": "",
                "tasks": f"pair_classification:{files['pair_classification']},"
@@ -450,10 +453,7 @@ def test_make_evaluator_tasks_legacy_keys_and_matryoshka_dims(tiny):
 def test_eval_cli_tasks_per_dim_json_and_refusals(tiny, capsys):
   from launch import eval as eval_cli
 
-  root, _, _, _, files = tiny
-  model = make_hf_folder(root, "bert", seed=1)
-  for f in (root / "tok").iterdir():
-    (model / f.name).write_bytes(f.read_bytes())
+  root, _, _, _, files, model = tiny
   out = root / "res" / "suite.json"
   argv = ["--model", str(model), "--tasks", ",".join(f"{t}:{p}" for t, p in files.items()),
           "--truncate_dim", "16", "8", "--batch-size", "8", "--max-length", "32",
@@ -491,8 +491,7 @@ def test_eval_cli_mteb_task_not_cached_is_one_line_and_exit_3(tiny, capsys):
   pytest.importorskip("mteb")
   from launch import eval as eval_cli
 
-  root, _, _, _, files = tiny
-  model = next(p for p in root.iterdir() if (p / "config.json").exists())
+  root, _, _, _, files, model = tiny
   status = eval_cli.main(["--model", str(model), "--tasks", f"sts:{files['sts']}",
                           "--mteb-tasks", "STSBenchmark", "--max-length", "32"])
   printed = capsys.readouterr().out
@@ -523,3 +522,19 @@ def test_minilm_reranking_and_pairs_agree_with_mteb(minilm_path, shared_data, tm
     assert row["main_score"] == pytest.approx(row["mteb_main_score"], abs=1e-4), row
     assert 0.2 < row["main_score"] < 1.0
   assert "(mteb 0." in capsys.readouterr().out
+
+
+def test_mteb_eval_cli_runs_a_registry_task(tiny, capsys):
+  """launch/mteb_eval.py --task: mteb's main score beside ours on a tiny real model (the two
+  encode different batches, so cosines differ by float rounding; AP is rank-based: 1e-6)."""
+  pytest.importorskip("mteb")
+  from launch import mteb_eval
+
+  root, _, _, _, files, model = tiny
+  assert mteb_eval.main(["--model", str(model), "--task",
+                         f"pair_classification:{files['pair_classification']}",
+                         "--max-length", "32", "--batch-size", "8", "--check"]) == 0
+  printed = capsys.readouterr().out
+  theirs = float(re.search(r"cosine_ap: (\S+)", printed).group(1))
+  ours = float(re.search(r"bge_jax.eval.tasks ap: (\S+)", printed).group(1))
+  assert ours == pytest.approx(theirs, abs=1e-6) and 0.05 < ours < 1
