@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from bge_jax import contrastive, convert
+from bge_jax import contrastive, convert, sharding
 from bge_jax.data import packing
 from bge_jax.data.pairs import text_hashes
 from bge_jax.testing.torch_reference import flagembedding_contrastive_loss as fe_loss
-from test_contrastive import (SEEDS, compare_grads, files, flat, jax_loss_and_grads,  # noqa: F401
-                              loaded, make_batch, torch_loss_and_grads)
+from test_contrastive import (  # noqa: F401 (files, loaded, sharded_setup: fixtures)
+    FAST_COMPILE, SEEDS, compare_grads, files, flat, jax_loss_and_grads, loaded, make_batch,
+    sharded_setup, torch_loss_and_grads)
 
 LOSS_TOL, GRAD_TOL = 1e-5, 1e-3  # relative, float32 JAX vs float64 torch (float32 below)
 B, G, D, TAU = 6, 4, 16, 0.05
@@ -229,3 +230,41 @@ def test_mask_without_hashes_is_refused(loaded):
   with pytest.raises(KeyError, match="passage_hash"):
     contrastive.loss(params, config, batch, temperature=0.02, group_size=4,
                      mask_duplicate_positives=True)
+
+
+_ALL_OPTIONS = dict(temperature=0.02, group_size=2, distill="m3_kd_loss",
+                    mask_duplicate_positives=True, matryoshka_dims=(64, 16))
+
+
+@functools.partial(jax.jit, static_argnums=1, compiler_options=FAST_COMPILE)
+def _all_options_step(params, config, batch):
+  def f(p):
+    out = contrastive.loss(p, config, batch, **_ALL_OPTIONS)
+    return out["loss"], out
+  return jax.value_and_grad(f, has_aux=True)(params)
+
+
+def test_sharded_distillation_matryoshka_masking_match_single_device(sharded_setup):
+  """m3_kd_loss + Matryoshka + duplicate masking with the batch sharded over data x fsdp = 8
+  devices and the params over fsdp: the single-device loss and gradients (global negatives,
+  global duplicates)."""
+  config, params, specs, batch, _, _ = sharded_setup
+  batch = dict(batch)
+  n_p = batch["passage_input_ids"].shape[0]
+  batch["passage_input_ids"], batch["passage_attention_mask"] = (
+      x.copy() for x in (batch["passage_input_ids"], batch["passage_attention_mask"]))
+  for j in (3, n_p - 1):  # copies of query 0's positive on other devices' shards
+    batch["passage_input_ids"][j] = batch["passage_input_ids"][0]
+    batch["passage_attention_mask"][j] = batch["passage_attention_mask"][0]
+  batch["passage_hash"] = text_hashes([" ".join(map(str, r[m > 0])) for r, m in zip(
+      batch["passage_input_ids"], batch["passage_attention_mask"])])
+  batch["teacher_scores"] = np.random.RandomState(0).randn(n_p // 2, 2).astype(np.float32)
+  (want, out), want_grads = jax.device_get(_all_options_step(
+      jax.device_put(params, jax.devices()[0]), config, jax.device_put(batch, jax.devices()[0])))
+  assert {"loss/dim_64", "loss/dim_16", "distill_loss"} <= set(out)
+  mesh = sharding.make_mesh(4, 2, 1)
+  with sharding.activate(mesh):
+    args = {k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
+    (value, _), grads = _all_options_step(sharding.shard_params(params, specs, mesh), config, args)
+  assert abs(float(value) - float(want)) <= SAME_TOL * abs(float(want))
+  compare_grads(flat(jax.device_get(grads)), flat(want_grads), SAME_TOL)
