@@ -22,7 +22,8 @@ embeddings: cosine similarities for a normalising `Encoder` (the default).
 
 Cost: rows are read, encoded and decided `chunk_rows` at a time (`score_rows` is a generator),
 so memory is O(chunk_rows) plus the sample's embeddings (sample passages x D x 4 bytes, split
-over the local devices) plus the input source (a prepared dataset is read lazily; a JSONL
+over the local devices, and kept on the host too when the sample is every row's positives,
+which are then not encoded twice) plus the input source (a prepared dataset is read lazily; a JSONL
 `PairSource` is held in memory). Time: encoding every query and positive once, plus (top-k
 rule) an exact search of each query against the sample: O(rows x sample x D) multiply-adds.
 The score distribution is a fixed 2000-bin histogram over [-1, 1] (`ScoreHistogram`), so its
@@ -213,7 +214,7 @@ def score_rows(source: Sequence[PairRow], encoder: Any, rule: FilterRule, *,
   if chunk_rows < 1:
     raise ValueError(f"chunk_rows={chunk_rows}; it must be >= 1")
   n = len(source)
-  index = position = None
+  index = position = known = None
   if rule.top_k is not None and n:
     sample = draw_sample(source, rule.sample_size, rule.seed)
     log.info("consistency sample: %d passages from %d rows", len(sample),
@@ -224,6 +225,8 @@ def score_rows(source: Sequence[PairRow], encoder: Any, rule: FilterRule, *,
     position = {t: j for j, t in enumerate(sample)}
     block, _ = mine.search_shapes(len(sample), 1, block_size)
     index = mine.CorpusIndex(vectors, block=block, mesh=mesh)
+    # A sample of every row holds every positive: their embeddings are reused, not recomputed.
+    known = vectors if rule.sample_size >= n else None
     del vectors
   starts = range(0, n, chunk_rows)
   bar = None
@@ -239,7 +242,10 @@ def score_rows(source: Sequence[PairRow], encoder: Any, rule: FilterRule, *,
       pair_row = np.repeat(np.arange(len(rows)), [len(r.pos) for r in rows])
       kwargs = dict(batch_size=batch_size, max_length=max_length, show_progress=False)
       q = np.asarray(encoder.encode(queries, **kwargs), np.float32)
-      p = np.asarray(encoder.encode(passages, **kwargs), np.float32)
+      if known is not None:
+        p = known[[position[t] for t in passages]]
+      else:
+        p = np.asarray(encoder.encode(passages, **kwargs), np.float32)
       scores = np.einsum("nd,nd->n", q[pair_row], p)
       keep = np.ones(len(scores), bool)
       if rule.threshold is not None:
