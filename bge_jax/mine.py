@@ -771,5 +771,6 @@ def mine_hard_negatives(rows: Sequence[dict], encoder: Any, *,
 
 
 __all__ = ["MiningInputError", "MiningStats", "ScoreLimits", "CorpusIndex", "exact_top_k",
-           "merge_top_k", "corpus_split", "encode_chunks", "check_row", "fe_row", "read_rows", "read_candidate_pool",
-           "parse_range", "atomic_file", "write_rows", "mine_hard_negatives", "mine_with_stats"]
+           "merge_top_k", "corpus_split", "encode_chunks", "check_row", "fe_row", "read_rows",
+           "read_candidate_pool", "parse_range", "atomic_file", "write_rows",
+           "mine_hard_negatives", "mine_with_stats"]
