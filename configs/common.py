@@ -136,7 +136,9 @@ def contrastive_config(stage: str, arg: str) -> ConfigDict:
   # Rows per process = pack_rows_fraction x the texts (0 = sized from the first 16 batches of
   # every process, plus 5%). A batch that does not fit takes more rows on one process (another
   # compiled step, logged); with several processes it stops the run and names this key.
-  c.data.pack = False
+  # Unset = on wherever it gives the padded batch's loss: not with grad_accum_steps > 1 or
+  # per-dataset batch sizes (`bge_jax.data.pairs.use_packing`); True/False force it.
+  c.data.pack = placeholder(bool)
   c.data.pack_rows_fraction = 0.0
 
   c.loss = ConfigDict()

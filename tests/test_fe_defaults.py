@@ -100,3 +100,27 @@ def test_the_built_program_trains_at_the_chosen_lr(minilm_path):
   prog = program_lib.from_config(c)
   assert prog.model_config.hidden_size == 384
   assert float(prog.schedule(2)) == pytest.approx(3e-5)
+
+
+def test_packing_is_on_by_default_where_it_gives_the_padded_loss():
+  """data.pack unset packs (the same loss and gradients as the padded batch: tests/test_packing.py,
+  tests/test_contrastive.py), except where packing does not serve the run: micro-batches and
+  per-dataset batch sizes; set values win."""
+  from bge_jax.data.pairs import use_packing
+
+  for name in ("contrastive:bge-small-en", "finetune:tiny", "demo:contrastive", "demo:finetune"):
+    c = load(name)
+    assert c.data.pack is None and use_packing(c), name
+  c = load("finetune:tiny")
+  c.grad_accum_steps = 2
+  assert not use_packing(c)
+  c.grad_accum_steps = 1
+  c.data.batch_sizes = f"{c.batch_size},{2 * c.batch_size}"
+  assert not use_packing(c)
+  c.data.batch_sizes = f"{c.batch_size},{c.batch_size}"  # one size: packing serves it
+  assert use_packing(c)
+  c.data.pack = False
+  assert not use_packing(c)
+  c.data.pack = True
+  c.grad_accum_steps = 2
+  assert use_packing(c)  # forced: packed_rows then refuses it with the fix
