@@ -183,7 +183,10 @@ def test_run_two_tiny_runs_then_collect(capsys, tmp_path, monkeypatch):
           "--set", f"tokenizer={tokenizer}", "--set", f"data.train={corpus}",
           "--set", "data.max_length=32", "--set", "model.max_position_embeddings=32",
           "--set", "num_train_steps=2", "--set", "batch_size=4", "--set", "log_every_steps=1",
-          "--set", "export=False", "--set", "model.preset=tiny"]
+          "--set", "export=False", "--set", "model.preset=tiny",
+          # No warmup: ceil(0.1 x 2) = 1 warmup step would run step 1 at lr 0, and the logged
+          # step-2 loss would not depend on the lr.
+          "--set", "optimizer.warmup_steps=0"]
   assert sweep_cli.main(args + ["--run"]) == 0
   out = capsys.readouterr().out
   assert "[sweep 1/2] lr=0.001" in out and "[sweep 2/2] lr=0.003" in out

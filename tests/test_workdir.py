@@ -107,6 +107,7 @@ def record(workdir, config):
 
 def test_changed_lr_refused_naming_both_values(tmp_path):
   old = tiny_config()
+  old.optimizer.lr = 1e-3  # stages 2-3 leave it unset (picked by the model's size at the start)
   record(tmp_path, old)
   new = tiny_config()
   new.optimizer.lr = old.optimizer.lr / 2
