@@ -211,7 +211,7 @@ def run_suite(args: argparse.Namespace) -> tuple[dict, list[str]]:
   for dim in dims:
     full = _with_dim(encoder, dim)
     enc = tasks.CachedEncoder(full)  # retrieval and reranking tasks share their passages
-    label = f"dim {dim}" if dim is not None else f"dim {width} (full)"
+    label = f"dim {dim or width}" + (" (full)" if (dim or width) == width else "")
     print(f"== {args.model}, {label}")
     rows, mains = [], []
     for i, task in enumerate(local, 1):
