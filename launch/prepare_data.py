@@ -73,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
                  help="most rows per shard file (default: 250000).")
   p.add_argument("--records-per-chunk", type=int, default=1, metavar="N",
                  help="array_record records per compressed chunk (default: 1, the fastest random "
-                      "reads; the reader's index keeps ~10-12 bytes per row of each shard it "
+                      "reads; the reader's index keeps ~12-15 bytes per row of each shard it "
                       "opened: 4 cuts that to a quarter, ~1.8x the time per read).")
   p.add_argument("--dedupe-memory-mb", type=int, default=256, metavar="MB",
                  help="memory for sorting hashes in the dedupe phase (default: 256).")

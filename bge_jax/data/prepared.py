@@ -28,7 +28,7 @@ Reading (`open_prepared_pairs`, `open_prepared_texts`): opening reads the manife
 shard's size and the CRC32 of its first and last 64 KiB (`CHECK_BYTES`): O(shards) time and
 memory, independent of the rows. `verify=True` (or `launch/prepare_data.py --verify DIR`) also
 checks every shard's full SHA-256 (reads everything). A shard's reader is opened on first use
-(random-access options `READER_OPTIONS`; its index holds ~10-12 bytes per row of that shard with
+(random-access options `READER_OPTIONS`; its index holds ~12-15 bytes per row of that shard with
 one record per chunk, see `writer_options`), and
 a read returns only the rows asked for. Every refusal (no or bad manifest, a missing, resized or
 altered shard, a dataset prepared as another kind or for other fields) is one `DataError` naming
@@ -63,7 +63,7 @@ RECORDS_PER_CHUNK = 1  # array_record group_size: random access decompresses one
 
 def writer_options(records_per_chunk: int = RECORDS_PER_CHUNK) -> str:
   """array_record writer options. One record per chunk reads fastest (one row decompressed per
-  read) but the reader's index holds ~10-12 bytes per row of every shard it opened; 4 records
+  read) but the reader's index holds ~12-15 bytes per row of every shard it opened; 4 records
   per chunk cut that to ~1/4 and the file by ~20%, at ~1.8x the time per random read."""
   return f"group_size:{records_per_chunk},zstd:3"
 
