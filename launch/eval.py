@@ -37,6 +37,7 @@ Exit status: 0 done; 2 refused (one `error:` line on stderr, naming file:line fo
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import sys
@@ -234,9 +235,11 @@ def run_suite(args: argparse.Namespace) -> tuple[dict, list[str]]:
              "seconds": round(time.time() - t0, 1)}
       rows.append(row)
       _print_task(i, total, row)
-    categories = _category_table(rows)
+    categories = tasks.category_averages([(r["category"], r["main_score"]) for r in rows])
     result["dims"][str(dim or width)] = {"tasks": rows, "categories": categories}
-    print_table(f"per category ({label}; main scores)", {}, categories)
+    counts = collections.Counter(r["category"] for r in rows)
+    print_table(f"per category ({label}; main scores)", {},
+                {f"{c} ({counts[c]})" if c in counts else c: v for c, v in categories.items()})
   return result, skipped
 
 
@@ -257,21 +260,6 @@ def _print_task(i: int, total: int, row: dict) -> None:
   print(f"  [{i}/{total}] {row['category']:<18} {row['name']:<26} {row['main_metric']} "
         f"{row['main_score']:.4f}{extra}  {row['size']}  {others}  {row['seconds']} s",
         flush=True)
-
-
-def _category_table(rows: list[dict]) -> dict:
-  """{category: mean main score} (mteb's type order) and "average" over every task."""
-  import numpy as np
-
-  from bge_jax.eval import tasks
-  order = [k.category for k in tasks.task_types().values()]
-  cats: dict[str, list[float]] = {}
-  for row in rows:
-    cats.setdefault(row["category"], []).append(row["main_score"])
-  ranked = sorted(cats, key=lambda c: (order.index(c) if c in order else len(order), c))
-  out = {f"{c} ({len(cats[c])})": float(np.mean(cats[c])) for c in ranked}
-  out["average"] = float(np.mean([r["main_score"] for r in rows]))
-  return out
 
 
 def print_table(title: str, info: dict, metrics: dict) -> None:

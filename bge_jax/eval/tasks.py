@@ -155,18 +155,18 @@ def main_score(task: Task, metrics: Mapping[str, float]) -> float:
   return float(metrics[task.kind.main_metric])
 
 
-def category_averages(tasks: Sequence[Task], results: Sequence[Mapping[str, float]]
-                      ) -> dict[str, float]:
-  """{category: mean main score of its tasks} in registry order, plus "average": the mean over
-  every task (C-MTEB's overall average is over tasks, not categories)."""
+def category_averages(scores: Sequence[tuple[str, float]]) -> dict[str, float]:
+  """[(category, main score)] of evaluated tasks -> {category: mean main score}, in registry order
+  (categories outside the registry, e.g. named mteb tasks' types, after it by name), plus
+  "average": the mean over every task (C-MTEB's overall average is over tasks, not categories)."""
+  order = {k.category: i for i, k in enumerate(task_types().values())}
   by_category: dict[str, list[float]] = {}
-  order = [k.category for k in task_types().values()]
-  for task, metrics in zip(tasks, results):
-    by_category.setdefault(task.kind.category, []).append(main_score(task, metrics))
-  out = {c: float(np.mean(by_category[c])) for c in order if c in by_category}
-  scores = [main_score(t, m) for t, m in zip(tasks, results)]
+  for category, score in scores:
+    by_category.setdefault(category, []).append(float(score))
+  ranked = sorted(by_category, key=lambda c: (order.get(c, len(order)), c))
+  out = {c: float(np.mean(by_category[c])) for c in ranked}
   if scores:
-    out["average"] = float(np.mean(scores))
+    out["average"] = float(np.mean([score for _, score in scores]))
   return out
 
 
