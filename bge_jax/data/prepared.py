@@ -21,8 +21,10 @@ Manifest (JSON): format "bge-jax-prepared", version, kind ("pairs" or "text"), r
 names), options (how it was prepared: kind/pair_fields or field/min_chars, on_error, dedupe),
 rows, shards [{file, rows, bytes, sha256, head_crc32, tail_crc32, positives}], sources [{path,
 bytes, mtime, kind}], skipped {reason: count}, first_skipped {reason: "file:line"},
-no_in_batch_neg, and for pairs what `ContrastiveBatcher` needs without reading every row:
-pairs {positives, first_row_without {neg, pos_scores, neg_scores}, types, covering_row}.
+no_in_batch_neg, writer_options, created, prepare_seconds, and for pairs what
+`ContrastiveBatcher` needs without reading every row: pairs {positives, first_row_without {neg,
+pos_scores, neg_scores}, types, covering_row}. The shards are plain array_record files (grain's
+`ArrayRecordDataSource` reads them; decode records with `decode_pair` / `decode_text`).
 
 Reading (`open_prepared_pairs`, `open_prepared_texts`): opening reads the manifest and checks each
 shard's size and the CRC32 of its first and last 64 KiB (`CHECK_BYTES`): O(shards) time and
