@@ -464,3 +464,19 @@ def test_data_benchmark_smoke(tmp_path, minilm_path):
   assert run["rows"] == 3000 and run["shards"] == 2 and run["examples_per_s"] > 0
   assert 0 < run["open_s"] < 10 and run["shards_opened"] == 2
   assert "a host (300 queries) needs" in (tmp_path / "data.md").read_text()
+
+
+def test_damaged_gz_is_counted_as_the_jsonl_path_counts_it(tmp_path):
+  """A truncated .gz input: with on_error='skip' the rows before the damage are prepared and the
+  file counted once as damaged_file, as open_contrastive_data does; with 'raise', nothing."""
+  path = fe_file(tmp_path / "in" / "d.jsonl.gz", 400)
+  data = path.read_bytes()
+  path.write_bytes(data[:len(data) // 2])
+  ref = open_contrastive_data(str(path), on_error="skip")
+  m = prepare.prepare([str(path)], str(tmp_path / "p"), on_error="skip", progress=False)
+  assert m["skipped"] == ref.skipped == {"damaged_file": 1}
+  assert m["first_skipped"]["damaged_file"] == ref._first_skipped["damaged_file"]
+  assert list(open_contrastive_data(str(tmp_path / "p"), on_error="skip")) == ref.rows
+  with pytest.raises(DataError, match=rf"{path}:\d+: the file is truncated or corrupt"):
+    prepare.prepare([str(path)], str(tmp_path / "q"), progress=False)
+  assert not (tmp_path / "q").exists()
