@@ -96,9 +96,12 @@ def overrides(stage, tmp_path):
                            "data.max_length": 32, "model.max_position_embeddings": 64,
                            "batch_size": 8})
   from test_train_contrastive import make_rows
+  # Padded unless a test packs (packing is the default; its rows, hence its dropout masks,
+  # depend on the devices per process).
   return dict(common, **{"data.train": str(make_rows(tmp_path / "rows.jsonl", 128)),
                          "data.query_max_length": 8, "data.passage_max_length": 16,
-                         "model.max_position_embeddings": 32, "batch_size": 16})
+                         "model.max_position_embeddings": 32, "batch_size": 16,
+                         "data.pack": False})
 
 
 def start_processes(stage, workdir, values, env, logs, port, flags=()):
