@@ -153,8 +153,7 @@ def mixed_config(two_datasets, **kw):
   a, b, tok = two_datasets
   c = tiny("contrastive", a, tok, -1, **kw)
   c.data.train = f"{a},{b}"
-  c.data.batch_sizes = "32,16"  # 3 + 4 batches per epoch
-  c.data.pack = False
+  c.data.batch_sizes = "32,16"  # 3 + 4 batches per epoch; data.pack unset: padded batches
   c.num_epochs = 2.0
   c.export = False
   return c
