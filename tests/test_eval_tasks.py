@@ -427,7 +427,9 @@ def test_make_evaluator_tasks_legacy_keys_and_matryoshka_dims(tiny):
                         f"reranking:{files['reranking']}",
                "query_instruction": "query: ", "max_length": 32, "batch_size": 8},
       "loss": {"matryoshka_dims": [16, 8]}})
-  metrics = make_evaluator(config, tokenizer)(params, model)
+  evaluator = make_evaluator(config, tokenizer)
+  metrics = evaluator(params, model)
+  assert sorted(evaluator.metric_names) == sorted(metrics)
   assert sorted(metrics) == sorted(
       f"eval/{key}{suffix}" for key in
       ["sts/words", "wpairs/ap", "wpairs/accuracy", "wpairs/f1", "wrows/map@1000",

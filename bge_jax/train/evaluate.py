@@ -30,6 +30,9 @@ def make_evaluator(config: Any, tokenizer: Any) -> Callable[[Any, BertConfig], d
   the embeddings cut to each width (re-normalised when the model normalises) and logged with a
   `/dim_<d>` suffix, e.g. `eval/sts/stsb/dim_64`; the unsuffixed metrics are the full width.
   Cost: one evaluation per width plus the full one.
+
+  The returned function has a `metric_names` attribute: the tuple of keys it returns, known
+  before training (e.g. to check `checkpoint.keep_best` early).
   """
   e = config.get("eval")
   if e is None:
@@ -72,6 +75,10 @@ def make_evaluator(config: Any, tokenizer: Any) -> Callable[[Any, BertConfig], d
             out[key + suffix] = float(value)
     return out
 
+  evaluate.metric_names = tuple(
+      key_of(metric) + ("" if dim is None else f"/dim_{dim}")
+      for dim in (None, *dims) for key_of, task in entries for metric in task.kind.mteb_metrics
+      if key_of(metric))
   return evaluate
 
 
