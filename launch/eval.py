@@ -14,7 +14,8 @@ workdir (its newest checkpoint, also while the run goes on).
 --suite: `bge_jax.eval.suite.OFFLINE_SUITE`, every task type (retrieval, reranking, STS, pair
   classification, classification, clustering) on the shared data folder (--data-dir: STS-B dev,
   FlagEmbedding's MS MARCO / NQ / NLI example rows) and the generated standard-library corpus
-  labelled by package. Offline; minutes on a CPU for a MiniLM-sized model.
+  labelled by package. Offline; minutes on a CPU for a MiniLM-sized model. A suite file that is
+  absent is named on a `skipped:` line and left out.
 --tasks: TYPE:PATH entries (types and file formats: docs/tools.md, `bge_jax.eval.tasks`).
 --mteb-tasks: mteb task names (C-MTEB, MTEB English, e.g. T2Reranking,STSBenchmark), run with
   mteb when their data is in the local Hugging Face cache; one `skipped:` line each otherwise.
