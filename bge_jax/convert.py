@@ -604,7 +604,7 @@ def write_sentence_transformers_files(out_dir: str, config: BertConfig,
                "similarity_fn_name": "cosine" if config.normalize else "dot"}, f, indent=2)
 
 
-def _replace_dir(tmp: str, out_dir: str) -> None:
+def replace_dir(tmp: str, out_dir: str) -> None:
   """Moves `tmp` to `out_dir`; an existing `out_dir` is swapped out only once tmp is complete."""
   if os.path.exists(out_dir):
     old = tmp + ".old"
@@ -659,6 +659,18 @@ def remove_stale_staging(out_dir: str) -> list[str]:
   return removed
 
 
+def staging_dir(out_dir: str) -> str:
+  """A new, empty staging folder `.OUT.tmp-PID@HOST-*` beside `out_dir` (parents created), after
+  removing those of writers into OUT that were killed (`remove_stale_staging`). The caller
+  renames it to OUT when complete and removes it on failure."""
+  out_dir = os.path.abspath(out_dir)
+  parent = os.path.dirname(out_dir)
+  os.makedirs(parent, exist_ok=True)
+  remove_stale_staging(out_dir)
+  return tempfile.mkdtemp(
+      prefix=f"{_staging_prefix(out_dir)}{os.getpid()}@{socket.gethostname()}-", dir=parent)
+
+
 def atomic_output_dir(out_dir: str, write: Callable[[str], None], *, overwrite: bool = False) -> str:
   """Runs `write(tmp_dir)` and renames tmp_dir to `out_dir`; nothing is left behind on failure.
 
@@ -668,14 +680,10 @@ def atomic_output_dir(out_dir: str, write: Callable[[str], None], *, overwrite: 
   out_dir = os.path.abspath(out_dir)
   if os.path.exists(out_dir) and not overwrite:
     raise FileExistsError(f"{out_dir} exists; choose another output folder or pass overwrite=True.")
-  parent = os.path.dirname(out_dir)
-  os.makedirs(parent, exist_ok=True)
-  remove_stale_staging(out_dir)
-  tmp = tempfile.mkdtemp(
-      prefix=f"{_staging_prefix(out_dir)}{os.getpid()}@{socket.gethostname()}-", dir=parent)
+  tmp = staging_dir(out_dir)
   try:
     write(tmp)
-    _replace_dir(tmp, out_dir)
+    replace_dir(tmp, out_dir)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise

@@ -284,6 +284,20 @@ def test_bad_row_stops_with_file_line_and_leaves_nothing(tmp_path):
     prepare.prepare([str(path)], str(tmp_path / "out"), progress=False)
 
 
+def test_a_killed_prepares_staging_folder_is_removed_by_the_next(tmp_path):
+  import socket
+  import subprocess
+  import sys
+
+  path = fe_file(tmp_path / "in" / "a.jsonl", 20)
+  gone = subprocess.Popen([sys.executable, "-c", "pass"])
+  gone.wait()  # a pid that no longer runs: the prepare it stood for was killed
+  stale = tmp_path / f".out.tmp-{gone.pid}@{socket.gethostname()}-k1lled00"
+  (stale / "shard").mkdir(parents=True)
+  prepare.prepare([str(path)], str(tmp_path / "out"), progress=False)
+  assert sorted(os.listdir(tmp_path)) == ["in", "out"]
+
+
 def _copy(ready, tmp_path):
   dst = tmp_path / "copy"
   shutil.copytree(ready, dst)

@@ -34,13 +34,13 @@ import math
 import multiprocessing
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from bge_jax import convert
 from bge_jax.data import pairs as pairs_lib
 from bge_jax.data import prepared as fmt
 from bge_jax.data import sources as sources_lib
@@ -399,9 +399,8 @@ def prepare(specs: Sequence[str], out: str, *, data: str = "pairs", kind: str = 
   out = os.path.abspath(os.path.expanduser(out))
   if os.path.exists(out) and not overwrite:
     raise DataError(f"{out} exists; choose another output folder or pass --overwrite")
-  parent = os.path.dirname(out)
-  os.makedirs(parent, exist_ok=True)
-  work = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+  # Staging beside OUT; one left by a killed run (its process gone) is removed here.
+  work = convert.staging_dir(out)
   pool = _Workers(min(workers, len(paths)), progress)
   try:
     t0 = time.perf_counter()
@@ -454,13 +453,7 @@ def prepare(specs: Sequence[str], out: str, *, data: str = "pairs", kind: str = 
     manifest["prepare_seconds"] = {"read": round(read_s, 3),
                                    "total": round(time.perf_counter() - t0, 3)}
     _write_json(os.path.join(work, fmt.MANIFEST), manifest)
-    if os.path.exists(out):  # overwrite: the old output goes only once the new one is complete
-      old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=parent)
-      os.rename(out, os.path.join(old, "x"))
-      os.rename(work, out)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.rename(work, out)
+    convert.replace_dir(work, out)  # overwrite: the old output goes once the new one is whole
     return manifest
   except BaseException:
     shutil.rmtree(work, ignore_errors=True)
