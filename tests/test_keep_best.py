@@ -53,6 +53,9 @@ def test_best_export_keeps_the_best_and_reads_it_back(tmp_path):
      r"keep_best='val/los' is not computed by the validation loss; the metrics there: "
      r"\['val/decoder_loss', 'val/loss'\]"),
     ("eval/sts/stsb", None, None, r"keep_best='eval/sts/stsb' needs config\.eval"),
+    ("eval/sts/stsb", None, types.SimpleNamespace(metric_names=("eval/heldout/ndcg@10",)),
+     r"keep_best='eval/sts/stsb' is not computed by config\.eval; the metrics there: "
+     r"\['eval/heldout/ndcg@10'\]"),
     ("loss", ["val/loss"], None, r"keep_best='loss' must name a metric computed at evaluation "
                                  r"points \(names starting with val/ or eval/\)"),
 ])

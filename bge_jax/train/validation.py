@@ -91,8 +91,8 @@ def make_best(config: Any, workdir: str, validator: Validator | None,
               evaluator: Callable | None) -> BestExport | None:
   """config.checkpoint.keep_best's BestExport (None when unset), refusing before training a
   metric that cannot appear: not val/* or eval/*, val/* without validation data or not among the
-  stage's loss metrics, eval/* without config.eval (an eval/* name is checked at the first
-  evaluation, before the first step of a fresh run)."""
+  stage's loss metrics, eval/* without config.eval or not among the evaluator's `metric_names`
+  (an evaluator without them: checked at the first evaluation)."""
   c = config.checkpoint
   metric = c.get("keep_best", "") or ""
   if not metric:
@@ -109,6 +109,8 @@ def make_best(config: Any, workdir: str, validator: Validator | None,
       raise ConfigError(f"config.checkpoint.keep_best={metric!r} needs config.eval (the "
                         "evaluation that logs eval/*); set its tasks, or keep the best by a "
                         "val/* metric.")
+    if getattr(evaluator, "metric_names", None) is not None:
+      best.check_available(evaluator.metric_names, "by config.eval")
   else:
     available = validator.metric_names if validator is not None else []
     raise ConfigError(f"config.checkpoint.keep_best={metric!r} must name a metric computed at "
