@@ -215,7 +215,7 @@ def run_suite(args: argparse.Namespace) -> tuple[dict, list[str]]:
     enc = tasks.CachedEncoder(full)  # retrieval and reranking tasks share their passages
     label = f"dim {dim or width}" + (" (full)" if (dim or width) == width else "")
     print(f"== {args.model}, {label}")
-    rows, mains = [], []
+    rows = []
     for i, task in enumerate(local, 1):
       t0 = time.time()
       metrics = tasks.evaluate_task(enc, task, settings)

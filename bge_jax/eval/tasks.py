@@ -26,7 +26,6 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from bge_jax.eval.data import EvalDataError
 
 # The modules that define task types, imported on first use of the registry.
 TASK_MODULES = ("retrieval", "reranking", "sts", "classification", "pair_classification",
