@@ -229,7 +229,7 @@ def test_trainer_logs_per_dim_and_distill_metrics_and_gradcache_packing_agree(tm
   common = {"data.group_size": 4, "dropout": False, "export": False,
             "data.use_teacher_scores": True, "loss.matryoshka_dims": (64, 16),
             "loss.mask_duplicate_positives": True, "loss.distill_type": "m3_kd_loss"}
-  config = tiny("finetune", rows, tok, 2, **common)
+  config = tiny("finetune", rows, tok, 2, **common, **{"data.pack": False})  # padded
 
   # The AOT abstract batch is the real batch, passage_hash included.
   stage = get_stage("finetune")
