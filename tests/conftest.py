@@ -133,6 +133,28 @@ def make_tokenizer(folder: pathlib.Path) -> pathlib.Path:
   return folder
 
 
+def tiny_random_bert(folder: pathlib.Path):
+  """(params, config, tokenizer folder) of a random tiny BERT (the `tiny` preset: hidden 64,
+  vocab 1024, params ~ N(0, 0.1^2) from seed 0) and a word-piece vocabulary w5..w1023 in `folder`."""
+  import jax
+  import numpy as np
+  import transformers
+
+  from bge_jax import config as config_lib
+  from bge_jax.models import bert
+
+  config = config_lib.preset("tiny")
+  gen = np.random.default_rng(0)
+  params = jax.tree.map(lambda s: (0.1 * gen.standard_normal(s.shape)).astype(np.float32),
+                        bert.abstract_init(config)[0])
+  folder.mkdir(parents=True, exist_ok=True)
+  vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [
+      f"w{i}" for i in range(5, config.vocab_size)]
+  (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+  transformers.BertTokenizerFast(str(folder / "vocab.txt")).save_pretrained(str(folder))
+  return params, config, str(folder)
+
+
 def make_corpus(path: pathlib.Path, n: int, seed: int = 0, min_words: int = 5, max_words: int = 40) -> pathlib.Path:
   """JSONL {"text"} rows of random WORDS with a repeating structure a model can learn."""
   import json

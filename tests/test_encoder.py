@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import transformers
 
-from bge_jax import config as config_lib, weights
+from bge_jax import weights
 from bge_jax.encoder import Encoder, bucket_for, length_buckets
 from bge_jax.models import bert
+from conftest import tiny_random_bert
 
 WORDS = ("the a man woman child dog cat plays runs reads quickly slowly under over bright dark "
          "river mountain city music guitar piano soccer weather tomorrow yesterday because "
@@ -125,16 +126,9 @@ def test_encoder_from_a_bf16_run_checkpoint_computes_in_float32(minilm_path, min
 
 @pytest.fixture(scope="module")
 def tiny_encoder(tmp_path_factory):
-  config = config_lib.preset("tiny")  # vocab 1024, max_position_embeddings 128
-  gen = np.random.default_rng(0)
-  params = jax.tree.map(lambda s: (0.1 * gen.standard_normal(s.shape)).astype(np.float32),
-                        bert.abstract_init(config)[0])
-  folder = tmp_path_factory.mktemp("tiny_tok")
-  vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [
-      f"w{i}" for i in range(5, config.vocab_size)]
-  (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-  tokenizer = transformers.BertTokenizer.from_pretrained(str(folder))
-  return Encoder(params, config, tokenizer, pooling="mean")
+  params, config, folder = tiny_random_bert(tmp_path_factory.mktemp("tiny_tok"))
+  tokenizer = transformers.BertTokenizer.from_pretrained(folder)
+  return Encoder(params, config, tokenizer, pooling="mean")  # max_position_embeddings 128
 
 
 def _tiny_texts(n: int = 200, seed: int = 1, skewed: bool = False):

@@ -13,21 +13,13 @@ from bge_jax import config as config_lib, contrastive, weights
 from bge_jax.data import packing
 from bge_jax.encoder import Encoder
 from bge_jax.models import bert
+from conftest import tiny_random_bert
 
 
 @pytest.fixture(scope="module")
 def tiny_parts(tmp_path_factory):
   """(params, config, tokenizer folder) of a random tiny BERT (hidden 64, vocab 1024)."""
-  config = config_lib.preset("tiny")
-  gen = np.random.default_rng(0)
-  params = jax.tree.map(lambda s: (0.1 * gen.standard_normal(s.shape)).astype(np.float32),
-                        bert.abstract_init(config)[0])
-  folder = tmp_path_factory.mktemp("tiny_tok")
-  vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [
-      f"w{i}" for i in range(5, config.vocab_size)]
-  (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-  transformers.BertTokenizerFast(str(folder / "vocab.txt")).save_pretrained(str(folder))
-  return params, config, str(folder)
+  return tiny_random_bert(tmp_path_factory.mktemp("tiny_tok"))
 
 
 TEXTS = [" ".join(f"w{(7 * i + 3 * k) % 1000 + 5}" for k in range(1 + (i * 5) % 23))
