@@ -146,7 +146,8 @@ def test_sharded_step_matches_single_device(setup, shape):
 # the global batch) on four meshes against one device.
 #
 # The step, loss, optimizer and shardings are the trainer's (configs/*.py:tiny, the stage's
-# model_config / loss_fn, state.make_optimizer / make_train_step, the loop's state shardings).
+# model_config / loss_fn, program.optimizer_options / state.make_optimizer / make_train_step, the
+# loop's state shardings).
 # Gradients are read back from the optimizer state: with clipping off, Adam's first moment after
 # one step from zero is exactly (1 - b1) * grad, so one compiled step per mesh checks the loss,
 # the gradient of every parameter and the sharding of params, mu and nu at once.
@@ -212,7 +213,7 @@ class StageRun:
   """One stage's trainer pieces on tiny shapes, runnable on any mesh."""
 
   def __init__(self, name: str):
-    from bge_jax.train import state as state_lib
+    from bge_jax.train import program, state as state_lib
     from bge_jax.train.stages import get_stage
 
     self.name = name
@@ -223,7 +224,8 @@ class StageRun:
     stage = get_stage(run.stage)
     # One layer (compile time); the layers share one sharding pattern (golden table below).
     self.model_config = stage.model_config(config_lib.preset("tiny", num_layers=1), run)
-    self.tx, schedule = state_lib.make_optimizer(run.optimizer.to_dict(), total_steps=10)
+    self.tx, schedule = state_lib.make_optimizer(
+        program.optimizer_options(run, self.model_config), total_steps=10)
     stage_loss = stage.loss_fn(run, self.model_config)
     self.step = state_lib.make_train_step(lambda p, b, r: stage_loss(p, b, None), self.tx,
                                           schedule)
