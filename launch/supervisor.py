@@ -76,6 +76,13 @@ class _Stream:
       return
     if any(m in window for m in ABORT_MARKERS):
       self.aborting = True
+      # What precedes the marker's line in this read is ordinary output, unless a traceback is
+      # being held (then it is the traceback that raced jax's abort).
+      at = min((i for i in (data.find(m) for m in ABORT_MARKERS) if i >= 0), default=0)
+      start = data.rfind(b"\n", 0, at) + 1
+      if not self.held:
+        self._write(data[:start])
+        data = data[start:]
       self.diverted += self.held + data
       self.held = b""
       return
@@ -161,8 +168,17 @@ def supervise(command: Sequence[str], *, workdir: str, process_index: int | None
   sys.stderr.flush()
   tty = os.isatty(err_fd)
   if tty:
+    import fcntl
     import pty
+    import termios
     read_fd, child_err = pty.openpty()
+    try:  # the terminal's size (progress bars' widths); bytes as written (our tty adds the \r)
+      fcntl.ioctl(child_err, termios.TIOCSWINSZ, fcntl.ioctl(err_fd, termios.TIOCGWINSZ, b"\0" * 8))
+      attrs = termios.tcgetattr(child_err)
+      attrs[1] &= ~termios.ONLCR
+      termios.tcsetattr(child_err, termios.TCSANOW, attrs)
+    except (OSError, termios.error):
+      pass
   else:
     read_fd, child_err = os.pipe()
   env = dict(os.environ, **{ENV_MARKER: "1"})

@@ -193,3 +193,60 @@ def test_supervisor_shows_the_trainers_own_line_once(tmp_path):
   stream.feed(ABORT)
   stream.finish()
   assert stream.shown_error and _shown(out) == b"error: process 1 of this 2-process run stopped\n"
+
+
+_SUPERVISED = r'''
+import sys
+sys.path.insert(0, {repo!r})
+from launch.supervisor import supervise
+sys.exit(supervise([sys.executable, "-c", {child!r}], workdir={workdir!r}, process_index=1,
+                   process_count=2))
+'''
+
+
+def _run_supervised(tmp_path, child: str) -> tuple[int, bytes]:
+  """supervise(child) in a process whose stderr and stdout are a 123-column pseudo-terminal:
+  (exit status, what the terminal showed)."""
+  import fcntl
+  import pathlib
+  import pty
+  import struct
+  import sys
+  import termios
+
+  code = _SUPERVISED.format(repo=str(pathlib.Path(__file__).parents[1]), child=child,
+                            workdir=str(tmp_path))
+  pid, fd = pty.fork()
+  if pid == 0:  # pragma: no cover (the child)
+    fcntl.ioctl(1, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 123, 0, 0))
+    os.execv(sys.executable, [sys.executable, "-c", code])
+  shown = b""
+  while True:
+    try:
+      data = os.read(fd, 65536)
+    except OSError:  # EIO: the other side closed
+      break
+    if not data:
+      break
+    shown += data
+  _, status = os.waitpid(pid, 0)
+  return os.waitstatus_to_exitcode(status), shown
+
+
+def test_supervisor_passes_status_and_terminal_through(tmp_path):
+  rc, shown = _run_supervised(
+      tmp_path, "import os, sys; sys.stderr.write('cols=%d\\n' % os.get_terminal_size(2).columns)"
+                "; sys.exit(3)")
+  assert rc == 3 and shown == b"cols=123\r\n", shown  # one \r: the terminal's, not a second pty's
+
+
+def test_supervisor_turns_jax_abort_into_one_line(tmp_path):
+  child = ("import os, signal, sys; sys.stderr.buffer.write(b'step 3\\n' + %r); "
+           "sys.stderr.flush(); os.kill(os.getpid(), signal.SIGABRT)" % ABORT)
+  rc, shown = _run_supervised(tmp_path, child)
+  lines = shown.decode().splitlines()
+  assert rc == 1 and lines[0] == "step 3", shown
+  assert len(lines) == 2 and lines[1].startswith("error: jax stopped process 1: the coordinator, "
+                                                  "process 0, is unreachable: Socket closed"), shown
+  assert "restart every process with the same command to resume" in lines[1]
+  assert (tmp_path / "lost-peer.process1.log").read_bytes() == ABORT
