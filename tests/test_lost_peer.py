@@ -250,3 +250,26 @@ def test_supervisor_turns_jax_abort_into_one_line(tmp_path):
                                                   "process 0, is unreachable: Socket closed"), shown
   assert "restart every process with the same command to resume" in lines[1]
   assert (tmp_path / "lost-peer.process1.log").read_bytes() == ABORT
+
+
+def test_which_commands_run_supervised(monkeypatch):
+  """Multi-process commands run under the supervisor; single-process ones, --nosupervise, --help
+  and the supervised trainer itself (its environment marker) do not."""
+  import launch.train as train_cli
+  from launch import supervisor
+
+  monkeypatch.delenv(supervisor.ENV_MARKER, raising=False)
+  monkeypatch.setattr(train_cli, "_cluster_detected", lambda: None)
+  multi = ["--config", "configs/retromae.py:tiny", "--workdir", "runs/x",
+           "--coordinator_address=127.0.0.1:1234", "--num_processes=2", "--process_id", "1"]
+  assert train_cli._supervised_command(multi) == ("runs/x", 1, 2)
+  assert train_cli._supervised_command(multi + ["--nosupervise"]) is None
+  assert train_cli._supervised_command(multi + ["--helpfull"]) is None
+  assert train_cli._supervised_command(["--workdir=runs/x", "--config=c.py"]) is None
+  assert train_cli._supervised_command(["--workdir=runs/x", "--distributed=on"]) == (
+      "runs/x", None, None)
+  monkeypatch.setattr(train_cli, "_cluster_detected", lambda: "SLURM")
+  assert train_cli._supervised_command(["--workdir=runs/x"]) == ("runs/x", None, None)
+  assert train_cli._supervised_command(["--workdir=runs/x", "--distributed=off"]) is None
+  monkeypatch.setenv(supervisor.ENV_MARKER, "1")
+  assert train_cli._supervised_command(multi) is None
