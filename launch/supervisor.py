@@ -147,15 +147,19 @@ class _Stream:
         return
 
 
-def _die_with_parent() -> None:
-  """In the child, before exec: SIGKILL when the supervisor dies (Linux)."""
-  try:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() == 1:  # the supervisor died before prctl took effect
+def _die_with(parent: int):
+  """A preexec_fn for the child: SIGKILL when the supervisor (pid `parent`) dies (Linux)."""
+
+  def set_death_signal() -> None:
+    try:
+      libc = ctypes.CDLL(None, use_errno=True)
+      libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+      return
+    if os.getppid() != parent:  # the supervisor died before prctl took effect
       os._exit(1)
-  except (OSError, AttributeError):
-    pass
+
+  return set_death_signal
 
 
 def supervise(command: Sequence[str], *, workdir: str, process_index: int | None,
@@ -183,7 +187,7 @@ def supervise(command: Sequence[str], *, workdir: str, process_index: int | None
     read_fd, child_err = os.pipe()
   env = dict(os.environ, **{ENV_MARKER: "1"})
   child = subprocess.Popen(list(command), env=env, stderr=child_err, start_new_session=True,
-                           preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+                           preexec_fn=_die_with(os.getpid()) if sys.platform == "linux" else None)
   os.close(child_err)
 
   def forward(signum, _frame):
