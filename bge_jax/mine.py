@@ -40,20 +40,19 @@ Differences from the PyTorch original, on purpose:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
 import logging
-import os
-import tempfile
-from typing import IO, Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from bge_jax.data.files import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -386,36 +385,8 @@ def read_candidate_pool(path: str) -> list[str]:
   return texts
 
 
-@contextlib.contextmanager
-def atomic_file(path: str, mode: str = "w") -> Iterator[IO]:
-  """Yields a file whose content appears at `path` only when the block completes: written to a
-  temporary file beside it, then renamed, so `path` holds either its old content or all of the
-  new, and an error (or an interrupt) leaves no temporary file. The file gets the mode an
-  ordinary open() would give it (or the old file's)."""
-  folder = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-  try:
-    # mkstemp makes the file 0600: give it the mode an ordinary open() would (or the old file's).
-    if os.path.exists(path):
-      file_mode = os.stat(path).st_mode & 0o777
-    else:
-      umask = os.umask(0)
-      os.umask(umask)
-      file_mode = 0o666 & ~umask
-    os.fchmod(fd, file_mode)
-    with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-      yield f
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 def write_rows(path: str, rows: Iterable[dict]) -> None:
-  """Writes `rows` as JSONL to `path` atomically (`atomic_file`)."""
+  """Writes `rows` as JSONL to `path` atomically (`files.atomic_file`)."""
   with atomic_file(path) as f:
     for row in rows:
       f.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -772,5 +743,5 @@ def mine_hard_negatives(rows: Sequence[dict], encoder: Any, *,
 
 __all__ = ["MiningInputError", "MiningStats", "ScoreLimits", "CorpusIndex", "exact_top_k",
            "merge_top_k", "corpus_split", "encode_chunks", "check_row", "fe_row", "read_rows",
-           "read_candidate_pool", "parse_range", "atomic_file", "write_rows",
+           "read_candidate_pool", "parse_range", "write_rows",
            "mine_hard_negatives", "mine_with_stats"]

@@ -334,13 +334,12 @@ def main(argv: list[str] | None = None) -> int:
     info = {k: v for k, v in result.items() if k not in ("task", "metrics")}
     print_table(f"{result['task']} evaluation", info, result["metrics"])
   if args.out:
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(out_dir, exist_ok=True)
-    tmp = f"{args.out}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    from bge_jax.data.files import atomic_file
+
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with atomic_file(args.out) as f:
       json.dump(result, f, indent=2)
       f.write("\n")
-    os.replace(tmp, args.out)
     print(f"wrote {args.out}")
   for line in skipped:
     print(f"skipped: {line}")

@@ -108,9 +108,9 @@ def main(argv: list[str] | None = None) -> int:
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
   logging.getLogger("bge_jax.filter").setLevel(logging.INFO)
 
-  from bge_jax import convert, mine
+  from bge_jax import convert
   from bge_jax import filter as filter_lib
-  from bge_jax.data import pairs
+  from bge_jax.data import files, pairs
   from bge_jax.data.sources import DataError
 
   if args.threshold is None and args.top_k is None:
@@ -166,8 +166,8 @@ def main(argv: list[str] | None = None) -> int:
       batch_size=args.batch_size, max_length=args.max_length,
       chunk_rows=args.chunk_rows or filter_lib.DEFAULT_CHUNK_ROWS, show_progress=None)
   try:
-    with mine.atomic_file(args.output) as kept_file, \
-        (mine.atomic_file(args.dropped) if args.dropped else open(os.devnull, "w")) as dropped:
+    with files.atomic_file(args.output) as kept_file, \
+        (files.atomic_file(args.dropped) if args.dropped else open(os.devnull, "w")) as dropped:
       locate = getattr(source, "locate", None)
       for result in results:
         summary.add(result)
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
 
   info = dict(summary.to_json(), model=args.model, input=args.input,
               query_instruction=args.query_instruction, output=args.output)
-  with mine.atomic_file(summary_path) as f:
+  with files.atomic_file(summary_path) as f:
     json.dump(info, f, indent=2, ensure_ascii=False)
     f.write("\n")
   filter_lib.plot_scores(summary, plot_path, title=f"{os.path.basename(args.input)}: "

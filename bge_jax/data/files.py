@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import glob
 import gzip
 import logging
 import os
 import re
+import tempfile
 import zlib
 from typing import IO, Callable, Iterator, Sequence
 
@@ -170,3 +172,31 @@ class RowReader:
   def lines(self, path: str, f: IO[bytes]) -> Iterator[tuple[int, bytes]]:
     """(line number, raw line) of the non-blank lines of `f`, damage handled by `damaged`."""
     return nonblank_lines(f, lambda line, e: self.damaged(path, line, e))
+
+
+@contextlib.contextmanager
+def atomic_file(path: str, mode: str = "w") -> Iterator[IO]:
+  """Yields a file whose content appears at `path` only when the block completes: written to a
+  temporary file beside it, then renamed, so `path` holds either its old content or all of the
+  new, and an error (or an interrupt) leaves no temporary file. The file gets the mode an
+  ordinary open() would give it (or the old file's)."""
+  folder = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+  try:
+    # mkstemp makes the file 0600: give it the mode an ordinary open() would (or the old file's).
+    if os.path.exists(path):
+      file_mode = os.stat(path).st_mode & 0o777
+    else:
+      umask = os.umask(0)
+      os.umask(umask)
+      file_mode = 0o666 & ~umask
+    os.fchmod(fd, file_mode)
+    with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+      yield f
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise

@@ -13,9 +13,9 @@ from __future__ import annotations
 import fnmatch
 import math
 import os
-import tempfile
 from typing import Any, Sequence
 
+from bge_jax.data.files import atomic_file
 from bge_jax.train.metrics import MetricsLogError, metrics_path, read_metrics
 
 DEFAULT_METRICS = ("loss", "val/loss", "eval/*")
@@ -137,14 +137,6 @@ def save_png(fig: Any, out_path: str) -> str:
   Parent folders are created; a failure leaves no temporary file."""
   out_path = os.path.abspath(os.fspath(out_path))
   os.makedirs(os.path.dirname(out_path), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out_path)}.tmp-", suffix=".png",
-                             dir=os.path.dirname(out_path))
-  try:
-    with os.fdopen(fd, "wb") as f:
-      fig.savefig(f, format="png")
-    os.replace(tmp, out_path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  with atomic_file(out_path, "wb") as f:
+    fig.savefig(f, format="png")
   return out_path
