@@ -194,20 +194,22 @@ def _lost_peer_message(e: BaseException, index: int, count: int) -> str:
 # Unknown --config.key overrides: refused before anything starts, with the closest keys.
 # ---------------------------------------------------------------------------------------------
 
-def _config_arg(argv: list[str]) -> str | None:
+def _flag_value(argv: list[str], name: str) -> str | None:
+  """--name=value or --name value, before absl parses the flags (the last one wins)."""
+  value = None
   for i, a in enumerate(argv):
-    if a.startswith("--config="):
-      return a.split("=", 1)[1]
-    if a == "--config" and i + 1 < len(argv):
-      return argv[i + 1]
-  return None
+    if a.startswith(f"--{name}="):
+      value = a.split("=", 1)[1]
+    elif a == f"--{name}" and i + 1 < len(argv):
+      value = argv[i + 1]
+  return value
 
 
 def unknown_config_keys(argv: list[str]) -> list[str]:
   """One message per --config.KEY override that the config file does not define."""
   from bge_jax import config_files
 
-  spec = _config_arg(argv)
+  spec = _flag_value(argv, "config")
   if not spec:
     return []
   # The file as config_flags reads it (a path, never a bundled name); a missing one is refused
@@ -248,7 +250,7 @@ def _run():
   try:
     unknown = unknown_config_keys(sys.argv[1:])
   except (config_files.ConfigFileError, ValueError) as e:  # e.g. an unknown preset as the arg
-    print(f"error: --config {_config_arg(sys.argv[1:])}: {e}", file=sys.stderr)
+    print(f"error: --config {_flag_value(sys.argv[1:], 'config')}: {e}", file=sys.stderr)
     sys.exit(2)
   if unknown:
     for m in unknown:
@@ -262,17 +264,6 @@ def _run():
       print(f"error: unknown config key: {e}", file=sys.stderr)
       sys.exit(2)
     raise
-
-
-def _flag_value(argv: list[str], name: str) -> str | None:
-  """--name=value or --name value, before absl parses the flags (the last one wins)."""
-  value = None
-  for i, a in enumerate(argv):
-    if a.startswith(f"--{name}="):
-      value = a.split("=", 1)[1]
-    elif a == f"--{name}" and i + 1 < len(argv):
-      value = argv[i + 1]
-  return value
 
 
 def _supervised_command(argv: list[str]) -> tuple[str, int | None, int | None] | None:
