@@ -69,7 +69,10 @@ def test_peak_rss_growth_sees_an_allocation(bench):
   grown = bench.peak_rss_growth(allocate)
   if grown is None:
     pytest.skip("/proc/self/clear_refs is not writable here")
-  assert 0.9 * size <= grown <= 1.5 * size, grown
+  # Other threads of the process (XLA's pools, pytest-xdist's channel) may free or the kernel may
+  # reclaim a few MiB while fn runs: CI once measured 0.898 * size. The lower bound still tells
+  # the allocation from nothing (the next line: < 16 MiB).
+  assert 0.75 * size <= grown <= 1.5 * size, grown
   assert bench.peak_rss_growth(lambda: None) < 16 * 2**20
 
 
