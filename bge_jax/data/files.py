@@ -9,7 +9,7 @@ import gzip
 import logging
 import os
 import re
-import tempfile
+import secrets
 import zlib
 from typing import IO, Callable, Iterator, Sequence
 
@@ -177,26 +177,30 @@ class RowReader:
 @contextlib.contextmanager
 def atomic_file(path: str, mode: str = "w") -> Iterator[IO]:
   """Yields a file whose content appears at `path` only when the block completes: written to a
-  temporary file beside it, then renamed, so `path` holds either its old content or all of the
-  new, and an error (or an interrupt) leaves no temporary file. The file gets the mode an
-  ordinary open() would give it (or the old file's)."""
+  temporary file beside it, flushed to disk, then renamed, so `path` holds either its old content
+  or all of the new (also on a full disk, or when several hosts share the folder), and an error
+  (or an interrupt) leaves no temporary file. The file gets the mode an ordinary open() would give
+  it, or the old file's."""
   folder = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+  # Unique per writer; O_EXCL with mode 0o666 gives open()'s permissions (umask applied) without
+  # reading the umask, which only os.umask can do, and that changes it for every thread.
+  tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+  fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
   try:
-    # mkstemp makes the file 0600: give it the mode an ordinary open() would (or the old file's).
     if os.path.exists(path):
-      file_mode = os.stat(path).st_mode & 0o777
-    else:
-      umask = os.umask(0)
-      os.umask(umask)
-      file_mode = 0o666 & ~umask
-    os.fchmod(fd, file_mode)
+      os.fchmod(fd, os.stat(path).st_mode & 0o777)
     with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+      fd = None  # the file object owns it now
       yield f
       f.flush()
+      # Some file systems (NFS, delayed allocation) report a full disk only here, not at write.
       os.fsync(f.fileno())
     os.replace(tmp, path)
   except BaseException:
-    if os.path.exists(tmp):
+    if fd is not None:
+      os.close(fd)
+    try:
       os.remove(tmp)
+    except OSError:
+      pass  # cleanup is best effort: never mask the real error
     raise

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import secrets
 from typing import Any, Callable
 
 import jax
 
 from bge_jax import memory as memory_lib
+from bge_jax.data import files
 from bge_jax.train.checkpoints import write_failure
 
 log = logging.getLogger("bge_jax.train")
@@ -37,31 +37,15 @@ def write_run_info(workdir, config, model_config, origin, total_steps, batcher, 
 
 
 def write_atomic(folder: str, name: str, write: Callable[[Any], Any]) -> None:
-  """Writes folder/name through `write(file)` all or nothing: into a temporary file beside it,
-  then renamed over it, so a full disk leaves the previous file (a resume's) intact rather than
-  truncated. A disk-full/permission OSError raises checkpoints' CheckpointError naming the file."""
-  path = os.path.join(folder, name)
-  # Unique per writer (processes of several hosts may share the folder); O_EXCL with mode 0o666
-  # gives the file open()'s permissions (umask applied), which mkstemp's 0o600 would not.
-  tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-  created = False
+  """Writes folder/name through `write(file)` all or nothing (`files.atomic_file`), so a full disk
+  leaves the previous file (a resume's) intact rather than truncated. A disk-full/permission
+  OSError raises checkpoints' CheckpointError naming the file."""
   try:
     os.makedirs(folder, exist_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    created = True
-    with os.fdopen(fd, "w") as f:
+    with files.atomic_file(os.path.join(folder, name)) as f:
       write(f)
-      f.flush()
-      # Some file systems (NFS, delayed allocation) report a full disk only here, not at write.
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException as e:
-    if created:
-      try:
-        os.remove(tmp)
-      except OSError:
-        pass
-    failure = write_failure(folder, name, e) if isinstance(e, OSError) else None
+  except OSError as e:
+    failure = write_failure(folder, name, e)
     if failure is None:
       raise
     raise failure from e
