@@ -17,13 +17,21 @@ every top-up provably keeps them too), and otherwise stays short.
 
 Several processes (`jax.distributed`): every process reads the rows and the corpus texts;
 process p embeds and searches only its contiguous slice of the corpus (whole `chunk_size`
-chunks, `corpus_split`), and the per-process top-k lists are gathered and merged
-(`merge_top_k`) `QUERY_CHUNK` queries at a time. Each passage is encoded in the same chunk
-whatever the process count and equal scores keep the lower index first, so the negatives are
-those of one process. Per process: corpus embeddings N/P x D x 4 bytes (the term that
-outgrows a host: 3 KiB per passage at D = 768), all query embeddings Q x D x 4, the texts, and a
-[P, QUERY_CHUNK, end] merge buffer; time: encoding N/P passages and all Q queries, and
-Q x N/P x D multiply-adds of search.
+chunks, `corpus_split`), embeds only its slice of the queries (and of the positives missing
+from a candidate pool) the same way, the query slices are gathered (`gather_split`) so every
+process searches its corpus rows with every query, and the per-process top-k lists are
+gathered and merged (`merge_top_k`) `QUERY_CHUNK` queries at a time. Each text is encoded in
+the same chunk whatever the process count and equal scores keep the lower index first, so the
+negatives are those of one process, bit for bit. With P processes, N passages, Q queries and D
+dims, per process:
+
+* memory: corpus embeddings N/P x D x 4 bytes (the term that outgrows a host: 3 KiB per
+  passage at D = 768), all query embeddings Q x D x 4 (gathered: every process holds them),
+  the texts (every process reads them all), a [P, QUERY_CHUNK, D] query-gather buffer and a
+  [P, QUERY_CHUNK, end] merge buffer;
+* time: encoding N/P passages and Q/P queries (encoding time / P), Q x N/P x D multiply-adds
+  of search, plus gathering Q x D x 4 bytes of queries and Q x end x 12 bytes of top-k lists
+  from every process.
 
 Differences from the PyTorch original, on purpose:
 
@@ -508,8 +516,9 @@ class MiningStats:
 
 def corpus_split(n: int, chunk_size: int, process_index: int,
                  process_count: int) -> tuple[int, int]:
-  """Rows [lo, hi) of an n-passage corpus that one process embeds and searches: whole chunks of
-  `chunk_size` passages, contiguous, in process order (every process gets ~n / count)."""
+  """Rows [lo, hi) of n texts (the corpus, the queries, the positives outside the corpus) that
+  one process embeds: whole chunks of `chunk_size` texts, contiguous, in process order (every
+  process gets ~n / count, a process none when there are fewer chunks than processes)."""
   chunks = -(-n // chunk_size)
   lo = process_index * chunks // process_count
   hi = (process_index + 1) * chunks // process_count
@@ -525,15 +534,18 @@ def _gather(x: np.ndarray) -> np.ndarray:
 
 
 def encode_chunks(encoder: Any, texts: Sequence[str], lo: int, hi: int, chunk_size: int,
-                   show_progress: bool, **encode_kwargs: Any) -> np.ndarray:
-  """Embeddings of texts[lo:hi], encoded `chunk_size` texts per call on chunk boundaries of
-  the whole corpus, so that a passage's batch (hence its embedding, bit for bit) does not
-  depend on how the corpus is split across processes."""
+                   show_progress: bool, *, desc: str = "encode corpus",
+                   **encode_kwargs: Any) -> np.ndarray:
+  """[hi - lo, D] float32 embeddings of texts[lo:hi], encoded `chunk_size` texts per call on
+  chunk boundaries of the whole list, so that a text's batch (hence its embedding, bit for bit)
+  does not depend on how the list is split across processes (`corpus_split`). `encode_kwargs`
+  go to `encoder.encode` (batch_size, max_length, instruction); `desc` names the progress bar
+  shown over several chunks."""
   parts = []
   starts = range(lo, hi, chunk_size)
   if show_progress and len(starts) > 1:
     from tqdm.auto import tqdm
-    starts = tqdm(starts, desc="encode corpus", unit="chunk")
+    starts = tqdm(starts, desc=desc, unit="chunk")
   for start in starts:
     parts.append(encoder.encode(texts[start:min(start + chunk_size, hi)],
                                 show_progress=show_progress and len(starts) == 1,
@@ -543,12 +555,46 @@ def encode_chunks(encoder: Any, texts: Sequence[str], lo: int, hi: int, chunk_si
   return np.concatenate(parts).astype(np.float32, copy=False)
 
 
+def gather_split(local: np.ndarray, n: int, chunk_size: int,
+                 piece: int = QUERY_CHUNK) -> np.ndarray:
+  """[n, ...]: the rows of an array split across processes as `corpus_split(n, chunk_size, p,
+  P)` splits them (`local`: this process's rows), whole and in order, on every process.
+
+  The slices are gathered `piece` rows at a time, each padded to the longest slice, so the
+  gather's buffer (on every local device too) is [P, piece, ...] whatever n; the result is a
+  host array of n rows per process. One process: `local` itself.
+  """
+  processes = jax.process_count()
+  if processes == 1:
+    return local
+  bounds = [corpus_split(n, chunk_size, p, processes) for p in range(processes)]
+  lo, hi = bounds[jax.process_index()]
+  if local.shape[0] != hi - lo:
+    raise ValueError(f"this process holds {local.shape[0]} rows; its slice is {lo}-{hi}")
+  longest = max(b - a for a, b in bounds)
+  piece = max(1, min(piece, longest))
+  out = np.empty((n, *local.shape[1:]), local.dtype)
+  buffer = np.zeros((piece, *local.shape[1:]), local.dtype)
+  for j in range(0, longest, piece):
+    part = local[j:j + piece]
+    buffer[:len(part)] = part
+    buffer[len(part):] = 0
+    got = _gather(buffer)
+    for p, (a, b) in enumerate(bounds):
+      rows = max(0, min(piece, b - a - j))
+      out[a + j:a + j + rows] = got[p, :rows]
+  return out
+
+
 def _positive_scores(rows: Sequence[dict], q_vecs: np.ndarray, local: np.ndarray, lo: int,
-                     position: dict[str, int], encoder: Any,
-                     encode_kwargs: dict[str, Any]) -> np.ndarray:
-  """[rows] float32: each query's lowest score with its positives. A positive in the corpus is
-  scored by the process holding its embedding (the others contribute +inf, the processes
-  take the minimum); a positive outside the corpus (a candidate pool) is encoded here."""
+                     position: dict[str, int], encoder: Any, chunk_size: int,
+                     show_progress: bool, encode_kwargs: dict[str, Any]) -> np.ndarray:
+  """[rows] float32: each query's lowest score with its positives (`q_vecs`: every query's
+  embedding, [rows, D]). A positive in the corpus is scored by the process holding its
+  embedding (`local`, corpus rows from `lo`); the positives outside the corpus (a candidate
+  pool), deduplicated in first-seen order, are split across processes as the corpus is
+  (`corpus_split`, `encode_chunks`) and scored by the process that encoded them. Every other
+  process contributes +inf for a pair, and the processes take the minimum."""
   hi = lo + len(local)
   row_of, corpus_index, missing = [], [], {}
   for i, row in enumerate(rows):
@@ -564,9 +610,14 @@ def _positive_scores(rows: Sequence[dict], q_vecs: np.ndarray, local: np.ndarray
   own = (corpus_index >= lo) & (corpus_index < hi)
   pair_scores[own] = np.einsum("nd,nd->n", q_vecs[row_of[own]], local[corpus_index[own] - lo])
   if missing:
-    extra = encoder.encode(list(missing), **encode_kwargs)
-    out = corpus_index < 0
-    pair_scores[out] = np.einsum("nd,nd->n", q_vecs[row_of[out]], extra[-1 - corpus_index[out]])
+    m_lo, m_hi = corpus_split(len(missing), chunk_size, jax.process_index(), jax.process_count())
+    log.info("encoding %d positives missing from the corpus%s", len(missing),
+             f"; this process: {m_lo}-{m_hi}" if jax.process_count() > 1 else "")
+    extra = encode_chunks(encoder, list(missing), m_lo, m_hi, chunk_size, show_progress,
+                          desc="encode positives", **encode_kwargs)
+    m = -1 - corpus_index
+    out = (corpus_index < 0) & (m >= m_lo) & (m < m_hi)
+    pair_scores[out] = np.einsum("nd,nd->n", q_vecs[row_of[out]], extra[m[out] - m_lo])
   pair_scores = _gather(pair_scores).min(axis=0)
   best = np.full(len(rows), np.inf, np.float32)
   np.minimum.at(best, row_of, pair_scores)
@@ -627,11 +678,16 @@ def mine_with_stats(rows: Sequence[dict], encoder: Any, *,
   log.info("encoding the corpus (%d passages%s)", n,
            f"; this process: {lo}-{hi}" if processes > 1 else "")
   local = encode_chunks(encoder, corpus, lo, hi, chunk_size, show_progress, **encode_kwargs)
-  log.info("encoding the queries (%d rows)", len(rows))
-  q_vecs = encoder.encode([row["query"] for row in rows], instruction=query_instruction,
-                          show_progress=show_progress, **encode_kwargs)
-  q_vecs = np.asarray(q_vecs, np.float32)
-  pos_scores = (_positive_scores(rows, q_vecs, local, lo, position, encoder, encode_kwargs)
+  q_lo, q_hi = corpus_split(len(rows), chunk_size, me, processes)
+  log.info("encoding the queries (%d rows%s)", len(rows),
+           f"; this process: {q_lo}-{q_hi}" if processes > 1 else "")
+  q_vecs = encode_chunks(encoder, [row["query"] for row in rows], q_lo, q_hi, chunk_size,
+                         show_progress, desc="encode queries", instruction=query_instruction,
+                         **encode_kwargs)
+  # Every process searches its corpus rows with every query: the slices are gathered.
+  q_vecs = gather_split(q_vecs, len(rows), chunk_size)
+  pos_scores = (_positive_scores(rows, q_vecs, local, lo, position, encoder, chunk_size,
+                                 show_progress, encode_kwargs)
                 if limits.need_positive_score else None)
 
   k = min(end, n)
@@ -724,9 +780,12 @@ def mine_hard_negatives(rows: Sequence[dict], encoder: Any, *,
       too close to the query, or to its positive's score, are not sampled. With a limit set,
       random top-ups come only from passages ranked past `end` and only when the rank
       `end - 1` score keeps the limits (then every such passage does); else the row stays short.
-    chunk_size: corpus passages encoded per `encoder.encode` call; in a multi-process run
-      (`jax.distributed`) each process embeds and searches whole chunks of its own
-      (`corpus_split`), the per-process top-k are merged, and every process returns the rows.
+    chunk_size: texts (corpus passages, queries, positives outside the corpus) encoded per
+      `encoder.encode` call; in a multi-process run (`jax.distributed`) each process embeds
+      whole chunks of its own (`corpus_split`) and searches its corpus chunks with every
+      query (the query embeddings are gathered), the per-process top-k are merged, and every
+      process returns the rows: those of one process. Per process this holds N/P corpus and
+      all Q query embeddings and encodes N/P passages and Q/P queries (module docstring).
 
   Returns:
     One dict per row with all of its fields, `"neg"` replaced (sampled neighbours in rank order,
@@ -742,6 +801,6 @@ def mine_hard_negatives(rows: Sequence[dict], encoder: Any, *,
 
 
 __all__ = ["MiningInputError", "MiningStats", "ScoreLimits", "CorpusIndex", "exact_top_k",
-           "merge_top_k", "corpus_split", "encode_chunks", "check_row", "fe_row", "read_rows",
-           "read_candidate_pool", "parse_range", "write_rows",
+           "merge_top_k", "corpus_split", "encode_chunks", "gather_split", "check_row", "fe_row",
+           "read_rows", "read_candidate_pool", "parse_range", "write_rows",
            "mine_hard_negatives", "mine_with_stats"]

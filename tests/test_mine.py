@@ -402,24 +402,66 @@ def test_corpus_split_and_merge_equal_one_search():
   assert (empty[0] == -np.inf).all()
 
 
+# Runs launch/mine.py's main() in a jax.distributed process with Encoder.encode wrapped to
+# record every call's texts, then gathers a test array with gather_split in pieces of 3 rows.
+TWO_PROCESS_DRIVER = """
+import json, sys
+import jax
+import numpy as np
+from bge_jax import encoder as encoder_lib, mine
+from launch import mine as cli
+
+calls = []
+encode = encoder_lib.Encoder.encode
+
+def recorded(self, texts, *args, **kwargs):
+  calls.append({"texts": list(texts), "instruction": kwargs.get("instruction")})
+  return encode(self, texts, *args, **kwargs)
+
+encoder_lib.Encoder.encode = recorded
+code = cli.main(sys.argv[2:])
+gathered = None
+if code == 0:
+  n, chunk = 23, 4
+  lo, hi = mine.corpus_split(n, chunk, jax.process_index(), jax.process_count())
+  full = np.arange(n * 3, dtype=np.float32).reshape(n, 3)
+  gathered = mine.gather_split(full[lo:hi], n, chunk, piece=3).tolist()
+with open(sys.argv[1], "w") as f:
+  json.dump({"code": code, "calls": calls, "gathered": gathered}, f)
+sys.exit(code)
+"""
+
+
 @pytest.mark.slow
 def test_two_processes_mine_as_one(tiny_model, encoder, rows, tmp_path):
-  """launch/mine.py as 2 jax.distributed processes (gloo, 4 CPU devices each), each embedding
-  and searching half the corpus: the same rows as one process."""
+  """launch/mine.py as 2 jax.distributed processes (gloo, 4 CPU devices each): each encodes
+  only its own chunks of the corpus, of the queries and of the positives missing from the
+  candidate pool (recorded from Encoder.encode), and the output is one process's rows."""
   from test_multihost import free_port
 
+  chunk, instruction = 16, "q: "
+  dropped = {row["pos"][0] for i, row in enumerate(rows) if i % 3 != 2}
+  pool = [t for t in corpus_of(rows) if t not in dropped]
+  missing = list(dict.fromkeys(t for row in rows for t in row["pos"] if t not in pool))
+  queries = [row["query"] for row in rows]
+  assert len(rows) > chunk and len(missing) > chunk  # both processes encode some of each
   train = write_jsonl(tmp_path / "train.jsonl", rows)
+  pool_file = write_jsonl(tmp_path / "pool.jsonl", [{"text": t} for t in pool])
   out = tmp_path / "out.jsonl"
   port = free_port()
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4 "
-                                   "--xla_cpu_multi_thread_eigen=false")
+                                   "--xla_cpu_multi_thread_eigen=false",
+             HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
   args = ["--model", str(tiny_model), "--input", train, "--output", str(out), "--range", "2-40",
-          "--negatives", "6", "--max-length", "32", "--batch-size", "64", "--chunk-size", "16",
+          "--negatives", "6", "--max-length", "32", "--batch-size", "64", "--chunk-size",
+          str(chunk), "--candidate-pool", pool_file, "--query-instruction", instruction,
           "--margin", "0.001", "--max-score", "0.98", "--coordinator-address",
           f"127.0.0.1:{port}", "--num-processes", "2"]
-  procs = [subprocess.Popen([sys.executable, str(SCRIPT), *args, "--process-id", str(i)],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True) for i in range(2)]
+  records = [tmp_path / f"calls{i}.json" for i in range(2)]
+  procs = [subprocess.Popen([sys.executable, "-c", TWO_PROCESS_DRIVER, str(records[i]), *args,
+                             "--process-id", str(i)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
   try:
     logs = [p.communicate(timeout=600)[0] for p in procs]
   finally:
@@ -427,12 +469,33 @@ def test_two_processes_mine_as_one(tiny_model, encoder, rows, tmp_path):
       if p.poll() is None:
         p.kill()
   assert [p.returncode for p in procs] == [0, 0], logs
-  assert "(2 processes)" in logs[0] and "this process: 0-" in logs[0] + logs[1]
+  assert "(2 processes)" in logs[0] and "mined 40 rows" in logs[0]
+  assert "mined" not in logs[1]  # process 0 alone writes the output and the summary
   expected, stats = mine.mine_with_stats(
-      rows, encoder, range_for_sampling=(2, 40), negative_number=6, batch_size=64,
-      max_length=32, chunk_size=16, margin=0.001, max_score=0.98)
+      rows, encoder, candidate_pool=pool, range_for_sampling=(2, 40), negative_number=6,
+      query_instruction=instruction, batch_size=64, max_length=32, chunk_size=chunk,
+      margin=0.001, max_score=0.98)
   assert stats.skipped["margin"] > 0  # the positives' scores crossed processes
   assert read_jsonl(out) == expected
+
+  seen_queries, seen_passages = [], []
+  for p, record in enumerate(records):
+    calls = json.loads(record.read_text())["calls"]
+    assert all(len(c["texts"]) <= chunk for c in calls)
+    q_lo, q_hi = mine.corpus_split(len(queries), chunk, p, 2)
+    lo, hi = mine.corpus_split(len(pool), chunk, p, 2)
+    m_lo, m_hi = mine.corpus_split(len(missing), chunk, p, 2)
+    assert 0 < q_hi - q_lo < len(queries) and 0 < m_hi - m_lo < len(missing)
+    own_queries = [t for c in calls if c["instruction"] == instruction for t in c["texts"]]
+    own_passages = [t for c in calls if c["instruction"] is None for t in c["texts"]]
+    assert own_queries == queries[q_lo:q_hi], p
+    assert own_passages == pool[lo:hi] + missing[m_lo:m_hi], p
+    seen_queries += own_queries
+    seen_passages += own_passages
+  # Every text was encoded once, by one process.
+  assert seen_queries == queries and sorted(seen_passages) == sorted(pool + missing)
+  gathered = [json.loads(r.read_text())["gathered"] for r in records]
+  assert gathered[0] == gathered[1] == np.arange(23 * 3).reshape(23, 3).tolist()
 
 
 # ---------------------------------------------------------------------------------------------
