@@ -174,6 +174,59 @@ def _recording(src):
   return seen
 
 
+def test_validation_fraction_holds_out_the_jsonl_paths_rows_read_lazily(inputs, ready, tmp_path):
+  """data.validation_fraction on the prepared folder (`holdout.split`): the same held-out and
+  training rows as on its JSONL inputs (a function of the row count alone), made without
+  reading a row, and the same training and validation batches (two processes)."""
+  from bge_jax.data import holdout
+
+  config = {"validation_fraction": 0.2}
+  ref = open_contrastive_data(inputs["files"])
+  src = open_contrastive_data(str(ready))
+  seen = _recording(src)
+  (ref_train, ref_val), (train, val) = holdout.split(ref, config), holdout.split(src, config)
+  assert seen == []  # the split read no row
+  assert isinstance(val, prepared.PreparedPairs) and len(val) == round(0.2 * 310) == 62
+  np.testing.assert_array_equal(val.indices, holdout.held_out(310, 0.2))
+  assert list(val) == ref_val.rows and list(train) == ref_train.rows
+  assert sorted(seen) == list(range(310)) and len(seen) == 310  # each row read once, by its view
+  for mine, theirs in ((train, ref_train), (val, ref_val)):
+    assert [mine.locate(i) for i in (0, len(mine) - 1)] == [theirs.locate(i)
+                                                            for i in (0, len(theirs) - 1)]
+    for what in ("neg", "pos_scores", "neg_scores"):
+      assert mine.first_row_without(what) == theirs.first_row_without(what), what
+    pool = mine.positives()
+    assert len(pool) == len(theirs.positives()) > len(mine)  # rows with two positives
+    assert [pool[t] for t in range(len(pool))] == theirs.positives()
+    every = np.arange(len(mine))
+    np.testing.assert_array_equal(mine.type_mask(("classification",))[every],
+                                  theirs.type_mask(("classification",))[every])
+    assert mine.covering_row() is None and theirs.covering_row() is None
+  assert val.subset([1, 3]).__getitems__([0, 1]) == [ref_val[1], ref_val[3]]  # a view of a view
+  for folder in (ready, tmp_path / "tsv"):  # some rows with two positives; one positive a row
+    if folder != ready:
+      prepare.prepare(inputs["files"][2:], str(folder), rows_per_shard=30, progress=False)
+    tsv = open_contrastive_data(str(folder))
+    tsv = tsv.subset(range(len(tsv) - 70, len(tsv))).subset(range(2, 70, 3))  # c.tsv's rows
+    assert list(tsv.positives()) == [r.pos[0] for r in open_contrastive_data(
+        inputs["files"][2]).rows[2::3]]
+  with pytest.raises(ValueError, match="strictly increasing"):
+    val.subset([3, 1])
+
+  tok = tokenizer(inputs)
+  kw = dict(batch_size=8, group_size=4, query_max_length=12, passage_max_length=16, seed=5,
+            process_count=2)
+  for data in ((train, ref_train), (val, ref_val)):
+    for p in range(2):
+      a, b = (ContrastiveBatcher([("d", d)], tok, process_index=p, **kw) for d in data)
+      assert a.steps_per_epoch == b.steps_per_epoch == len(data[0]) // 16
+      for step in range(a.steps_per_epoch + 2):
+        x, y = a(step), b(step)
+        assert x.keys() == y.keys()
+        for k in x:
+          np.testing.assert_array_equal(x[k], y[k], err_msg=f"step {step} {k}")
+
+
 def test_two_processes_read_disjoint_rows_that_cover_the_epoch(inputs, tmp_path):
   """With negatives in every row (no pool draws), each process reads exactly the rows of its own
   batches: the two sets are disjoint and together are the epoch's global selections."""
@@ -258,6 +311,10 @@ def test_stage1_reads_prepared_text_lazily(tmp_path):
   for k in range(2):
     assert list(src.shard(k, 2)) == list(ref.shard(k, 2))
   assert src.__getitems__([40, 3, 17]) == ref.__getitems__([40, 3, 17])
+  from bge_jax.data import holdout  # data.validation_fraction: the same held-out texts
+  for mine, theirs in zip(holdout.split(src, {"validation_fraction": 0.2}),
+                          holdout.split(ref, {"validation_fraction": 0.2})):
+    assert list(mine) == list(theirs) and mine.locate(3) == theirs.locate(3)
   with pytest.raises(DataError, match=r"prepared with on_error='skip'.*empty_text at "):
     open_text_source(str(tmp_path / "p"))
   with pytest.raises(DataError, match=r"prepared with field 'text' but data\.field is 'body'"):
@@ -415,8 +472,11 @@ def test_parallel_prepare_writes_the_same_dataset(inputs, ready, tmp_path):
 @pytest.mark.slow
 def test_kill_and_resume_on_prepared_data_is_bitwise(inputs, tmp_path):
   """Stage 2 on the JSONL inputs (uninterrupted) and on their prepared folder, SIGKILLed at step 5
-  then resumed: every step's loss and the final parameters equal bit for bit."""
+  then resumed, both holding out a quarter of the rows (data.validation_fraction): every step's
+  loss, every validation loss and the final parameters equal bit for bit."""
   from test_reliability import assert_bitwise_equal, final_params, loss_rows
+
+  from bge_jax.train.metrics import read_metrics
 
   rows = fe_file(tmp_path / "rows.jsonl", 128, neg_every=2, types=False)
   prepare.prepare([str(rows)], str(tmp_path / "prep"), rows_per_shard=50, progress=False)
@@ -433,7 +493,8 @@ def test_kill_and_resume_on_prepared_data_is_bitwise(inputs, tmp_path):
             "--config.data.group_size=3", "--config.model.max_position_embeddings=32",
             "--config.batch_size=8", f"--config.num_train_steps={steps}",
             "--config.checkpoint.every_steps=2", "--config.checkpoint.keep=50",
-            "--config.log_every_steps=1", "--config.export=False"]
+            "--config.log_every_steps=1", "--config.export=False",
+            "--config.data.validation_fraction=0.25", "--config.eval.every_steps=2"]
 
   def run(data, workdir):
     done = subprocess.run(command(data, workdir), env=env, capture_output=True, text=True,
@@ -456,6 +517,9 @@ def test_kill_and_resume_on_prepared_data_is_bitwise(inputs, tmp_path):
   assert saved_steps(killed) and saved_steps(killed)[-1] < steps
   assert "resumed from" in run(tmp_path / "prep", killed).stderr
   assert loss_rows(killed) == loss_rows(tmp_path / "reference")
+  val = [[(r["step"], r["val/loss"]) for r in read_metrics(str(w)) if "val/loss" in r]
+         for w in (killed, tmp_path / "reference")]
+  assert val[0] == val[1] and [s for s, _ in val[0]] == list(range(0, steps + 1, 2))
   assert_bitwise_equal(final_params(killed, steps), final_params(tmp_path / "reference", steps))
 
 

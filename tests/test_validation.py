@@ -86,6 +86,48 @@ def test_stage2_held_out_rows_are_never_trained_on(data):  # noqa: F811
   assert len(validated) > 40 and not trained & validated
 
 
+def test_stage2_prepared_data_holds_out_the_jsonl_paths_rows(data, tmp_path):  # noqa: F811
+  """data.validation_fraction on a prepared folder of the same rows as the JSONL file: the stage
+  holds out the same rows (chosen by the row count alone), so every process's training and
+  validation batches are equal, and so is the validation loss on the same parameters."""
+  import jax
+
+  from bge_jax.data import prepare
+  from bge_jax.data.prepared import PreparedPairs
+  from bge_jax.models import bert
+  from bge_jax.train import init
+  from bge_jax.train.stages import get_stage
+  rows, tok = data
+  prepare.prepare([str(rows)], str(tmp_path / "prep"), rows_per_shard=100, progress=False)
+  configs = [tiny("contrastive", path, tok, 1, **{"data.validation_fraction": 0.25,
+                                                  "data.pack_rows_fraction": 1.0})
+             for path in (rows, tmp_path / "prep")]
+  stage = get_stage("contrastive")
+  tokenizer = init.load_tokenizer(configs[0])
+  model_config = stage.model_config(init.model_config_and_weights(configs[0], tokenizer)[0],
+                                    configs[0])
+  for p in range(2):
+    jsonl, prep = (stage.batcher(c, tokenizer, model_config, p, 2) for c in configs)
+    assert isinstance(prep.sources[0], PreparedPairs) and prep.sources[0].indices is not None
+    assert jsonl.steps_per_epoch == prep.steps_per_epoch == 192 // 16
+    for step in (0, 1, 2, prep.steps_per_epoch - 1, prep.steps_per_epoch):  # and the next epoch
+      a, b = jsonl(step), prep(step)
+      assert a.keys() == b.keys()
+      for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=f"process {p} step {step} {k}")
+    assert jsonl.validation.num_batches == prep.validation.num_batches == 64 // 16
+    for i in range(prep.validation.num_batches):
+      a, b = jsonl.validation(i), prep.validation(i)
+      for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=f"process {p} validation {i} {k}")
+  # The validation loss of the tiny preset's initial parameters on each run's batches.
+  params = jax.jit(lambda key: bert.init(model_config, key)[0])(jax.random.key(0))
+  loss = jax.jit(lambda b: stage.loss_fn(configs[0], model_config)(params, b, None)["loss"])
+  losses = [np.mean([float(loss(v(i))) for i in range(v.num_batches)]) for v in
+            (stage.batcher(c, tokenizer, model_config, 0, 1).validation for c in configs)]
+  assert np.isfinite(losses[0]) and losses[0] == losses[1]
+
+
 def _direct_val_loss(stage_name, config, params):
   """The stage's loss (no dropout) on the validation batches, one device, no jit, averaged."""
   from bge_jax.train import init

@@ -33,7 +33,7 @@ def held_out(n: int, fraction: float) -> np.ndarray:
 class Rows(Sequence):
   """The rows `indices` of a `TextSource` (stage 1) with what `TextBatcher` uses of it: `len`,
   `[i]`, `__getitems__`, `locate` (the original file:line), `summary`, `shard`. (A source with
-  a `subset` method, `PairSource`, makes its own.)"""
+  a `subset` method makes its own: `PairSource` a copy of the rows, `PreparedPairs` a view.)"""
 
   def __init__(self, source: Any, indices: np.ndarray, what: str):
     self.source, self.indices, self.what = source, np.asarray(indices, np.int64), what

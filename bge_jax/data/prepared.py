@@ -315,17 +315,24 @@ class PreparedPairs(Sequence):
       src.__getitems__([i, j])  # -> [PairRow, ...]: one batched read per shard touched
       for row in src: ...       # sequential, shard by shard (a full pass reads everything)
       src.locate(i)             # -> "input_file:line" the row was read from
+      src.subset(indices)       # -> the rows `indices` (increasing) as a PreparedPairs view
       src.manifest              # the manifest dict (module docstring); src.folder its folder
 
   It answers what `pairs.PairSource` answers (`origins`, `kinds`, `skipped`, `no_in_batch_neg`,
-  `first_row_without`, `positives`, `covering_row`, `type_mask`, `summary`), from the manifest and
-  the side files, so `ContrastiveBatcher` reads only the rows of its own batches. Row indices are
-  global and in input order: the same as `open_contrastive_data` on the inputs gives (without
-  dedupe, the same rows at the same indices).
+  `first_row_without`, `positives`, `covering_row`, `type_mask`, `subset`, `summary`), from the
+  manifest and the side files, so `ContrastiveBatcher` reads only the rows of its own batches. Row
+  indices are global and in input order: the same as `open_contrastive_data` on the inputs gives
+  (without dedupe, the same rows at the same indices).
+
+  A view (`subset`, e.g. the training or held-out rows of data.validation_fraction,
+  `bge_jax.data.holdout`) keeps `indices`, the dataset rows it holds (int64 [rows], 8 bytes a
+  row), and reads nothing when made: its row i is the dataset's row indices[i].
   """
 
-  def __init__(self, folder: str, manifest: dict, shards: _Shards):
+  def __init__(self, folder: str, manifest: dict, shards: _Shards,
+               indices: np.ndarray | None = None):
     self.folder, self.manifest, self._shards = folder, manifest, shards
+    self.indices = indices  # the dataset rows of this view (increasing); None: every row
     info = manifest["pairs"]
     self.origins = tuple(s["path"] for s in manifest["sources"])
     self.kinds = tuple(s.get("kind", "fe") for s in manifest["sources"])
@@ -334,12 +341,22 @@ class PreparedPairs(Sequence):
     self.no_in_batch_neg = bool(manifest.get("no_in_batch_neg", False))
     self._first_without = dict(info.get("first_row_without", {}))
     self._types = list(info.get("types", []))
-    self._positives = int(info.get("positives", len(self)))
+    self._positives = int(info.get("positives", len(shards)))
     self._covering = info.get("covering_row")
     self._side: dict[tuple[str, int], np.ndarray] = {}
 
   def __len__(self) -> int:
-    return len(self._shards)
+    return len(self._shards) if self.indices is None else len(self.indices)
+
+  def _dataset_rows(self, idx) -> np.ndarray:
+    """The dataset (global) rows of this view's rows `idx` (int64, idx's shape)."""
+    idx = np.asarray(idx, np.int64)
+    if self.indices is None:
+      return idx
+    if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+      bad = int(idx[(idx < 0) | (idx >= len(self))].reshape(-1)[0])
+      raise IndexError(f"row {bad} out of range for a view of {len(self)} rows ({self.folder})")
+    return self.indices[idx]
 
   def __getitem__(self, i):
     if isinstance(i, slice):
@@ -347,30 +364,51 @@ class PreparedPairs(Sequence):
     i = int(i)
     if i < 0:
       i += len(self)
-    return decode_pair(self._shards.read([i])[0])
+    return decode_pair(self._shards.read(self._dataset_rows([i]))[0])
 
   def __getitems__(self, indices: Sequence[int]) -> list[PairRow]:
-    return [decode_pair(r) for r in self._shards.read(indices)]
+    return [decode_pair(r) for r in self._shards.read(self._dataset_rows(indices))]
 
   def __iter__(self) -> Iterator[PairRow]:
-    for s in range(len(self._shards.paths)):
-      for record in self._shards.iter_shard(s):
-        yield decode_pair(record)
+    if self.indices is None:
+      for s in range(len(self._shards.paths)):
+        for record in self._shards.iter_shard(s):
+          yield decode_pair(record)
+      return
+    for lo in range(0, len(self), 4096):
+      yield from self.__getitems__(range(lo, min(len(self), lo + 4096)))
 
   def locate(self, i: int) -> str:
-    f, line = location(self._shards.read([int(i)])[0])
+    f, line = location(self._shards.read(self._dataset_rows([int(i)]))[0])
     return f"{self.origins[f]}:{line}"
 
   def first_row_without(self, what: str) -> int | None:
-    """Index of the first row lacking `what`: "neg", "pos_scores" or "neg_scores" (None: none)."""
+    """Index of the first row lacking `what`: "neg", "pos_scores" or "neg_scores" (None: none).
+
+    The dataset's answer is in the manifest; a view reads its rows from the dataset's first such
+    row on until one lacks `what` (one read unless that row and the next ones are not in it)."""
     if what not in ROW_FIELDS:
       raise ValueError(f"what={what!r}; use one of {ROW_FIELDS}")
-    return self._first_without.get(what)
+    first = self._first_without.get(what)
+    if first is None or self.indices is None:
+      return first
+    start = int(np.searchsorted(self.indices, first))
+    for lo in range(start, len(self), 256):
+      rows = self.__getitems__(range(lo, min(len(self), lo + 256)))
+      hit = next((j for j, r in enumerate(rows) if not getattr(r, what)), None)
+      if hit is not None:
+        return lo + hit
+    return None
 
   def covering_row(self) -> int | None:
     """The first row without negatives whose distinct positives are all the dataset's distinct
-    positives (negatives cannot be drawn for it from other rows), or None."""
-    return self._covering
+    positives (negatives cannot be drawn for it from other rows), or None. A view answers the
+    dataset's row when it holds it (a view of few rows may have another such row for its fewer
+    positives: not searched, that would read every row)."""
+    if self._covering is None or self.indices is None:
+      return self._covering
+    at = int(np.searchsorted(self.indices, self._covering))
+    return at if at < len(self) and self.indices[at] == self._covering else None
 
   def _side_array(self, suffix: str, s: int) -> np.ndarray:
     key = (suffix, s)
@@ -388,6 +426,18 @@ class PreparedPairs(Sequence):
       self._side[key] = a
     return a
 
+  def _side_values(self, suffix: str, rows: np.ndarray) -> np.ndarray:
+    """A side file's values (`suffix`: ".pos.npy", ".types.npy") at dataset `rows` (any shape)."""
+    idx = np.asarray(rows, np.int64).reshape(-1)
+    shards = self._shards.shard_of(idx)
+    out = None
+    for s in np.unique(shards):
+      at = shards == s
+      a = self._side_array(suffix, int(s))
+      out = np.zeros(idx.shape, a.dtype) if out is None else out
+      out[at] = a[idx[at] - self._shards.starts[s]]
+    return (np.zeros(idx.shape, np.int64) if out is None else out).reshape(np.shape(rows))
+
   def positives(self) -> Sequence[str]:
     """Every row's positives in row order (`[p for r in src for p in r.pos]`), read lazily."""
     return _Positives(self)
@@ -399,16 +449,20 @@ class PreparedPairs(Sequence):
       return np.broadcast_to(np.False_, (len(self),))
     return _TypeMask(self, np.asarray(wanted, np.uint16))
 
-  def subset(self, indices):
-    """Not supported: a held-out part of a prepared dataset (data.validation_fraction)."""
-    raise DataError(f"{self.folder}: data.validation_fraction cannot hold rows out of a prepared "
-                    "dataset; prepare the validation rows separately and name them in "
-                    "data.validation")
+  def subset(self, indices: Sequence[int]) -> PreparedPairs:
+    """The rows `indices` (strictly increasing) of this dataset or view as a view of their own
+    (`bge_jax.data.holdout`: the training or held-out rows); reads nothing."""
+    idx = np.asarray(indices, np.int64).reshape(-1)
+    if idx.size and (np.any(np.diff(idx) <= 0) or idx[0] < 0 or idx[-1] >= len(self)):
+      raise ValueError(f"subset of {self.folder}: the indices must be strictly increasing rows "
+                       f"in [0, {len(self)})")
+    return PreparedPairs(self.folder, self.manifest, self._shards, self._dataset_rows(idx))
 
   def summary(self) -> str:
     n = len(self.origins)
     kinds = "/".join(sorted(set(self.kinds)))
-    return (f"{len(self)} rows ({kinds}) prepared in {self.folder} from {n} file"
+    of = "" if self.indices is None else f" of {len(self._shards)}"
+    return (f"{len(self)}{of} rows ({kinds}) prepared in {self.folder} from {n} file"
             f"{'s' if n != 1 else ''}" + skip_line(self.skipped, self._first_skipped))
 
   def __repr__(self) -> str:
@@ -416,20 +470,38 @@ class PreparedPairs(Sequence):
 
 
 class _Positives(Sequence):
-  """`[p for r in src for p in r.pos]` of a `PreparedPairs`, each read on demand."""
+  """`[p for r in src for p in r.pos]` of a `PreparedPairs` (a dataset or a view), each read on
+  demand. With several positives in some row, a view keeps its rows' positive offsets (int64
+  [view rows], from the .pos.npy side files; no record read)."""
 
   CACHE = 1 << 14  # texts kept: a group's draws are checked, then read again
 
   def __init__(self, src: PreparedPairs):
     self.src = src
     self._cache: dict[int, str] = {}
-    self.uniform = src._positives == len(src)  # one positive per row: positive t is row t's
-    if not self.uniform:
-      counts = [s.get("positives", 0) for s in src.manifest["shards"]]
+    shards = src._shards
+    self.uniform = src._positives == len(shards)  # one positive per row: positive t is row t's
+    self.starts = None  # the first positive of each shard (dataset) or of each row (view)
+    if self.uniform:
+      self.count = len(src)
+    elif src.indices is None:
+      self.starts = np.concatenate([[0], np.cumsum([s.get("positives", 0)
+                                                    for s in src.manifest["shards"]])])
+      self.count = src._positives
+    else:
+      rows = src.indices
+      of = shards.shard_of(rows)
+      counts = np.zeros(len(rows), np.int64)
+      for s in np.unique(of):
+        at = of == s
+        cum = src._side_array(".pos.npy", int(s))  # inclusive cumulative positives per row
+        local = rows[at] - shards.starts[s]
+        counts[at] = cum[local] - np.where(local > 0, cum[np.maximum(local - 1, 0)], 0)
       self.starts = np.concatenate([[0], np.cumsum(counts)])
+      self.count = int(self.starts[-1])
 
   def __len__(self) -> int:
-    return self.src._positives
+    return self.count
 
   def __getitem__(self, t):
     t = int(t)
@@ -446,12 +518,14 @@ class _Positives(Sequence):
       raise IndexError(t)
     if self.uniform:
       return self.src[t].pos[0]
-    s = int(np.searchsorted(self.starts, t, side="right") - 1)
-    local = t - int(self.starts[s])
-    cum = self.src._side_array(".pos.npy", s)  # inclusive cumulative positives per row
+    at = int(np.searchsorted(self.starts, t, side="right") - 1)
+    if self.src.indices is not None:  # `at` is the view's row
+      return self.src[at].pos[t - int(self.starts[at])]
+    local = t - int(self.starts[at])  # `at` is the shard
+    cum = self.src._side_array(".pos.npy", at)
     row = int(np.searchsorted(cum, local, side="right"))
     k = local - (int(cum[row - 1]) if row else 0)
-    return self.src[int(self.src._shards.starts[s]) + row].pos[k]
+    return self.src[int(self.src._shards.starts[at]) + row].pos[k]
 
 
 class _TypeMask:
@@ -464,13 +538,8 @@ class _TypeMask:
     return len(self.src)
 
   def __getitem__(self, rows) -> np.ndarray:
-    idx = np.asarray(rows, np.int64).reshape(-1)
-    shards = self.src._shards.shard_of(idx)
-    ids = np.zeros(idx.shape, np.uint16)
-    for s in np.unique(shards):
-      at = shards == s
-      ids[at] = self.src._side_array(".types.npy", int(s))[idx[at] - self.src._shards.starts[s]]
-    return np.isin(ids, self.wanted).reshape(np.shape(rows))
+    ids = self.src._side_values(".types.npy", self.src._dataset_rows(rows))
+    return np.isin(ids, self.wanted)
 
 
 def open_prepared_pairs(spec: str | os.PathLike, *, kind: str = "auto", on_error: str = "raise",
