@@ -30,8 +30,8 @@ dims, per process:
   the texts (every process reads them all), a [P, QUERY_CHUNK, D] query-gather buffer and a
   [P, QUERY_CHUNK, end] merge buffer;
 * time: encoding N/P passages and Q/P queries (encoding time / P), Q x N/P x D multiply-adds
-  of search, plus gathering Q x D x 4 bytes of queries and Q x end x 12 bytes of top-k lists
-  from every process.
+  of search, and receiving Q x D x 4 bytes of query embeddings and P x Q x end x 12 bytes of
+  top-k lists.
 
 Differences from the PyTorch original, on purpose:
 

@@ -14,10 +14,13 @@ sentence-transformers' mine_hard_negatives: --max-score, --margin = its absolute
 only when complete (written beside it, then renamed). Bad input exits 2 with one `error:` line
 naming file:line.
 
-Several processes (jax.distributed, e.g. one per host): each embeds and searches its own
-slice of the corpus (whole --chunk-size chunks) and the top-k lists are merged, so the corpus
-embeddings are split across hosts; every process reads the input, process 0 writes the output.
-The negatives are the same as one process's.
+Several processes (jax.distributed, e.g. one per host): each embeds its own slice of the
+corpus, of the queries and of the positives missing from the pool (whole --chunk-size chunks),
+the query embeddings are gathered so each process searches its corpus slice with every query,
+and the top-k lists are merged: corpus embeddings and encoding time are split across hosts,
+every process holds all query embeddings (Q x D x 4 bytes). Every process reads the input;
+process 0 alone shows progress bars, writes the output and prints the summary. The negatives
+are the same as one process's.
 """
 
 from __future__ import annotations
@@ -63,8 +66,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--block-size", type=int, default=None, metavar="N",
                  help="corpus rows scored at a time per device (default: 8192).")
   p.add_argument("--chunk-size", type=int, default=None, metavar="N",
-                 help="corpus passages encoded per call, the unit of the split across processes "
-                      "(default: 65536).")
+                 help="texts (passages, queries) encoded per call, the unit of the split "
+                      "across processes (default: 65536).")
   limits = p.add_argument_group(
       "false-negative control (scores are inner products: cosine for normalised embeddings)")
   limits.add_argument("--max-score", "--max_score", type=float, default=None, metavar="S",
