@@ -430,7 +430,7 @@ class ContrastiveStage:
                          f"max_position_embeddings={model_config.max_position_embeddings}.")
 
   def batcher(self, config, tokenizer, model_config, process_index, process_count):
-    from bge_jax.data import holdout
+    from bge_jax.data import holdout, small_datasets
     from bge_jax.data.pairs import (ContrastiveBatcher, mixing_options, open_contrastive_data,
                                     use_packing)
 
@@ -443,6 +443,16 @@ class ContrastiveStage:
     self._check_lengths(config, model_config)
     datasets = [(spec, open_contrastive_data(spec, kind=d.kind, on_error=d.on_error))
                 for spec in specs]
+    no_in_batch = [s.strip() for s in d.no_in_batch_datasets.split(",") if s.strip()]
+    mixing = mixing_options(d, config.batch_size, process_count, _batch_shards(config),
+                            len(datasets))
+    # data.small_threshold / drop_threshold: FlagEmbedding's merging of a folder's small datasets.
+    merged = small_datasets.merge_small_datasets(
+        datasets, small_threshold=d.get("small_threshold", 0),
+        drop_threshold=d.get("drop_threshold", 0), batch_sizes=mixing["batch_sizes"],
+        weights=mixing["weights"], no_in_batch_datasets=no_in_batch)
+    datasets = merged.datasets
+    mixing.update(batch_sizes=merged.batch_sizes, weights=merged.weights)
     # data.validation_fraction: rows of each dataset held out, never trained on.
     splits = [(spec, holdout.split(src, d, spec)) for spec, src in datasets]
     datasets = [(spec, train) for spec, (train, _) in splits]
@@ -455,17 +465,15 @@ class ContrastiveStage:
                        "leaves each query its positive alone: the loss is 0 and nothing trains. "
                        "Raise config.data.group_size (hard negatives) or set "
                        "config.loss.in_batch_negatives=True.")
-    no_in_batch = [s.strip() for s in d.no_in_batch_datasets.split(",") if s.strip()]
     batcher = ContrastiveBatcher(
         datasets, tokenizer, batch_size=config.batch_size // process_count,
         group_size=d.group_size, query_max_length=d.query_max_length,
         passage_max_length=d.passage_max_length, query_instruction=d.query_instruction or None,
         passage_instruction=d.passage_instruction or None, seed=config.seed,
         process_index=process_index, process_count=process_count,
-        no_in_batch_datasets=tuple(no_in_batch), use_teacher_scores=d.use_teacher_scores,
-        passage_hash=config.loss.get("mask_duplicate_positives", False),
-        **mixing_options(d, config.batch_size, process_count, _batch_shards(config),
-                         len(datasets)))
+        no_in_batch_datasets=merged.no_in_batch_datasets,
+        use_teacher_scores=d.use_teacher_scores,
+        passage_hash=config.loss.get("mask_duplicate_positives", False), **mixing)
     batcher.validation = self._validation(config, tokenizer, held, no_in_batch, process_index,
                                           process_count)
     if use_packing(config):

@@ -122,6 +122,12 @@ def contrastive_config(stage: str, arg: str) -> ConfigDict:
   c.data.batch_sizes = ""
   c.data.weights = ""
   c.data.sampling = "proportional"
+  # FlagEmbedding's small-dataset merging (--small_threshold, --drop_threshold): datasets of
+  # data.train with fewer rows than small_threshold that sit in the same folder become one dataset
+  # (batch: the least of theirs); such a merged set with fewer than drop_threshold rows is dropped.
+  # 0 = off (FlagEmbedding's defaults). `bge_jax.data.small_datasets`.
+  c.data.small_threshold = 0
+  c.data.drop_threshold = 0
   c.data.kind = "auto"  # auto | flag (query/pos/neg JSONL) | pairs (JSONL or TSV)
   c.data.on_error = "raise"  # raise | skip (bad rows counted and reported)
   c.data.group_size = 8

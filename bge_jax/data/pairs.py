@@ -178,6 +178,30 @@ class PairSource(Sequence):
                       origins=self.origins, kinds=self.kinds, skipped=self.skipped,
                       first_skipped=self._first_skipped, no_in_batch_neg=self.no_in_batch_neg)
 
+  @classmethod
+  def concat(cls, sources: Sequence[PairSource], *, no_in_batch_neg: bool = False) -> PairSource:
+    """The rows of `sources` one after the other, as one dataset (`bge_jax.data.small_datasets`
+    merges small ones); `locate` still names each row's file:line, skips are summed per reason
+    (the first location of each kept from the first source that has one)."""
+    if not sources:
+      raise ValueError("PairSource.concat needs at least one source")
+    rows, files, lines, origins, kinds = [], [], [], [], []
+    skipped: dict[str, int] = {}
+    first: dict[str, str] = {}
+    for src in sources:
+      rows.extend(src.rows)
+      files.append(src._files + len(origins))
+      lines.append(src._lines)
+      origins.extend(src.origins)
+      kinds.extend(src.kinds)
+      for reason, k in src.skipped.items():
+        skipped[reason] = skipped.get(reason, 0) + k
+      for reason, where in src._first_skipped.items():
+        first.setdefault(reason, where)
+    return cls(rows, np.concatenate(files).astype(np.int32), np.concatenate(lines),
+               origins=origins, kinds=kinds, skipped=skipped, first_skipped=first,
+               no_in_batch_neg=no_in_batch_neg)
+
   def summary(self) -> str:
     """One line: how many rows from where, and what was skipped."""
     names = ", ".join(self.origins[:3]) + (f", +{len(self.origins) - 3} more"
@@ -551,8 +575,17 @@ def use_packing(config: Any) -> bool:
   pack = config.data.get("pack", None)
   if pack is not None:
     return bool(pack)
-  sizes = set(_list(config.data.get("batch_sizes", ""), int, "batch_sizes") or ())
-  return config.get("grad_accum_steps", 1) == 1 and len(sizes | {config.batch_size}) == 1
+  return (config.get("grad_accum_steps", 1) == 1
+          and global_batch_sizes(config) == [config.batch_size])
+
+
+def global_batch_sizes(config: Any) -> list[int]:
+  """The distinct global batch sizes of a run's train steps, ascending: the values of
+  config.data.batch_sizes (dataset mixing, one per dataset), else config.batch_size alone. Each
+  is one batch shape, so one compiled train step (the trainer's; `bge_jax.aot` compiles them all).
+  """
+  sizes = _list(config.data.get("batch_sizes", ""), int, "batch_sizes")
+  return sorted(set(sizes or [config.batch_size]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -710,7 +743,9 @@ class ContrastiveBatcher:
         raise ValueError(
             f"dataset {name!r} has {len(src)} rows, fewer than the global batch {bg} (batch "
             f"size {b} x {process_count} processes): a batch is drawn from one dataset "
-            "without repeating rows; use a smaller batch or merge the dataset into another")
+            "without repeating rows; use a smaller batch, or merge the small datasets of a "
+            "folder into one (config data.small_threshold) and drop what is still too small "
+            "(data.drop_threshold)")
       slots.append(int(math.floor(w * (len(src) // bg))))
       if not slots[-1]:
         raise ValueError(f"dataset {name!r}: weight {w} x its {len(src) // bg} batches per pass "
@@ -806,6 +841,16 @@ class ContrastiveBatcher:
   def dataset_at(self, step: int) -> str:
     """The name of the dataset a step's batch comes from."""
     return self.names[self.select(step)[0]]
+
+  def batch_source(self, step: int) -> str | None:
+    """What sets a step's batch shape when datasets have different batch sizes (data.batch_sizes):
+    its dataset and global batch, for messages about the step compiled for it (the trainer's
+    memory check); None when every dataset has the same size."""
+    if len(set(self.batch_sizes)) < 2:
+      return None
+    d = self.select(step)[0]
+    return (f"dataset {self.names[d]!r}'s global batch {self.global_batches[d]} "
+            "(config.data.batch_sizes)")
 
   def epoch(self, step: int) -> float:
     return step / self.steps_per_epoch
