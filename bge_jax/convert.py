@@ -22,14 +22,15 @@ import logging
 import os
 import re
 import shutil
-import socket
-import tempfile
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import jax
 import numpy as np
 
 from bge_jax.config import BertConfig
+# The output-folder writers, for convert.* callers (interop, weights, checkpoints).
+from bge_jax.data.files import (atomic_output_dir, remove_stale_staging,  # noqa: F401
+                                replace_dir, staging_dir)
 
 log = logging.getLogger(__name__)
 
@@ -602,89 +603,3 @@ def write_sentence_transformers_files(out_dir: str, config: BertConfig,
     json.dump({"model_type": "SentenceTransformer", "prompts": prompts,
                "default_prompt_name": default_prompt_name,
                "similarity_fn_name": "cosine" if config.normalize else "dot"}, f, indent=2)
-
-
-def replace_dir(tmp: str, out_dir: str) -> None:
-  """Moves `tmp` to `out_dir`; an existing `out_dir` is swapped out only once tmp is complete."""
-  if os.path.exists(out_dir):
-    old = tmp + ".old"
-    os.rename(out_dir, old)
-    os.rename(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-  else:
-    os.rename(tmp, out_dir)
-
-
-def _staging_prefix(out_dir: str) -> str:
-  """`.OUT.tmp-`: the name of OUT's staging folders up to the creator's pid@host."""
-  return f".{os.path.basename(out_dir)}.tmp-"
-
-
-def _pid_alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except OSError:  # e.g. PermissionError: the process exists, under another user
-    return True
-  return True
-
-
-def remove_stale_staging(out_dir: str) -> list[str]:
-  """Removes the staging folders beside `out_dir` that conversions killed on this host left
-  (`.OUT.tmp-PID@HOST-*`, PID no longer running); returns their paths.
-
-  A live process's folder (a concurrent conversion into the same OUT), another host's (its pid
-  cannot be checked from here, on a shared file system) and unnamed older ones are left alone.
-  """
-  parent = os.path.dirname(out_dir)
-  pattern = re.compile(re.escape(_staging_prefix(out_dir)) + r"(\d+)@(.+)-[^-]+$")
-  host = socket.gethostname()
-  removed = []
-  try:
-    names = os.listdir(parent)
-  except OSError:
-    return removed
-  for name in sorted(names):
-    m = pattern.match(name)
-    path = os.path.join(parent, name)
-    if (not m or m.group(2) != host or os.path.islink(path) or not os.path.isdir(path)
-        or _pid_alive(int(m.group(1)))):
-      continue
-    shutil.rmtree(path, ignore_errors=True)
-    if not os.path.exists(path):
-      removed.append(path)
-      log.warning("removed %s: the staging folder of an earlier conversion into %s that was "
-                  "killed (process %s is gone)", path, out_dir, m.group(1))
-  return removed
-
-
-def staging_dir(out_dir: str) -> str:
-  """A new, empty staging folder `.OUT.tmp-PID@HOST-*` beside `out_dir` (parents created), after
-  removing those of writers into OUT that were killed (`remove_stale_staging`). The caller
-  renames it to OUT when complete and removes it on failure."""
-  out_dir = os.path.abspath(out_dir)
-  parent = os.path.dirname(out_dir)
-  os.makedirs(parent, exist_ok=True)
-  remove_stale_staging(out_dir)
-  return tempfile.mkdtemp(
-      prefix=f"{_staging_prefix(out_dir)}{os.getpid()}@{socket.gethostname()}-", dir=parent)
-
-
-def atomic_output_dir(out_dir: str, write: Callable[[str], None], *, overwrite: bool = False) -> str:
-  """Runs `write(tmp_dir)` and renames tmp_dir to `out_dir`; nothing is left behind on failure.
-
-  tmp_dir is `.OUT.tmp-PID@HOST-*` beside OUT: a process killed mid-write cannot remove it, so
-  the next call for the same OUT removes those whose process is gone (`remove_stale_staging`).
-  """
-  out_dir = os.path.abspath(out_dir)
-  if os.path.exists(out_dir) and not overwrite:
-    raise FileExistsError(f"{out_dir} exists; choose another output folder or pass overwrite=True.")
-  tmp = staging_dir(out_dir)
-  try:
-    write(tmp)
-    replace_dir(tmp, out_dir)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  return out_dir

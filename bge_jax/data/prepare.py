@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from bge_jax import convert
+from bge_jax.data import files as files_lib
 from bge_jax.data import pairs as pairs_lib
 from bge_jax.data import prepared as fmt
 from bge_jax.data import sources as sources_lib
@@ -229,7 +229,8 @@ class _Workers:
   """`map(fn, tasks)` in order over `workers` spawned processes (1: in this process), with a
   progress bar of the rows written (a counter the workers share). ProcessPoolExecutor, not
   multiprocessing.Pool: a worker that dies raises here instead of hanging; spawn, not fork: the
-  caller may hold threads (JAX). The pool starts once and serves every phase."""
+  caller may hold threads (JAX). A worker imports no JAX (this module does not; `bge_jax`'s
+  names are imported lazily): it starts in ~0.2 s. The pool starts once and serves every phase."""
 
   def __init__(self, workers: int, progress: bool):
     ctx = multiprocessing.get_context("spawn")
@@ -400,7 +401,7 @@ def prepare(specs: Sequence[str], out: str, *, data: str = "pairs", kind: str = 
   if os.path.exists(out) and not overwrite:
     raise DataError(f"{out} exists; choose another output folder or pass --overwrite")
   # Staging beside OUT; one left by a killed run (its process gone) is removed here.
-  work = convert.staging_dir(out)
+  work = files_lib.staging_dir(out)
   pool = _Workers(min(workers, len(paths)), progress)
   try:
     t0 = time.perf_counter()
@@ -453,7 +454,7 @@ def prepare(specs: Sequence[str], out: str, *, data: str = "pairs", kind: str = 
     manifest["prepare_seconds"] = {"read": round(read_s, 3),
                                    "total": round(time.perf_counter() - t0, 3)}
     _write_json(os.path.join(work, fmt.MANIFEST), manifest)
-    convert.replace_dir(work, out)  # overwrite: the old output goes once the new one is whole
+    files_lib.replace_dir(work, out)  # overwrite: the old output goes once the new one is whole
     return manifest
   except BaseException:
     shutil.rmtree(work, ignore_errors=True)
