@@ -6,7 +6,10 @@ sharding rules, the state donated), lowers it for abstract TPU devices from
 `jax.experimental.topologies.get_topology_desc` with the stage's abstract batch
 (`Stage.abstract_batch`), compiles it with the TPU compiler (libtpu, usable on a CPU host) and
 reads the per-chip bytes of XLA's memory analysis (`bge_jax.memory.peak_bytes`), compared with
-the chip's HBM. The command line is launch/aot.py.
+the chip's HBM. A config that mixes datasets at different global batch sizes
+(config.data.batch_sizes) runs one train step per distinct size, so `run_case` compiles each
+(`TrainProgram.batch_sizes`) and gives one result, one table row, per size. The command line is
+launch/aot.py.
 """
 
 from __future__ import annotations
@@ -98,22 +101,42 @@ class Result:
   memory: dict[str, int] | None
   seconds: float
   error: str = ""
+  # The global batch compiled, when the config mixes datasets at different sizes: one of
+  # `batch_sizes` (config.data.batch_sizes' distinct values); else None and case.batch.
+  global_batch: int | None = None
+  batch_sizes: tuple[int, ...] = ()
 
   @property
   def peak(self) -> int | None:
     return memory_lib.peak_bytes(self.memory)
 
+  @property
+  def batch(self) -> int:
+    return self.case.batch if self.global_batch is None else self.global_batch
 
-def run_config(case: Case, preset: str, dtype: str, remat: str | None):
+  def describe(self) -> str:
+    """The case, and for a mixing config which of its batch sizes this row compiled."""
+    if len(self.batch_sizes) < 2:
+      return self.case.describe()
+    return (f"{self.case.describe()} data.batch_sizes "
+            f"{'/'.join(map(str, self.batch_sizes))}: {self.batch}")
+
+
+def run_config(case: Case, preset: str, dtype: str, remat: str | None,
+               keys: Sequence[tuple[str, Any]] = ()):
   """configs/<case.config_file>:<preset> with the case's batch and overrides, compute dtype and
-  remat policy."""
-  from bge_jax import config_files
+  remat policy, then `keys`: (dotted config key, value) pairs, a string value read as the field's
+  type as on a command line (launch/aot.py --set, e.g. ("data.batch_sizes", "19200,32768"))."""
+  from bge_jax import config_files, sweep
 
   config = config_files.load(f"{os.path.join(config_files.CONFIGS, case.config_file)}:{preset}")
-  keys = {"batch_size": case.batch, "model.dtype": dtype, **dict(case.overrides)}
+  values = {"batch_size": case.batch, "model.dtype": dtype, **dict(case.overrides)}
   if remat:
-    keys["model.remat_policy"] = remat
-  return config_files.set_keys(config, keys)
+    values["model.remat_policy"] = remat
+  config = config_files.set_keys(config, values)
+  for key, value in keys:
+    sweep.coerce(config, key, value, f"--set {key}={value} (configs/{case.config_file})")
+  return config
 
 
 def program_for(config, devices, mesh_shape: tuple[int, int, int]):
@@ -163,22 +186,43 @@ def cases_for(chips: int, stage1_batch: int, stage2_batches: Sequence[int],
   return out
 
 
+def _error(e: Exception) -> str:
+  return f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+
+
 def run_case(topology: str, devices, model: str, case: Case, mesh_shape, dtype: str,
-             remat: str | None) -> Result:
+             remat: str | None, keys: Sequence[tuple[str, Any]] = ()) -> list[Result]:
+  """The case's train steps compiled for `devices`: one Result per distinct global batch of the
+  config (`TrainProgram.batch_sizes`; one unless config.data.batch_sizes mixes datasets at
+  different sizes, each of which the trainer compiles a step for), in ascending size."""
   chips = len(devices)
-  config = run_config(case, model, dtype, remat)
-  shards = mesh_shape[0] * mesh_shape[1]
-  if case.batch % shards:
-    return Result(topology, chips, model, case, mesh_shape, None, 0.0,
-                  f"batch {case.batch} does not split over data x fsdp = {shards}")
+  config = run_config(case, model, dtype, remat, keys)
+  shards = mesh_shape[0] * mesh_shape[1] * config.grad_accum_steps
   start = time.perf_counter()
   try:
-    memory = memory_dict(program_for(config, devices, mesh_shape).compile())
-    error = ""
-  except Exception as e:  # noqa: BLE001 - reported in the table (e.g. an XLA OOM at compile)
-    memory, error = None, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-  return Result(topology, chips, model, case, mesh_shape, memory,
-                time.perf_counter() - start, error)
+    program = program_for(config, devices, mesh_shape)
+  except Exception as e:  # noqa: BLE001 - reported in the table, as a compile error is
+    return [Result(topology, chips, model, case, mesh_shape, None,
+                   time.perf_counter() - start, _error(e))]
+  sizes = program.batch_sizes
+  mixed = len(sizes) > 1
+  results = []
+  for b in sizes:
+    row = {"global_batch": b, "batch_sizes": tuple(sizes)} if mixed else {}
+    if b % shards:
+      over = "data x fsdp" + (" x grad_accum_steps" if config.grad_accum_steps > 1 else "")
+      results.append(Result(topology, chips, model, case, mesh_shape, None, 0.0,
+                            f"batch {b} does not split over {over} = {shards}", **row))
+      continue
+    try:
+      memory = memory_dict(program.compile(batch=program.abstract_batch(batch_size=b)))
+      error = ""
+    except Exception as e:  # noqa: BLE001 - reported in the table (e.g. an XLA OOM at compile)
+      memory, error = None, _error(e)
+    results.append(Result(topology, chips, model, case, mesh_shape, memory,
+                          time.perf_counter() - start, error, **row))
+    start = time.perf_counter()
+  return results
 
 
 def markdown(results: Sequence[Result]) -> str:
@@ -190,7 +234,9 @@ def markdown(results: Sequence[Result]) -> str:
     chunk = r.case.gradcache_chunk
     what = (f"{r.case.label} GradCache (chunk {chunk} = {chunk // r.chips}/chip)" if chunk
             else r.case.label)
-    cells = [r.topology, str(r.chips), f"{hbm:g} GiB", r.model, what, f"{r.case.batch:,}",
+    if len(r.batch_sizes) > 1:
+      what += f", data.batch_sizes {'/'.join(f'{b:,}' for b in r.batch_sizes)}"
+    cells = [r.topology, str(r.chips), f"{hbm:g} GiB", r.model, what, f"{r.batch:,}",
              r.case.seq, "×".join(map(str, r.mesh))]
     if r.memory is None:
       cells += ["—", "—", "—", f"error: {r.error}", f"{r.seconds:.0f}"]

@@ -15,6 +15,7 @@ Imports only jax, so `launch/gpu_bench.py` can use it on a bare CUDA JAX image.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import jax
@@ -61,3 +62,22 @@ def describe(n: int | None) -> str:
   if n is None:
     return "n/a"
   return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def check_fits(compiled: Any, what: str, fixes: str, log: logging.Logger, note: str = "") -> None:
+  """Refuses a compiled program that needs more memory per device than the device has (GPU, TPU;
+  CPU reports no limit), before it runs out of memory with XLA's allocator error: a MemoryError
+  naming `what` (e.g. "the train step"), both sizes and `fixes` (the config keys that shrink it,
+  a clause after "To fit it, "), then `note`. Warns on `log` when it needs more than 95% of the
+  limit (the prefetched batches and the allocator's fragmentation come on top). The trainer's
+  train steps and eval step are checked with it."""
+  need, limit = peak_bytes(compiled), device_limit()
+  if need is None or limit is None or need <= 0.95 * limit:
+    return
+  sizes = (f"{what} needs {describe(need)} per device (XLA's memory analysis: arguments + "
+           f"outputs - donated buffers + temporaries) of the device's {describe(limit)}")
+  if need <= limit:
+    log.warning("%s: close to the limit, it may run out of memory; if it does, %s.", sizes,
+                fixes)
+    return
+  raise MemoryError(f"{sizes}: it cannot run. To fit it, {fixes}.{note}")

@@ -22,7 +22,10 @@ which is compared with the chip's HBM (v5e 16 GiB, v5p 95 GiB, v4 32 GiB). Cases
                          GradCache (chunk = chips x the largest divisor of the rows per chip
                          that is <= --gradcache-rows-per-chip).
 Compute is bfloat16 (model.dtype, the paper's AMP), parameters and Adam state float32, dropout
-on, the trainer's defaults otherwise. The mesh is (data, fsdp, tensor) = (1, chips, 1) unless
+on, the trainer's defaults otherwise; --set KEY=VALUE sets any other config key on every case.
+A config that mixes datasets at different global batch sizes (--set
+data.batch_sizes=19200,32768) runs one train step per distinct size: each is compiled and gets its
+own row (the global batch column is that size), so the largest one is checked before a TPU job. The mesh is (data, fsdp, tensor) = (1, chips, 1) unless
 --mesh says otherwise: pure FSDP, the smallest per-chip state. libtpu prints warnings about
 TPU_ACCELERATOR_TYPE / worker hostnames on a host without TPUs; they do not affect compilation.
 """
@@ -65,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
                  help="data,fsdp,tensor sizes (-1 = the rest); default 1,chips,1.")
   p.add_argument("--dtype", default="bfloat16", help="compute dtype (model.dtype).")
   p.add_argument("--remat", default=None, help="model.remat_policy (default: the config's).")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="keys",
+                 help="a config key set on every case, after the case's own (repeatable), e.g. "
+                      "data.batch_sizes=19200,32768: one row per distinct batch size.")
   p.add_argument("--out", default=None, help="also write the markdown table to this file.")
   return p
 
@@ -78,6 +84,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   topologies = args.topology or list(DEFAULT_TOPOLOGIES)
   models = args.model or list(DEFAULT_MODELS)
   stage2 = args.stage2_batch or [19200, 32768]
+  keys = []
+  for text in args.keys:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+      print(f"error: --set {text!r}: expected KEY=VALUE (e.g. data.batch_sizes=19200,32768)",
+            file=sys.stderr)
+      return 2
+    keys.append((key.strip(), value))
   results = []
   for topology in topologies:
     try:
@@ -92,11 +106,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                             args.gradcache_rows_per_chip, args.stages, args.stage1_length,
                             tuple(int(x) for x in args.stage2_lengths.split(",")),
                             args.gradcache):
-        r = aot.run_case(topology, devices, model, case, mesh_shape, args.dtype, args.remat)
-        results.append(r)
-        status = (f"peak {r.peak / GIB:.2f} GiB" if r.memory else f"error {r.error}")
-        print(f"[aot] {topology} {model} {case.describe()} batch {case.batch}: {status} "
-              f"({r.seconds:.0f} s)", file=sys.stderr, flush=True)
+        try:
+          rows = aot.run_case(topology, devices, model, case, mesh_shape, args.dtype,
+                              args.remat, keys)
+        except (KeyError, ValueError) as e:  # a --set key or value the config refuses
+          print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
+          return 2
+        results += rows
+        for r in rows:
+          status = (f"peak {r.peak / GIB:.2f} GiB" if r.memory else f"error {r.error}")
+          print(f"[aot] {topology} {model} {r.describe()} batch {r.batch}: {status} "
+                f"({r.seconds:.0f} s)", file=sys.stderr, flush=True)
         if args.out:  # rewritten after every case: a long sweep leaves its rows so far
           with open(args.out, "w") as f:
             f.write(aot.markdown(results))

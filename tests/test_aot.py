@@ -113,3 +113,78 @@ def test_compiler_stack_flags_are_set_for_libtpu(monkeypatch):
   # A size the user set is kept; the other flag is added.
   assert "--xla_internal_thread_stack_size_bytes=1048576" in args and len(args) == 2
   assert aot.COMPILER_STACK_FLAGS[0] in args
+
+
+# ---------------------------------------------------------------------------------------------
+# Dataset mixing: one compiled step, one row, per distinct batch size (on the fake CPU devices).
+# ---------------------------------------------------------------------------------------------
+
+STAGE2 = aot.cases_for(2, 0, [16], 1, "2", stage2_lengths=(8, 16), gradcache="off")[0]
+CPU_MESH = (1, 2, 1)
+
+
+def _cpus():
+  import jax
+  return jax.devices()[:2]
+
+
+def _recording_lower(monkeypatch):
+  """The query batch dimension of every train step `TrainProgram.lower` lowers."""
+  from bge_jax.train import program
+
+  dims, real = [], program.TrainProgram.lower
+
+  def lower(self, state=None, batch=None, rng=None, donate=True):
+    dims.append(batch["query_input_ids"].shape[0] if batch is not None else None)
+    return real(self, state, batch, rng, donate)
+
+  monkeypatch.setattr(program.TrainProgram, "lower", lower)
+  return dims
+
+
+def test_a_mixing_config_compiles_one_step_per_batch_size(monkeypatch):
+  """data.batch_sizes = 32,16,32: the two distinct sizes are lowered (query batch 16, then 32:
+  the shapes the trainer's steps take) and compiled, each a row of the table with its size; the
+  larger batch needs more memory."""
+  dims = _recording_lower(monkeypatch)
+  results = aot.run_case("v5e:2x2", _cpus(), "tiny", STAGE2, CPU_MESH, "float32", None,
+                         [("data.batch_sizes", "32,16,32")])
+  assert dims == [16, 32]
+  assert [(r.batch, r.batch_sizes, r.error) for r in results] == [(16, (16, 32), ""),
+                                                                 (32, (16, 32), "")]
+  small, large = (r.memory["temp_size_in_bytes"] for r in results)
+  assert large > small, (small, large)
+  assert [r.describe() for r in results] == ["stage 2 data.batch_sizes 16/32: 16",
+                                             "stage 2 data.batch_sizes 16/32: 32"]
+  rows = aot.markdown(results).splitlines()[2:]
+  assert len(rows) == 2
+  for row, b in zip(rows, (16, 32)):
+    assert f"| stage 2, data.batch_sizes 16/32 | {b} | q8/p16 | 1×2×1 |" in row, row
+
+
+def test_a_batch_size_that_does_not_split_is_its_own_error_row(monkeypatch):
+  dims = _recording_lower(monkeypatch)
+  results = aot.run_case("v5e:2x2", _cpus(), "tiny", STAGE2, CPU_MESH, "float32", None,
+                         [("data.batch_sizes", "9,15")])
+  assert dims == []  # neither is lowered
+  assert [(r.batch, r.memory, r.error) for r in results] == [
+      (b, None, f"batch {b} does not split over data x fsdp = 2") for b in (9, 15)]
+  assert "| error: batch 15 does not split" in aot.markdown(results)
+
+
+def test_without_mixing_one_row_as_before(monkeypatch):
+  """No data.batch_sizes: one step, config.batch_size's, and the row of a single-size case."""
+  dims = _recording_lower(monkeypatch)
+  (result,) = aot.run_case("v5e:2x2", _cpus(), "tiny", STAGE2, CPU_MESH, "float32", None)
+  assert dims == [16] and result.global_batch is None and result.batch == 16
+  assert result.describe() == "stage 2" and result.memory is not None
+  assert "| tiny | stage 2 | 16 | q8/p16 | 1×2×1 |" in aot.markdown([result])
+
+
+def test_a_set_key_the_stage_lacks_names_it_and_the_config_file():
+  from bge_jax.sweep import SweepError
+
+  stage1 = aot.cases_for(8, 8, [], 1, "1", stage1_length=32)[0]
+  with pytest.raises(SweepError, match=r"--set data.batch_sizes=16,32 \(configs/retromae.py\): "
+                     r"'data.batch_sizes' is not a config key"):
+    aot.run_config(stage1, "tiny", "float32", None, [("data.batch_sizes", "16,32")])

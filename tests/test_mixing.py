@@ -133,6 +133,40 @@ def test_mixing_options_from_config():
     mixing_options(ConfigDict({"sampling": "random"}), 32, 1, 8, 1)
 
 
+def test_the_memory_check_names_the_mixed_datasets_batch_size(tmp_path, tok,  # noqa: F811
+                                                               monkeypatch):
+  """A train step compiled for a mixed dataset's batch size that does not fit the device is
+  refused naming that dataset, its global batch and config.data.batch_sizes (not "packed batch
+  shape" nor config.batch_size); without mixing, the batcher names nothing (the packed-rows
+  message stays)."""
+  from bge_jax import memory
+  from bge_jax.train import loop
+
+  batcher = ContrastiveBatcher(sources(tmp_path, {"short": 96, "long": 50}), tok, batch_size=4,
+                               group_size=1, process_count=2, batch_sizes=[8, 4])
+  sources_ = {batcher.dataset_at(s): batcher.batch_source(s) for s in range(12)}
+  assert sources_ == {
+      "short": "dataset 'short''s global batch 16 (config.data.batch_sizes)",
+      "long": "dataset 'long''s global batch 8 (config.data.batch_sizes)"}
+  single = ContrastiveBatcher(sources(tmp_path, {"short": 96, "long": 50}), tok, batch_size=4,
+                              group_size=1, process_count=2)
+  assert single.batch_source(0) is None
+
+  config = ConfigDict({"batch_size": 8, "data": {"batch_sizes": "16,8"}})
+  monkeypatch.setattr(memory, "peak_bytes", lambda compiled: 3 * 2**20)
+  monkeypatch.setattr(memory, "device_limit", lambda device=None: 2**20)
+  with pytest.raises(MemoryError) as e:
+    loop._check_fits(None, config, grown=True, source=sources_["short"])
+  msg = str(e.value)
+  assert msg.startswith("the train step compiled for dataset 'short''s global batch 16 "
+                        "(config.data.batch_sizes) needs 3.0 MiB per device"), msg
+  assert "lower config.data.batch_sizes (now '16,8')" in msg and "packed" not in msg
+  assert msg.endswith("The checkpoints saved so far are kept.")
+  with pytest.raises(MemoryError, match=r"^the train step compiled for a new packed batch shape "
+                     r".* lower config.batch_size \(now 8\)"):
+    loop._check_fits(None, config, grown=True, source=single.batch_source(0))
+
+
 # ---------------------------------------------------------------------------------------------
 # Training over two batch sizes.
 # ---------------------------------------------------------------------------------------------

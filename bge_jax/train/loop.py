@@ -159,10 +159,11 @@ def _train(config: Any, workdir: str, accept_config_changes: bool) -> dict[str, 
 
   compiled_steps: dict[tuple, tuple[Any, float]] = {}
 
-  def compiled_step_for(local) -> tuple[Any, float]:
+  def compiled_step_for(local, step: int) -> tuple[Any, float]:
     """(the step compiled for this batch's shapes, its analytic model FLOPs: PaLM convention,
-    remat/GradCache recompute not counted). Every batch has the probe's shapes, except packed
-    ones that outgrew their rows (one process only, `ContrastiveBatcher.enable_packing`)."""
+    remat/GradCache recompute not counted). Every batch has the probe's shapes, except those of
+    datasets mixed at another batch size (config.data.batch_sizes) and packed ones that outgrew
+    their rows (one process only, `ContrastiveBatcher.enable_packing`)."""
     shapes = tuple((k, np.shape(v)) for k, v in sorted(local.items()))
     if shapes not in compiled_steps:
       if compiled_steps:
@@ -174,12 +175,14 @@ def _train(config: Any, workdir: str, accept_config_changes: bool) -> dict[str, 
         log.warning("that step needs %s per device (the first one: %s)",
                     memory_lib.describe(memory_lib.peak_bytes(compiled)),
                     memory_lib.describe(memory_lib.peak_bytes(first)))
-      _check_fits(compiled, config, grown=bool(compiled_steps))
+      # The batcher may name what set this step's shape (a mixed dataset's batch size).
+      source = getattr(batcher, "batch_source", lambda s: None)(step)
+      _check_fits(compiled, config, grown=bool(compiled_steps), source=source)
       compiled_steps[shapes] = (compiled, prog.step_flops(local, jax.process_count()).model)
     return compiled_steps[shapes]
 
   # Compiled ahead of the loop: the memory analysis is printed before the first step.
-  memory = memory_lib.analysis(compiled_step_for(probe)[0])
+  memory = memory_lib.analysis(compiled_step_for(probe, start_step)[0])
   if is_main:
     if start_step:
       run_info.warn_if_processes_changed(workdir, start_step)
@@ -224,7 +227,7 @@ def _train(config: Any, workdir: str, accept_config_changes: bool) -> dict[str, 
     for step in range(start_step, total_steps):
       local = probe if step == start_step else prefetch.next()[1]
       t = time.perf_counter()
-      compiled_step, step_flops = compiled_step_for(local)
+      compiled_step, step_flops = compiled_step_for(local, step)
       window_start += time.perf_counter() - t  # a compile for new shapes is not step time
       window_tokens += batcher.real_tokens(local) * jax.process_count()
       window_flops += step_flops
@@ -307,26 +310,24 @@ def _progress(enabled: bool, start: int, total: int):
 
 
 
-def _check_fits(compiled, config, grown: bool) -> None:
-  """Refuses a compiled step that needs more memory per device than the device has (GPU, TPU;
-  CPU reports no limit), before it runs out of memory with XLA's allocator error; warns when it
-  needs more than 95% (the prefetched batches and the allocator's fragmentation come on top)."""
-  need, limit = memory_lib.peak_bytes(compiled), memory_lib.device_limit()
-  if need is None or limit is None or need <= 0.95 * limit:
-    return
-  what = ("the train step compiled for a new packed batch shape (a batch that needed more rows "
-          "than the first ones; config.data.pack grows them)" if grown else "the train step")
-  sizes = (f"{what} needs {memory_lib.describe(need)} per device (XLA's memory analysis: "
-           f"arguments + outputs - donated buffers + temporaries) of the device's "
-           f"{memory_lib.describe(limit)}")
-  fixes = (f"lower config.batch_size (now {config.batch_size}), set "
-           "config.model.remat_policy='full' (recomputes each layer in the backward pass), "
-           "config.loss.gradcache_chunk (stages 2 and 3: the memory of one chunk of the batch), "
-           "or shard the parameters and optimizer state over more devices with config.mesh.fsdp")
-  if need <= limit:
-    log.warning("%s: close to the limit, it may run out of memory; if it does, %s.", sizes,
-                fixes)
-    return
-  raise MemoryError(f"{sizes}: it cannot run. To fit it, {fixes}."
-                    + (" The checkpoints saved so far are kept." if grown else ""))
+def _check_fits(compiled, config, grown: bool, source: str | None = None) -> None:
+  """Refuses a compiled train step larger than the device (`memory.check_fits`), naming the batch
+  shape it was compiled for: `source` (the batcher's `batch_source`: a dataset's batch size when
+  datasets are mixed at different sizes), else, for a later step (`grown`), packed rows that
+  outgrew the first ones."""
+  if source:
+    what = f"the train step compiled for {source}"
+  elif grown:
+    what = ("the train step compiled for a new packed batch shape (a batch that needed more rows "
+            "than the first ones; config.data.pack grows them)")
+  else:
+    what = "the train step"
+  batch = (f"config.data.batch_sizes (now {config.data.batch_sizes!r})" if source
+           else f"config.batch_size (now {config.batch_size})")
+  fixes = (f"lower {batch}, set config.model.remat_policy='full' (recomputes each layer in the "
+           "backward pass), config.loss.gradcache_chunk (stages 2 and 3: the memory of one chunk "
+           "of the batch), or shard the parameters and optimizer state over more devices with "
+           "config.mesh.fsdp")
+  memory_lib.check_fits(compiled, what, fixes, log,
+                        " The checkpoints saved so far are kept." if grown else "")
 

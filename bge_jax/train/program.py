@@ -72,13 +72,27 @@ class TrainProgram:
     return jax.jit(self.eval_fn, in_shardings=(self.param_sharding, self.batch_sharding(batch)),
                    out_shardings=self.replicated)
 
-  def abstract_batch(self, process_count: int = 1,
-                     devices_per_process: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+  @property
+  def batch_sizes(self) -> list[int]:
+    """The distinct global batch sizes the run's train steps take, ascending: one compiled step
+    each (`data.pairs.global_batch_sizes`: config.data.batch_sizes when datasets are mixed at
+    different sizes, else config.batch_size)."""
+    from bge_jax.data.pairs import global_batch_sizes
+
+    return global_batch_sizes(self.config)
+
+  def abstract_batch(self, process_count: int = 1, devices_per_process: int | None = None,
+                     batch_size: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
     """The stage's global batch for this config (`Stage.abstract_batch`), with the shardings
-    the trainer gives its batches. Default: one process driving every device of the mesh."""
+    the trainer gives its batches. Default: one process driving every device of the mesh, and
+    config.batch_size queries; `batch_size` gives another global batch (one of `batch_sizes`)."""
     if devices_per_process is None:
       devices_per_process = self.mesh.devices.size // process_count
-    shapes = self.stage.abstract_batch(self.config, self.model_config,
+    config = self.config
+    if batch_size is not None and batch_size != config.batch_size:
+      config = config.copy_and_resolve_references()
+      config.batch_size = int(batch_size)
+    shapes = self.stage.abstract_batch(config, self.model_config,
                                        process_count=process_count,
                                        devices_per_process=devices_per_process)
     shardings = self.batch_sharding(shapes)

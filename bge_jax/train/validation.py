@@ -6,6 +6,10 @@ over the run's validation batches (`bge_jax.data.holdout`) and averaged: `val/lo
 stage's other loss metrics (stage 1: val/encoder_loss, val/decoder_loss, ...). Each process feeds
 its own rows of every global batch, as in training. Time per evaluation: one forward pass per
 validation batch, i.e. about a third of a train step's time for each (no backward pass).
+
+Its memory is checked against the device's limit as the train step's is (`memory.check_fits`): a
+full global batch in one forward pass can need more than the train step, whose batch is split into
+config.grad_accum_steps micro-batches; the run is refused before any step when it cannot fit.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from bge_jax import memory as memory_lib
 from bge_jax import sharding
 from bge_jax.train.checkpoints import EVAL_PREFIXES, BestExport
 from bge_jax.train.init import ConfigError
@@ -53,8 +58,24 @@ class Validator:
     probe = batches(0)
     lowered = self._lower(probe)
     self.metric_names = sorted(f"val/{k}" for k in lowered.out_info)
-    self._compiled[self._shapes(probe)] = lowered.compile()
+    self._compiled[self._shapes(probe)] = self._checked(lowered.compile())
     log.info("%s; compiled eval step", batches.describe())
+
+  def _checked(self, compiled: Any) -> Any:
+    """`compiled`, refused (MemoryError) when it needs more memory than the device has."""
+    c = self.prog.config
+    accum = c.get("grad_accum_steps", 1)
+    what = ("the eval step (the validation loss: the stage's loss, forward only, on a full "
+            f"global batch of config.batch_size={c.batch_size} rows"
+            + (f", not split into the train step's config.grad_accum_steps={accum} micro-batches"
+               if accum > 1 else "") + ")")
+    fixes = (f"lower config.batch_size (now {c.batch_size}; the validation batches are full "
+             "global batches of it), set config.loss.gradcache_chunk (stages 2 and 3: the forward "
+             "pass runs one chunk of the batch at a time), shard the parameters over more devices "
+             "with config.mesh.fsdp, or turn the validation loss off "
+             "(config.data.validation_fraction=0 and config.data.validation='')")
+    memory_lib.check_fits(compiled, what, fixes, log)
+    return compiled
 
   @staticmethod
   def _shapes(local: dict[str, np.ndarray]) -> tuple:
@@ -80,7 +101,7 @@ class Validator:
       local = self.batches(i)
       shapes = self._shapes(local)
       if shapes not in self._compiled:
-        self._compiled[shapes] = self._lower(local).compile()
+        self._compiled[shapes] = self._checked(self._lower(local).compile())
       with sharding.activate(self.prog.mesh):
         out = self._compiled[shapes](params, self._global(local))
       total = out if total is None else jax.tree.map(lambda a, b: a + b, total, out)
