@@ -118,8 +118,7 @@ class Result:
     """The case, and for a mixing config which of its batch sizes this row compiled."""
     if len(self.batch_sizes) < 2:
       return self.case.describe()
-    return (f"{self.case.describe()} data.batch_sizes "
-            f"{'/'.join(map(str, self.batch_sizes))}: {self.batch}")
+    return f"{self.case.describe()} (data.batch_sizes {'/'.join(map(str, self.batch_sizes))})"
 
 
 def run_config(case: Case, preset: str, dtype: str, remat: str | None,

@@ -25,8 +25,9 @@ Compute is bfloat16 (model.dtype, the paper's AMP), parameters and Adam state fl
 on, the trainer's defaults otherwise; --set KEY=VALUE sets any other config key on every case.
 A config that mixes datasets at different global batch sizes (--set
 data.batch_sizes=19200,32768) runs one train step per distinct size: each is compiled and gets its
-own row (the global batch column is that size), so the largest one is checked before a TPU job. The mesh is (data, fsdp, tensor) = (1, chips, 1) unless
---mesh says otherwise: pure FSDP, the smallest per-chip state. libtpu prints warnings about
+own row (the global batch column is that size), so the largest one is checked before a TPU job.
+The mesh is (data, fsdp, tensor) = (1, chips, 1) unless --mesh says otherwise: pure FSDP, the
+smallest per-chip state. libtpu prints warnings about
 TPU_ACCELERATOR_TYPE / worker hostnames on a host without TPUs; they do not affect compilation.
 """
 
@@ -110,7 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
           rows = aot.run_case(topology, devices, model, case, mesh_shape, args.dtype,
                               args.remat, keys)
         except (KeyError, ValueError) as e:  # a --set key or value the config refuses
-          print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
+          print(f"error: {e.args[0] if isinstance(e, KeyError) else e} (--set applies to every "
+                "stage --stages selects, e.g. --stages 2 for the stage-2 keys)", file=sys.stderr)
           return 2
         results += rows
         for r in rows:

@@ -10,8 +10,8 @@ from test_train_contrastive import data, tiny  # noqa: F401 (fixture)
 
 
 @pytest.mark.slow  # a one-step run (two compiles) and a refused one (one compile): ~30 s
-def test_an_eval_step_larger_than_the_device_is_refused_before_training(data, tmp_path,  # noqa: F811
-                                                                        monkeypatch):
+def test_an_eval_step_larger_than_the_device_is_refused_before_training(
+    data, tmp_path, monkeypatch):  # noqa: F811
   from bge_jax import memory
   from bge_jax.train.loop import train
 
@@ -38,7 +38,8 @@ def test_an_eval_step_larger_than_the_device_is_refused_before_training(data, tm
   assert msg.startswith(
       "the eval step (the validation loss: the stage's loss, forward only, on a full global "
       "batch of config.batch_size=64 rows, not split into the train step's "
-      f"config.grad_accum_steps=8 micro-batches) needs {memory.describe(eval_need)} per device"), msg
+      f"config.grad_accum_steps=8 micro-batches) needs {memory.describe(eval_need)} "
+      "per device"), msg
   assert f"of the device's {memory.describe(limit)}: it cannot run" in msg
   for fix in ("lower config.batch_size (now 64;", "config.loss.gradcache_chunk", "config.mesh.fsdp",
               "config.data.validation_fraction=0 and config.data.validation=''"):
