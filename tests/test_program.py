@@ -130,3 +130,29 @@ def test_abstract_batches_match_the_batchers(tmp_path, which):
   if which == "retromae-concatenate":  # the 128 texts concatenated into fewer, longer rows
     assert "blocks of concatenated texts" in batcher.describe()
     assert 8 <= batcher.num_examples < 128 / 3, batcher.num_examples
+
+
+def test_a_mixing_configs_abstract_batches_match_each_datasets_batches(tmp_path):
+  """data.batch_sizes = 16,8: TrainProgram.batch_sizes is [8, 16] and abstract_batch(batch_size=b)
+  has the shapes and dtypes of the batcher's real batches of the dataset of global batch b (what
+  AOT compiles for each size is what the trainer's steps get)."""
+  from bge_jax.train import init, program
+
+  config = _config(tmp_path, **{"data.pack": False})
+  config.data.train = f"{config.data.train},{_rows(tmp_path / 'b.jsonl', 48, seed=1)}"
+  config.data.batch_sizes = "16,8"
+  prog = program.from_config(config)
+  assert prog.batch_sizes == [8, 16]
+  tokenizer = init.load_tokenizer(config)
+  batcher = prog.stage.batcher(config, tokenizer, prog.model_config, 0, 1)
+  seen = set()
+  for step in range(batcher.steps_per_epoch):
+    d, _ = batcher.select(step)
+    b = batcher.global_batches[d]
+    abstract = prog.abstract_batch(batch_size=b)
+    assert {k: (v.shape, str(v.dtype)) for k, v in batcher(step).items()} == \
+        {k: (v.shape, str(v.dtype)) for k, v in abstract.items()}, (step, b)
+    assert abstract["query_input_ids"].shape[0] == b
+    seen.add(b)
+  assert seen == {8, 16}
+  assert prog.abstract_batch()["query_input_ids"].shape[0] == config.batch_size == 16
