@@ -51,6 +51,7 @@ from typing import Any, Iterator
 import msgpack
 import numpy as np
 
+from bge_jax.data.holdout import Complement
 from bge_jax.data.pairs import PairRow
 from bge_jax.data.sources import DataError
 
@@ -325,12 +326,15 @@ class PreparedPairs(Sequence):
   (without dedupe, the same rows at the same indices).
 
   A view (`subset`, e.g. the training or held-out rows of data.validation_fraction,
-  `bge_jax.data.holdout`) keeps `indices`, the dataset rows it holds (int64 [rows], 8 bytes a
-  row), and reads nothing when made: its row i is the dataset's row indices[i].
+  `bge_jax.data.holdout`) keeps `indices`, the dataset rows it holds, and reads nothing when
+  made: its row i is the dataset's row indices[i]. `indices` is an int64 array [rows] (8 bytes a
+  row: the held-out rows) or a `holdout.Complement` (every row but k held-out ones: 8 bytes a
+  held-out row, row i found by a binary search over them); no query of a view makes an array
+  of the dataset's size.
   """
 
   def __init__(self, folder: str, manifest: dict, shards: _Shards,
-               indices: np.ndarray | None = None):
+               indices: np.ndarray | Complement | None = None):
     self.folder, self.manifest, self._shards = folder, manifest, shards
     self.indices = indices  # the dataset rows of this view (increasing); None: every row
     info = manifest["pairs"]
@@ -392,7 +396,7 @@ class PreparedPairs(Sequence):
     first = self._first_without.get(what)
     if first is None or self.indices is None:
       return first
-    start = int(np.searchsorted(self.indices, first))
+    start = int(self.indices.searchsorted(first))
     for lo in range(start, len(self), 256):
       rows = self.__getitems__(range(lo, min(len(self), lo + 256)))
       hit = next((j for j, r in enumerate(rows) if not getattr(r, what)), None)
@@ -407,8 +411,8 @@ class PreparedPairs(Sequence):
     positives: not searched, that would read every row)."""
     if self._covering is None or self.indices is None:
       return self._covering
-    at = int(np.searchsorted(self.indices, self._covering))
-    return at if at < len(self) and self.indices[at] == self._covering else None
+    at = int(self.indices.searchsorted(self._covering))
+    return at if at < len(self) and int(self.indices[at]) == self._covering else None
 
   def _side_array(self, suffix: str, s: int) -> np.ndarray:
     key = (suffix, s)
@@ -449,9 +453,15 @@ class PreparedPairs(Sequence):
       return np.broadcast_to(np.False_, (len(self),))
     return _TypeMask(self, np.asarray(wanted, np.uint16))
 
-  def subset(self, indices: Sequence[int]) -> PreparedPairs:
+  def subset(self, indices: Sequence[int] | Complement) -> PreparedPairs:
     """The rows `indices` (strictly increasing) of this dataset or view as a view of their own
-    (`bge_jax.data.holdout`: the training or held-out rows); reads nothing."""
+    (`bge_jax.data.holdout`: the training or held-out rows); reads nothing. A `Complement` of
+    the dataset's rows is kept as is (O(held-out rows)); of a view's rows, made an array."""
+    if isinstance(indices, Complement) and self.indices is None:
+      if indices.n != len(self) or indices.positions != range(len(indices)):
+        raise ValueError(f"subset of {self.folder}: a Complement of {indices.n} rows (whole) "
+                         f"is needed for a dataset of {len(self)} rows")
+      return PreparedPairs(self.folder, self.manifest, self._shards, indices)
     idx = np.asarray(indices, np.int64).reshape(-1)
     if idx.size and (np.any(np.diff(idx) <= 0) or idx[0] < 0 or idx[-1] >= len(self)):
       raise ValueError(f"subset of {self.folder}: the indices must be strictly increasing rows "
@@ -471,8 +481,11 @@ class PreparedPairs(Sequence):
 
 class _Positives(Sequence):
   """`[p for r in src for p in r.pos]` of a `PreparedPairs` (a dataset or a view), each read on
-  demand. With several positives in some row, a view keeps its rows' positive offsets (int64
-  [view rows], from the .pos.npy side files; no record read)."""
+  demand. With several positives in some row (no record read to set up; from the .pos.npy side
+  files): a dataset keeps each shard's first positive; a view of rows `indices` (an array) keeps
+  its rows' positive offsets (int64 [view rows]); a view of a `Complement` keeps the held-out
+  rows' positive spans (int64 [3, held-out rows]) and maps its positive t to the dataset's by a
+  binary search over them, as `Complement` maps rows."""
 
   CACHE = 1 << 14  # texts kept: a group's draws are checked, then read again
 
@@ -481,24 +494,36 @@ class _Positives(Sequence):
     self._cache: dict[int, str] = {}
     shards = src._shards
     self.uniform = src._positives == len(shards)  # one positive per row: positive t is row t's
-    self.starts = None  # the first positive of each shard (dataset) or of each row (view)
+    self.starts = None  # the first positive of each shard (dataset) or of each row (array view)
+    self.shard_starts = np.concatenate([[0], np.cumsum([s.get("positives", 0)
+                                                        for s in src.manifest["shards"]])])
     if self.uniform:
       self.count = len(src)
     elif src.indices is None:
-      self.starts = np.concatenate([[0], np.cumsum([s.get("positives", 0)
-                                                    for s in src.manifest["shards"]])])
       self.count = src._positives
+    elif isinstance(src.indices, Complement):
+      first, counts = self._spans(src.indices.held)
+      taken = np.concatenate([[0], np.cumsum(counts)])  # held-out positives before each span
+      self.taken, self.gaps = taken, first - taken[:-1]  # gaps: kept positives before span j
+      self.count = src._positives - int(taken[-1])
     else:
-      rows = src.indices
-      of = shards.shard_of(rows)
-      counts = np.zeros(len(rows), np.int64)
-      for s in np.unique(of):
-        at = of == s
-        cum = src._side_array(".pos.npy", int(s))  # inclusive cumulative positives per row
-        local = rows[at] - shards.starts[s]
-        counts[at] = cum[local] - np.where(local > 0, cum[np.maximum(local - 1, 0)], 0)
+      _, counts = self._spans(src.indices)
       self.starts = np.concatenate([[0], np.cumsum(counts)])
       self.count = int(self.starts[-1])
+
+  def _spans(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(dataset index of the first positive, number of positives) of each dataset row."""
+    shards, src = self.src._shards, self.src
+    of = shards.shard_of(rows)
+    first, counts = np.zeros(len(rows), np.int64), np.zeros(len(rows), np.int64)
+    for s in np.unique(of):
+      at = of == s
+      cum = src._side_array(".pos.npy", int(s))  # inclusive cumulative positives per row
+      local = rows[at] - shards.starts[s]
+      before = np.where(local > 0, cum[np.maximum(local - 1, 0)], 0)
+      first[at] = self.shard_starts[s] + before
+      counts[at] = cum[local] - before
+    return first, counts
 
   def __len__(self) -> int:
     return self.count
@@ -518,14 +543,18 @@ class _Positives(Sequence):
       raise IndexError(t)
     if self.uniform:
       return self.src[t].pos[0]
-    at = int(np.searchsorted(self.starts, t, side="right") - 1)
-    if self.src.indices is not None:  # `at` is the view's row
+    if self.starts is not None:  # an array view: `at` is the view's row
+      at = int(np.searchsorted(self.starts, t, side="right") - 1)
       return self.src[at].pos[t - int(self.starts[at])]
-    local = t - int(self.starts[at])  # `at` is the shard
-    cum = self.src._side_array(".pos.npy", at)
+    if self.src.indices is not None:  # a Complement view: its positive t is the dataset's u
+      t += int(self.taken[np.searchsorted(self.gaps, t, side="right")])
+    s = int(np.searchsorted(self.shard_starts, t, side="right") - 1)
+    local = t - int(self.shard_starts[s])
+    cum = self.src._side_array(".pos.npy", s)
     row = int(np.searchsorted(cum, local, side="right"))
     k = local - (int(cum[row - 1]) if row else 0)
-    return self.src[int(self.src._shards.starts[at]) + row].pos[k]
+    record = self.src._shards.read([int(self.src._shards.starts[s]) + row])[0]
+    return decode_pair(record).pos[k]
 
 
 class _TypeMask:
