@@ -114,6 +114,7 @@ def contrastive_config(stage: str, arg: str) -> ConfigDict:
   # Validation loss (val/*, at every evaluation): rows of each dataset held out of training
   # (chosen by the data size alone), or files in data.train's format; not both. 0 / "" = none.
   c.data.validation_fraction = 0.0
+  c.data.validation_rule = 2  # how held-out rows are chosen (bge_jax.data.holdout.held_out)
   c.data.validation = ""
   # Dataset mixing (one dataset per batch): the global batch of each data.train dataset,
   # comma-separated in the same order (empty = batch_size for each; each distinct size compiles

@@ -21,6 +21,7 @@ def get_config(arg: str = "bge-small-en"):
   # Validation loss (val/*, at every evaluation): texts held out of training (chosen by the data
   # size alone), or text files/folders/globs; not both. 0 / "" = none.
   c.data.validation_fraction = 0.0
+  c.data.validation_rule = 2  # how held-out texts are chosen (bge_jax.data.holdout.held_out)
   c.data.validation = ""
   c.data.field = "text"  # or several, comma-separated: "pos,neg" reads FlagEmbedding rows' passages
   c.data.dedupe = False  # keep each identical text once

@@ -149,3 +149,50 @@ def test_a_prepared_training_view_never_builds_an_array_of_its_rows(tmp_path, mo
   for step in (0, 5, mine.steps_per_epoch + 1):
     for key, value in theirs(step).items():
       np.testing.assert_array_equal(mine(step)[key], value, err_msg=key)
+
+
+def test_resuming_a_run_that_held_out_rows_by_rule_1_is_refused_unless_it_keeps_rule_1(
+    tmp_path, caplog):
+  """A config recorded before data.validation_rule existed held out rows by rule 1: resuming it
+  under rule 2 would train on its validation rows, so it is refused (workdir.IMPLIED_BEFORE);
+  without held-out rows the rule does not matter."""
+  import json
+  import logging
+
+  from conftest import REPO
+
+  from bge_jax import config_files
+  from bge_jax.train import workdir as workdir_lib
+  from bge_jax.train.init import ConfigError
+
+  def record(fraction, rule=None):
+    c = config_files.load(f"{REPO / 'configs' / 'finetune.py'}:tiny")
+    c.data.validation_fraction = fraction
+    recorded = json.loads(c.to_json_best_effort())
+    if rule is None:
+      del recorded["data"]["validation_rule"]  # as bge-jax before the key wrote it
+    else:
+      recorded["data"]["validation_rule"] = rule
+    (tmp_path / "config.json").write_text(json.dumps(recorded))
+    return c
+
+  def check(config):
+    return workdir_lib.check_resume_config(str(tmp_path), config, accept_changes=False)
+
+  new = record(0.1)
+  assert new.data.validation_rule == holdout.RULE == 2
+  with pytest.raises(ConfigError, match=r"data\.validation_rule 1 -> 2"):
+    check(new)
+  new.data.validation_rule = 1
+  assert check(new) == []  # its own rows: held_out(n, f, rule=1)
+  with caplog.at_level(logging.INFO, logger="bge_jax.train"):
+    assert check(record(0.0)) == []  # nothing held out: one-sided, logged
+  assert "validation_rule is only in the current config" in caplog.text
+  new = record(0.0, rule=2)
+  new.data.validation_rule = 1
+  assert check(new) == []  # a rule change without held-out rows changes nothing
+  new = record(0.1, rule=2)
+  assert check(new) == []
+  new.data.validation_rule = 1
+  with pytest.raises(ConfigError, match=r"data\.validation_rule 2 -> 1"):
+    check(new)

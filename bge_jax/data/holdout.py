@@ -179,11 +179,16 @@ class Rows(Sequence):
 
 
 def check_keys(data: Any) -> None:
-  """Refuses a validation_fraction out of [0, 1) and both ways at once (ValueError naming the key)."""
+  """Refuses a validation_fraction out of [0, 1), an unknown validation_rule and both ways at
+  once (ValueError naming the key)."""
   fraction = float(data.get("validation_fraction", 0.0) or 0.0)
   if not 0.0 <= fraction < 1.0:
     raise ValueError(f"config.data.validation_fraction={fraction} must be in [0, 1): the "
                       "fraction of the training rows held out for the validation loss.")
+  rule = data.get("validation_rule", RULE)
+  if rule not in (1, RULE):
+    raise ValueError(f"config.data.validation_rule={rule!r}: use {RULE} (or 1, the rule of "
+                     "bge-jax before it, to resume a run that started with it)")
   if fraction and data.get("validation", ""):
     raise ValueError("config.data.validation and config.data.validation_fraction are both set; "
                       "validate on the given files or on held-out training rows, not both.")

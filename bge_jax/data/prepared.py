@@ -484,7 +484,7 @@ class _Positives(Sequence):
   demand. With several positives in some row (no record read to set up; from the .pos.npy side
   files): a dataset keeps each shard's first positive; a view of rows `indices` (an array) keeps
   its rows' positive offsets (int64 [view rows]); a view of a `Complement` keeps the held-out
-  rows' positive spans (int64 [3, held-out rows]) and maps its positive t to the dataset's by a
+  rows' positive spans (two int64 [held-out rows]) and maps its positive t to the dataset's by a
   binary search over them, as `Complement` maps rows."""
 
   CACHE = 1 << 14  # texts kept: a group's draws are checked, then read again

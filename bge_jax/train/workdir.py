@@ -139,6 +139,16 @@ KEPT_ON_RESUME = (
 PATHS = ("model.init_from", "tokenizer")
 # Their change moves the end of the run; see _schedule_depends_on_total.
 TOTAL_STEPS = ("num_train_steps", "num_epochs")
+# Keys added after runs were recorded without them, where such a run had a known value: a
+# recorded config that lacks one (and where `applies` holds) is compared as if it held that value
+# rather than logged as one-sided. data.validation_rule: the held-out rows
+# (bge_jax.data.holdout.held_out) were chosen by rule 1 before the key existed; it matters only
+# with rows held out.
+IMPLIED_BEFORE = {
+    "data.validation_rule": (1, lambda flat: bool(flat.get("data.validation_fraction"))),
+}
+# A change of the key is kept (logged) when the other key is unset on both sides.
+MATTERS_ONLY_WITH = {"data.validation_rule": "data.validation_fraction"}
 
 
 def _flat(config: Any) -> dict[str, Any]:
@@ -206,7 +216,11 @@ def check_resume_config(workdir: str, config: Any, accept_changes: bool = False)
   changed.
 
   Keys only one side has (a newer or older bge-jax) are logged, not refused: the user did not
-  change them. A missing or unreadable config.json (a run from before it was recorded) is
+  change them; except IMPLIED_BEFORE, a key whose value before it existed is known: a run
+  recorded with data.validation_fraction > 0 and no data.validation_rule held out rows by rule
+  1, so resuming it under rule 2 (the default) is refused as "data.validation_rule 1 -> 2" (set
+  data.validation_rule=1 to resume it with its own rows). data.validation_rule is not compared
+  when no rows are held out on either side. A missing or unreadable config.json (a run from before it was recorded) is
   warned about and the resume goes on.
   """
   from bge_jax.train.init import ConfigError
@@ -220,6 +234,9 @@ def check_resume_config(workdir: str, config: Any, accept_changes: bool = False)
                 "checking that this config continues it.", workdir, type(e).__name__, e)
     return []
   after = _flat(config)
+  for key, (value, applies) in IMPLIED_BEFORE.items():
+    if key not in before and key in after and applies(before):
+      before[key] = value
 
   refused, kept, one_sided = [], [], []
   for key in sorted(set(before) | set(after)):
@@ -227,7 +244,8 @@ def check_resume_config(workdir: str, config: Any, accept_changes: bool = False)
       one_sided.append(key)
     elif _same(before[key], after[key]):
       continue
-    elif _kept(key) or key in PATHS:
+    elif _kept(key) or key in PATHS or (key in MATTERS_ONLY_WITH and not any(
+        side.get(MATTERS_ONLY_WITH[key]) for side in (before, after))):
       kept.append(_fmt(key, before[key], after[key]))
     elif key in TOTAL_STEPS:
       if _total(before) == _total(after) or key not in (_total(before)[0], _total(after)[0]):
