@@ -220,8 +220,8 @@ def check_resume_config(workdir: str, config: Any, accept_changes: bool = False)
   recorded with data.validation_fraction > 0 and no data.validation_rule held out rows by rule
   1, so resuming it under rule 2 (the default) is refused as "data.validation_rule 1 -> 2" (set
   data.validation_rule=1 to resume it with its own rows). data.validation_rule is not compared
-  when no rows are held out on either side. A missing or unreadable config.json (a run from before it was recorded) is
-  warned about and the resume goes on.
+  when no rows are held out on either side. A missing or unreadable config.json (a run from
+  before it was recorded) is warned about and the resume goes on.
   """
   from bge_jax.train.init import ConfigError
 
