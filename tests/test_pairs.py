@@ -529,3 +529,15 @@ def test_truncated_gz_names_the_file_or_keeps_the_rows_before(tmp_path, name):
   assert [r.query for r in src][:kept] == [f"{prefix}{i}" for i in range(kept)]
   assert src[kept].query == "query 1 0"
   assert f"damaged_file 1 (first at {p}:{kept + 1})" in src.summary()
+
+
+def test_row_permutations_are_numpys_in_half_the_memory():
+  """`order.permutation` (every stored row order: stage 1's epochs, stages 2-3's passes) is
+  numpy's `default_rng(key).permutation(n)`, element for element, held as int32."""
+  from bge_jax.data import order
+
+  for n in (1, 2, 17, 100_003):
+    for key in ([0], [3, 1, 4], [12345, 7, 2, 1]):
+      got = order.permutation(key, n)
+      assert got.dtype == np.int32
+      np.testing.assert_array_equal(got, np.random.default_rng(key).permutation(n))

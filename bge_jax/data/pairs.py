@@ -60,6 +60,7 @@ from typing import Any, Iterator, Mapping, NamedTuple, Union
 import numpy as np
 
 from bge_jax.data import files as files_lib
+from bge_jax.data import order as order_lib
 from bge_jax.data import packing
 from bge_jax.data.files import BadRow as _BadRow
 from bge_jax.data.sources import DataError
@@ -836,7 +837,7 @@ class ContrastiveBatcher:
   def _row_order(self, d: int, epoch: int, pass_: int = 0) -> np.ndarray:
     """Dataset d's row permutation for one pass of an epoch, seeded by (seed, d, epoch[, pass])."""
     key = [self.seed, _TAG_ROWS, d, epoch] + ([pass_] if pass_ else [])
-    return np.random.default_rng(key).permutation(len(self.sources[d]))
+    return order_lib.permutation(key, len(self.sources[d]))
 
   def dataset_at(self, step: int) -> str:
     """The name of the dataset a step's batch comes from."""

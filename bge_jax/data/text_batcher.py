@@ -42,7 +42,7 @@ class TextBatcher:
     self.max_length, self.mode, self.process_index = max_length, mode, process_index
     self.overlong_skipped = 0
     self._blocks = None
-    self._rows = np.arange(len(source))
+    self._rows = np.arange(len(source), dtype=np.int32 if len(source) < 2**31 else np.int64)
     if mode == "concatenate":
       self._blocks = concatenate_into_blocks(self._tokenize_all(), max_length)
     elif overlong != "truncate":
