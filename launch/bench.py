@@ -5,7 +5,8 @@
   python launch/bench.py encode [--model PATH] [--n 512] [--batch-size 64] [--repeats 5]
   python launch/bench.py gradcache [--preset tiny] [--batches 256,1024,4096] [--chunks 0,128] [--run]
   python launch/bench.py gemm [--preset bge-small-en] [--threads 1,2] [--dtypes float32,bfloat16]
-  python launch/bench.py data [--rows 1000000,10000000] [--workers N] [--out docs/bench/data]
+  python launch/bench.py data [--rows 1000000,10000000] [--workers N] [--tokenizer-threads off,1,2]
+                             [--rounds 5] [--out docs/bench/data]
 
 `compare`: for each model shape, three benchmarks on the same batch, dtype (float32) and thread
 count in both frameworks, with the same random weights (bge-jax params converted to the HF
@@ -42,7 +43,10 @@ launch/prepare_data.py (rows/s), then in a fresh process: the prepared folder's 
 resident-set growth (VmRSS of /proc/self/status), and ContrastiveBatcher's host batch time
 (rows read + groups drawn + tokenised, at --batch-size queries x --group-size passages,
 --query/passage-max-length) with the RSS after the batches; plus the bge-base v5e-256 step time
-at 30% / 50% MFU that one host's 300 queries must keep up with.
+at 30% / 50% MFU that one host's 300 queries must keep up with. The batch throughput is measured
+once per --tokenizer-threads setting (off: one thread; N: the fast tokenizer's batch calls on N
+Rust threads; auto: the library default, as the trainer runs) and --rounds times, one process
+each, the settings alternating; medians, with the threads each setting started and the load.
 
 `encode`: bge-jax `Encoder.encode` vs sentence-transformers `encode` (PyTorch) on the same texts,
 batch size, max length and thread count; medians, the time ratio (JAX / PyTorch; < 1 = JAX is
@@ -886,9 +890,45 @@ def _rss_mb() -> float:
   return _status_kb("VmRSS") / 1024
 
 
+TOKENIZER_THREADS_HELP = (
+    "comma-separated tokenisation settings, each measured in its own process: off "
+    "(TOKENIZERS_PARALLELISM=false: one thread, the setting of the figures before this option), N "
+    "(TOKENIZERS_PARALLELISM=true, RAYON_NUM_THREADS=N: the fast tokenizer's batch call on N "
+    "Rust threads), auto (both unset: the library default the trainer runs with, one Rust thread "
+    "per core)")
+
+
+def tokenizer_env(setting: str) -> dict[str, str | None]:
+  """The environment of one --tokenizer-threads setting: variable -> value (None: unset).
+
+  Hugging Face `tokenizers` encodes a batch call's texts on rayon's global pool unless
+  TOKENIZERS_PARALLELISM is false-like; RAYON_NUM_THREADS sizes that pool (default: the usable
+  cores) when it is first used, so it must be set before the first tokenizer call."""
+  if setting == "off":
+    return {"TOKENIZERS_PARALLELISM": "false", "RAYON_NUM_THREADS": None}
+  if setting == "auto":
+    return {"TOKENIZERS_PARALLELISM": None, "RAYON_NUM_THREADS": None}
+  if not setting.isdigit() or int(setting) < 1:
+    raise ValueError(f"--tokenizer-threads: {setting!r} is not off, auto or a thread count >= 1")
+  return {"TOKENIZERS_PARALLELISM": "true", "RAYON_NUM_THREADS": setting}
+
+
+def _threads() -> int:
+  """Threads of this process now (/proc/self/status): the rayon pool shows up once used."""
+  return _status_kb("Threads")
+
+
 def _data_child(args) -> dict:
   """In a fresh process: open time and RSS growth of a prepared folder, then host batch
-  throughput of ContrastiveBatcher (tokenisation included) and the RSS after the batches."""
+  throughput of ContrastiveBatcher (tokenisation included, under the --tokenizer-threads
+  setting `args.tokenizer_threads`) and the RSS and thread count after the batches."""
+  # Set here, not by the parent: this module's import defaults TOKENIZERS_PARALLELISM to false,
+  # and `auto` needs it unset. The tokenizer reads both variables at its first batch call.
+  for name, value in tokenizer_env(args.tokenizer_threads).items():
+    if value is None:
+      os.environ.pop(name, None)
+    else:
+      os.environ[name] = value
   import numpy as np
   from transformers import AutoTokenizer
   from bge_jax.data.pairs import ContrastiveBatcher, open_contrastive_data
@@ -904,23 +944,81 @@ def _data_child(args) -> dict:
                                passage_max_length=args.passage_max_length,
                                process_index=0, process_count=args.processes)
   out["batcher_s"] = time.perf_counter() - t
+  threads = _threads()
+  batcher._tokenize(["a warm-up text"] * 8, 8)  # pylint: disable=protected-access
+  out["tokenizer_pool_threads"] = _threads() - threads  # rayon's pool starts at its first use
   batcher(0)  # warm-up: the epoch's permutation, first readers
   steps = np.random.default_rng(1).integers(batcher.steps_per_epoch, size=args.steps)
-  times, read_s, cpu_s = [], [], []
+  times, read_s, cpu_s, tokenize_s, encode_s = [], [], [], [], []
   for step in steps:
     t = time.perf_counter()
-    batcher.examples(int(step))
+    _, _, queries, passages, _ = batcher.examples(int(step))
     read_s.append(time.perf_counter() - t)
     t, c = time.perf_counter(), time.process_time()
     batcher(int(step))
     times.append(time.perf_counter() - t)
     cpu_s.append(time.process_time() - c)
+    # The tokenisation alone, and within it the Rust batch call (encode, truncate, pad; the part
+    # that runs on the rayon pool, GIL released): the rest is Python on one thread.
+    tokenize_s.append(0.0)
+    encode_s.append(0.0)
+    for texts, length in ((queries, args.query_max_length), (passages, args.passage_max_length)):
+      t = time.perf_counter()
+      batcher._tokenize(texts, length)  # pylint: disable=protected-access
+      tokenize_s[-1] += time.perf_counter() - t
+      t = time.perf_counter()  # the backend keeps the padding/truncation the call above set
+      batcher.tokenizer.backend_tokenizer.encode_batch(texts)
+      encode_s[-1] += time.perf_counter() - t
   out.update(batch_s=statistics.median(times), read_s=statistics.median(read_s),
-             batch_cpu_s=statistics.median(cpu_s),
+             batch_cpu_s=statistics.median(cpu_s), tokenize_s=statistics.median(tokenize_s),
+             rust_encode_s=statistics.median(encode_s),
              examples_per_cpu_s=args.batch_size / statistics.median(cpu_s),
              examples_per_s=args.batch_size / statistics.median(times),
              after_batches_rss_mb=_rss_mb() - base, shards_opened=sum(
-                 r is not None for r in src._shards._readers))  # pylint: disable=protected-access
+                 r is not None for r in src._shards._readers),  # pylint: disable=protected-access
+             queries=args.batch_size, tokenizer_threads=args.tokenizer_threads,
+             load_1min=load_average()[0])
+  return out
+
+
+def _batch_rounds(folder: str, settings: list[str], args) -> dict[str, list[dict]]:
+  """`_data_child` on `folder`, `args.rounds` times per tokenizer setting, one fresh process
+  each; the settings' order alternates every round (a trend in the machine's load then falls on
+  every setting alike). Returns setting -> the children's results, in round order."""
+  measured: dict[str, list[dict]] = {k: [] for k in settings}
+  for r in range(args.rounds):
+    for setting in (settings if r % 2 == 0 else settings[::-1]):
+      child = subprocess.run(
+          [sys.executable, __file__, "data", "--child", folder, "--tokenizer", args.tokenizer,
+           "--batch-size", str(args.batch_size), "--group-size", str(args.group_size),
+           "--query-max-length", str(args.query_max_length), "--passage-max-length",
+           str(args.passage_max_length), "--steps", str(args.steps), "--processes",
+           str(args.processes), "--tokenizer-threads", setting],
+          capture_output=True, text=True, check=False)
+      if child.returncode:
+        raise RuntimeError(f"the --tokenizer-threads {setting} child failed:\n"
+                           + child.stderr[-3000:])
+      measured[setting].append(json.loads(child.stdout.strip().splitlines()[-1]))
+      if not args.quiet:
+        m = measured[setting][-1]
+        print(f"round {r + 1}/{args.rounds}, tokenizer threads {setting}: "
+              f"{m['examples_per_s']:,.0f} examples/s ({m['examples_per_cpu_s']:,.0f} per CPU-s), "
+              f"load {m['load_1min']}", file=sys.stderr, flush=True)
+  return measured
+
+
+def _medians(rounds: list[dict]) -> dict:
+  """Per numeric field, the median over the rounds; the throughputs are recomputed from the
+  median times (a median of ratios is not the ratio of medians for an even count), and the
+  spread of the wall throughput is kept (min, max)."""
+  fixed = ("rows", "queries", "shards_opened", "tokenizer_pool_threads", "tokenizer_threads")
+  out = {k: statistics.median(x[k] for x in rounds) for k, v in rounds[0].items()
+         if isinstance(v, (int, float)) and k not in fixed}
+  out.update((k, rounds[0][k]) for k in fixed)
+  out["examples_per_s"] = out["queries"] / out["batch_s"]
+  out["examples_per_cpu_s"] = out["queries"] / out["batch_cpu_s"]
+  out["examples_per_s_range"] = [min(x["examples_per_s"] for x in rounds),
+                                 max(x["examples_per_s"] for x in rounds)]
   return out
 
 
@@ -939,8 +1037,12 @@ def bench_data(args) -> dict:
   """Prepare throughput, open time, RSS growth and host batch throughput per row count."""
   from bge_jax.data import prepare
   args.tokenizer = args.tokenizer or default_model()
+  settings = args.tokenizer_threads.split(",")
+  for setting in settings:
+    tokenizer_env(setting)  # refuses a bad setting before any data is generated
   work = args.dir or tempfile.mkdtemp(prefix="bge_data_bench_")
   result = {"machine": machine(), "load_before": load_average(), "runs": [],
+            "tokenizer_threads": settings, "rounds": args.rounds,
             "shapes": {"batch_size": args.batch_size, "group_size": args.group_size,
                        "query_max_length": args.query_max_length,
                        "passage_max_length": args.passage_max_length}}
@@ -959,15 +1061,9 @@ def bench_data(args) -> dict:
       m = json.load(f)
     run["shards"] = len(m["shards"])
     run["prepared_bytes"] = sum(s["bytes"] for s in m["shards"])
-    child = subprocess.run(
-        [sys.executable, __file__, "data", "--child", out, "--tokenizer", args.tokenizer,
-         "--batch-size", str(args.batch_size), "--group-size", str(args.group_size),
-         "--query-max-length", str(args.query_max_length), "--passage-max-length",
-         str(args.passage_max_length), "--steps", str(args.steps), "--processes",
-         str(args.processes)], capture_output=True, text=True, check=False)
-    if child.returncode:
-      raise RuntimeError(child.stderr[-3000:])
-    run.update(json.loads(child.stdout.strip().splitlines()[-1]))
+    measured = _batch_rounds(out, settings, args)
+    run.update(_medians(measured[settings[0]]))  # the first setting's: the main table's columns
+    run["tokenizer"] = {k: {**_medians(v), "rounds": v} for k, v in measured.items()}
     result["runs"].append(run)
     print(json.dumps(run), flush=True)
     if not args.keep:
@@ -989,6 +1085,21 @@ def data_table(r: dict) -> str:
         f"{x['workers']}) | {x['shards']} | {x['open_s']:.3f} | {x['open_rss_mb']:.1f} | "
         f"{x['after_batches_rss_mb']:.1f} | {x['batch_s']:.3f} ({x['read_s']:.3f}) | "
         f"{x['examples_per_s']:,.0f} ({x['examples_per_cpu_s']:,.0f}) |")
+  if len(r.get("tokenizer_threads", ["off"])) > 1 or r.get("rounds", 1) > 1:
+    lines += ["", f"Tokenizer threads, medians of {r.get('rounds', 1)} rounds (one process each, "
+              "alternating):", "",
+              "| rows | tokenizer threads | pool threads started | examples/s wall (min-max) | "
+              "examples per CPU-s | batch s (read s) | tokenise s (Rust batch call s) | "
+              "CPU s / wall s | load (1 min) |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for x in r["runs"]:
+      for k, m in x["tokenizer"].items():
+        lo, hi = m["examples_per_s_range"]
+        lines.append(
+            f"| {x['rows']:,} | {k} | {m['tokenizer_pool_threads']} | {m['examples_per_s']:,.0f} "
+            f"({lo:,.0f}-{hi:,.0f}) | {m['examples_per_cpu_s']:,.0f} | {m['batch_s']:.3f} "
+            f"({m['read_s']:.3f}) | {m['tokenize_s']:.3f} ({m['rust_encode_s']:.3f}) | "
+            f"{m['batch_cpu_s'] / m['batch_s']:.2f} | {m['load_1min']:.1f} |")
   need = {k: 300 / v for k, v in r["v5e_step_s"].items()}
   lines.append("")
   lines.append("v5e-256, bge-base stage 2 (19,200 queries x group 8, 32/128 tokens, GradCache): "
@@ -1098,10 +1209,17 @@ def main(argv=None):
   dp.add_argument("--passage-max-length", type=int, default=128)
   dp.add_argument("--processes", type=int, default=64, help="processes of the global batch")
   dp.add_argument("--steps", type=int, default=5, help="timed batches (random steps)")
+  dp.add_argument("--tokenizer-threads", default="off", help=TOKENIZER_THREADS_HELP
+                  + "; the first one fills the main table (default: off)")
+  dp.add_argument("--rounds", type=int, default=1,
+                  help="batch-throughput processes per setting, the settings' order alternating "
+                       "each round; the tables show medians")
   dp.add_argument("--quiet", action="store_true")
   dp.add_argument("--child", default=None, help=argparse.SUPPRESS)
   dp.add_argument("--out", default=None, help="write OUT.json and OUT.md")
   args = parser.parse_args(argv)
+  if args.cmd == "data" and args.rounds < 1:
+    parser.error("--rounds must be >= 1")
   if args.cmd == "data":
     if args.child:
       print(json.dumps(_data_child(args)))

@@ -6,6 +6,7 @@ memory meter must see an allocation of known size and not invent one, and the in
 alternate.
 """
 
+import argparse
 import json
 
 import numpy as np
@@ -154,3 +155,51 @@ def test_gemm_runs_each_library_in_its_own_pinned_process(bench, tmp_path):
       assert row["gflops"][lib] == pytest.approx(2 * np.prod(row["mkn"]) / row["median_s"][lib] / 1e9)
     assert row["ratio_jax_over_torch"] == pytest.approx(row["median_s"]["jax"] / row["median_s"]["torch"])
   assert "| 1 | bfloat16-f32acc | FFN in | TN | 64 x 64 x 128 |" in out.with_suffix(".md").read_text()
+
+
+def test_data_tokenizer_settings_alternate_and_take_medians(bench, monkeypatch):
+  """`data --tokenizer-threads`: each setting's environment, one child process per setting and
+  round with the order alternating, medians whose throughputs follow from the median times."""
+  assert bench.tokenizer_env("off") == {"TOKENIZERS_PARALLELISM": "false", "RAYON_NUM_THREADS": None}
+  assert bench.tokenizer_env("2") == {"TOKENIZERS_PARALLELISM": "true", "RAYON_NUM_THREADS": "2"}
+  assert bench.tokenizer_env("auto") == {"TOKENIZERS_PARALLELISM": None, "RAYON_NUM_THREADS": None}
+  for bad in ("0", "two", ""):
+    with pytest.raises(ValueError, match="--tokenizer-threads"):
+      bench.tokenizer_env(bad)
+
+  calls = []
+
+  def fake_run(cmd, **kwargs):  # a child: batch time 0.1 s per round number, CPU twice that
+    setting = cmd[cmd.index("--tokenizer-threads") + 1]
+    calls.append(setting)
+    t = 0.1 * sum(c == setting for c in calls)
+    out = dict(rows=10, queries=30, shards_opened=1, tokenizer_pool_threads=0, batch_s=t,
+               batch_cpu_s=2 * t, examples_per_s=30 / t, examples_per_cpu_s=15 / t,
+               tokenizer_threads=setting, load_1min=1.0)
+    return type("Done", (), {"returncode": 0, "stdout": json.dumps(out) + "\n", "stderr": ""})
+
+  monkeypatch.setattr(bench.subprocess, "run", fake_run)
+  args = argparse.Namespace(
+      rounds=4, quiet=True, tokenizer="tok", batch_size=30, group_size=2, query_max_length=8,
+      passage_max_length=16, steps=1, processes=1)
+  measured = bench._batch_rounds("folder", ["off", "2"], args)
+  assert calls == ["off", "2", "2", "off", "off", "2", "2", "off"]
+  m = bench._medians(measured["2"])
+  assert m["batch_s"] == pytest.approx(0.25) and m["examples_per_s"] == pytest.approx(30 / 0.25)
+  assert m["examples_per_cpu_s"] == pytest.approx(30 / 0.5)
+  assert m["examples_per_s_range"] == pytest.approx([30 / 0.4, 30 / 0.1])
+  assert (m["rows"], m["queries"], m["tokenizer_threads"]) == (10, 30, "2")
+
+
+@pytest.mark.slow
+def test_data_bench_runs_the_tokenizer_on_the_threads_asked(bench, tmp_path):
+  """End to end on 2,000 pairs: the `2` child's tokenizer starts a pool of 2 Rust threads, the
+  `off` child none (TOKENIZERS_PARALLELISM and RAYON_NUM_THREADS reach the tokenizer)."""
+  out = tmp_path / "data"
+  bench.main(["data", "--rows", "2000", "--files", "2", "--workers", "1", "--batch-size", "8",
+              "--group-size", "2", "--steps", "1", "--processes", "2", "--tokenizer-threads",
+              "off,2", "--quiet", "--dir", str(tmp_path / "work"), "--out", str(out)])
+  run = json.loads(out.with_suffix(".json").read_text())["runs"][0]
+  assert {k: v["tokenizer_pool_threads"] for k, v in run["tokenizer"].items()} == {"off": 0, "2": 2}
+  assert run["batch_s"] == run["tokenizer"]["off"]["batch_s"]  # the main table: the first setting
+  assert "| 2,000 | 2 | 2 |" in out.with_suffix(".md").read_text()
