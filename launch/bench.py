@@ -1221,6 +1221,12 @@ def main(argv=None):
   if args.cmd == "data" and args.rounds < 1:
     parser.error("--rounds must be >= 1")
   if args.cmd == "data":
+    try:
+      for setting in args.tokenizer_threads.split(","):
+        tokenizer_env(setting)
+    except ValueError as e:
+      parser.error(str(e))
+  if args.cmd == "data":
     if args.child:
       print(json.dumps(_data_child(args)))
       return

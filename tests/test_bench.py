@@ -166,6 +166,8 @@ def test_data_tokenizer_settings_alternate_and_take_medians(bench, monkeypatch):
   for bad in ("0", "two", ""):
     with pytest.raises(ValueError, match="--tokenizer-threads"):
       bench.tokenizer_env(bad)
+  with pytest.raises(SystemExit):  # refused by the parser, before any data is generated
+    bench.main(["data", "--tokenizer-threads", "off,0", "--dir", "/nonexistent/never-made"])
 
   calls = []
 
