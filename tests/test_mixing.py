@@ -133,6 +133,22 @@ def test_mixing_options_from_config():
     mixing_options(ConfigDict({"sampling": "random"}), 32, 1, 8, 1)
 
 
+def test_batch_size_steps_are_each_sizes_first_step(tmp_path, tok):  # noqa: F811
+  """The steps the trainer compiles ahead: from any start, the first later step of each other
+  global batch size (within the run's steps); none without mixing."""
+  batcher = ContrastiveBatcher(sources(tmp_path, {"short": 96, "long": 50}), tok, batch_size=4,
+                               group_size=1, process_count=2, batch_sizes=[8, 4])
+  sizes = [batcher.global_batches[batcher.select(s)[0]] for s in range(3 * 12)]
+  for start in (0, 5, 11, 12, 23):
+    steps = batcher.batch_size_steps(start, 36)
+    assert len(steps) == 1 and sizes[steps[0]] != sizes[start]
+    assert all(sizes[s] == sizes[start] for s in range(start, steps[0]))
+    assert batcher.batch_size_steps(start, steps[0]) == []  # a size the run never reaches
+  single = ContrastiveBatcher(sources(tmp_path, {"short": 96, "long": 50}), tok, batch_size=4,
+                              group_size=1, process_count=2)
+  assert single.batch_size_steps(0, 100) == []
+
+
 def test_the_memory_check_names_the_mixed_datasets_batch_size(tmp_path, tok,  # noqa: F811
                                                                monkeypatch):
   """A train step compiled for a mixed dataset's batch size that does not fit the device is
@@ -161,7 +177,7 @@ def test_the_memory_check_names_the_mixed_datasets_batch_size(tmp_path, tok,  # 
   assert msg.startswith("the train step compiled for dataset 'short''s global batch 16 "
                         "(config.data.batch_sizes) needs 3.0 MiB per device"), msg
   assert "lower config.data.batch_sizes (now '16,8')" in msg and "packed" not in msg
-  assert msg.endswith("The checkpoints saved so far are kept.")
+  assert msg.endswith("config.mesh.fsdp.")  # compiled before the first step: no checkpoints
   with pytest.raises(MemoryError, match=r"^the train step compiled for a new packed batch shape "
                      r".* lower config.batch_size \(now 8\)"):
     loop._check_fits(None, config, grown=True, source=single.batch_source(0))
@@ -197,19 +213,37 @@ def mixed_config(two_datasets, **kw):
 def test_two_batch_sizes_train_compile_once_each_and_resume_exactly(two_datasets, tmp_path,
                                                                       caplog):
   """Two epochs over two datasets with global batches 32 and 16: 2 x (3 + 4) = 14 steps, the
-  step compiled once per batch size (not once per step), and a run killed after its step-6 save
-  resumes to the uninterrupted run's losses bit for bit."""
+  step compiled once per batch size (not once per step), both before the first step, and a run
+  killed after its step-6 save (which compiles both again before it resumes) resumes to the uninterrupted run's losses bit for bit."""
   from test_train import losses
 
   from bge_jax.train.loop import train
 
+  from bge_jax.train import loop, program
+
+  events = []  # "compile" per lowered train step, the step of each metrics row, in order
+  real_lower, real_write = program.TrainProgram.lower, loop.MetricWriter.write
+
+  def lower(self, *args, **kw):
+    events.append("compile")
+    return real_lower(self, *args, **kw)
+
+  def write(self, step, values):
+    events.append(step)
+    return real_write(self, step, values)
+
   workdir = tmp_path / "run"
   kw = {"checkpoint.every_steps": 6, "checkpoint.keep": 5}
-  with caplog.at_level(logging.WARNING, logger="bge_jax.train"):
+  with (pytest.MonkeyPatch.context() as m,
+        caplog.at_level(logging.WARNING, logger="bge_jax.train")):
+    m.setattr(program.TrainProgram, "lower", lower)
+    m.setattr(loop.MetricWriter, "write", write)
     train(mixed_config(two_datasets, **kw), str(workdir))
   recompiles = [r for r in caplog.records if "compiling the train step for new batch shapes"
                 in r.getMessage()]
   assert len(recompiles) == 1, [r.getMessage() for r in recompiles]
+  # Both sizes compiled before the first step, none after.
+  assert events[:2] == ["compile", "compile"] and "compile" not in events[2:], events
   curve = losses(workdir)
   assert sorted(curve) == list(range(1, 15))
   assert all(math.isfinite(v) for v in curve.values())
@@ -221,3 +255,40 @@ def test_two_batch_sizes_train_compile_once_each_and_resume_exactly(two_datasets
   train(mixed_config(two_datasets, **kw), str(workdir))
   again = losses(workdir)
   assert [again[s] for s in range(1, 15)] == [curve[s] for s in range(1, 15)]
+
+
+@pytest.mark.slow
+def test_a_mixed_size_that_does_not_fit_is_refused_before_the_first_step(two_datasets, tmp_path,
+                                                                         monkeypatch):
+  """A fake device limit between the two sizes' needs (XLA's analysis of the steps compiled
+  here): the run stops before any step, metrics row or checkpoint, naming the bigger dataset's
+  size, although its first batch would come after a checkpoint (step 0 draws the smaller)."""
+  from bge_jax import memory
+  from bge_jax.train.loop import train
+
+  compiled_needs: dict[int, int] = {}  # id(compiled step) -> its need, in compile order
+  real_peak = memory.peak_bytes
+
+  def peak_bytes(compiled):
+    need = real_peak(compiled)
+    if not isinstance(compiled, dict):
+      compiled_needs.setdefault(id(compiled), need)
+    return need
+
+  def device_limit(device=None):
+    """The first step's need passes; the next one is checked against the middle of the two."""
+    needs = list(compiled_needs.values())
+    return needs[0] * 2 if len(needs) == 1 else (needs[0] + needs[1]) // 2
+
+  monkeypatch.setattr(memory, "peak_bytes", peak_bytes)
+  monkeypatch.setattr(memory, "device_limit", device_limit)
+  workdir = tmp_path / "run"
+  with pytest.raises(MemoryError) as e:
+    train(mixed_config(two_datasets, **{"checkpoint.every_steps": 1}), str(workdir))
+  needs = list(compiled_needs.values())
+  assert len(needs) == 2 and needs[1] > needs[0], needs
+  msg = str(e.value)
+  assert msg.startswith(f"the train step compiled for dataset '{two_datasets[0]}''s global "
+                        "batch 32 (config.data.batch_sizes) needs"), msg
+  assert not list((workdir / "checkpoints").glob("*[0-9]"))
+  assert not (workdir / "metrics.jsonl").exists()  # no step logged

@@ -853,6 +853,26 @@ class ContrastiveBatcher:
     return (f"dataset {self.names[d]!r}'s global batch {self.global_batches[d]} "
             "(config.data.batch_sizes)")
 
+  def batch_size_steps(self, start: int, end: int) -> list[int]:
+    """The first step in [start, end) of each global batch size other than step `start`'s, in
+    step order: the steps whose batches set every other batch shape of a run resumed (or begun)
+    at `start`, which the trainer compiles before its first step. Empty when every dataset has
+    the same batch size. Every dataset has a batch in every epoch, so the rest of `start`'s epoch
+    and the next one hold them all: O(steps_per_epoch) `select` calls, no tokenising."""
+    if len(set(self.batch_sizes)) < 2:
+      return []
+    seen = {self.global_batches[self.select(start)[0]]}
+    steps = []
+    stop = min(end, (start // self.steps_per_epoch + 2) * self.steps_per_epoch)
+    for step in range(start + 1, stop):
+      if len(seen) == len(set(self.global_batches)):
+        break
+      size = self.global_batches[self.select(step)[0]]
+      if size not in seen:
+        seen.add(size)
+        steps.append(step)
+    return steps
+
   def epoch(self, step: int) -> float:
     return step / self.steps_per_epoch
 

@@ -162,8 +162,8 @@ def _train(config: Any, workdir: str, accept_config_changes: bool) -> dict[str, 
   def compiled_step_for(local, step: int) -> tuple[Any, float]:
     """(the step compiled for this batch's shapes, its analytic model FLOPs: PaLM convention,
     remat/GradCache recompute not counted). Every batch has the probe's shapes, except those of
-    datasets mixed at another batch size (config.data.batch_sizes) and packed ones that outgrew
-    their rows (one process only, `ContrastiveBatcher.enable_packing`)."""
+    datasets mixed at another batch size (config.data.batch_sizes: compiled before the loop) and
+    packed ones that outgrew their rows (one process only, `ContrastiveBatcher.enable_packing`)."""
     shapes = tuple((k, np.shape(v)) for k, v in sorted(local.items()))
     if shapes not in compiled_steps:
       if compiled_steps:
@@ -181,8 +181,16 @@ def _train(config: Any, workdir: str, accept_config_changes: bool) -> dict[str, 
       compiled_steps[shapes] = (compiled, prog.step_flops(local, jax.process_count()).model)
     return compiled_steps[shapes]
 
-  # Compiled ahead of the loop: the memory analysis is printed before the first step.
-  memory = memory_lib.analysis(compiled_step_for(probe, start_step)[0])
+  # Compiled ahead of the loop, so the memory analysis is printed and checked before the first
+  # step: the probe's step and, with datasets mixed at different batch sizes (data.batch_sizes),
+  # one per other size, from the first batch of it the run will train on (the batcher is a pure
+  # function of the step: building it here changes no batch, the prefetch order nor the RNG). A
+  # size that does not fit is refused now, not hours in. run_info records the largest step.
+  ahead = [compiled_step_for(probe, start_step)[0]]
+  for step in getattr(batcher, "batch_size_steps", lambda start, end: [])(start_step, total_steps):
+    ahead.append(compiled_step_for(batcher(step), step)[0])
+  memory = max((memory_lib.analysis(c) for c in ahead),
+               key=lambda m: memory_lib.peak_bytes(m) or 0)
   if is_main:
     if start_step:
       run_info.warn_if_processes_changed(workdir, start_step)
@@ -328,6 +336,8 @@ def _check_fits(compiled, config, grown: bool, source: str | None = None) -> Non
            "backward pass), config.loss.gradcache_chunk (stages 2 and 3: the memory of one chunk "
            "of the batch), or shard the parameters and optimizer state over more devices with "
            "config.mesh.fsdp")
+  # A mixed dataset's size is compiled before the first step (`batch_size_steps`): nothing to
+  # keep then; a grown packed shape comes mid-run.
   memory_lib.check_fits(compiled, what, fixes, log,
-                        " The checkpoints saved so far are kept." if grown else "")
+                        " The checkpoints saved so far are kept." if grown and not source else "")
 
