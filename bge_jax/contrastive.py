@@ -19,7 +19,6 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from bge_jax.config import BertConfig
 from bge_jax.data import packing

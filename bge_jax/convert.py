@@ -28,9 +28,7 @@ import jax
 import numpy as np
 
 from bge_jax.config import BertConfig
-# The output-folder writers, for convert.* callers (interop, weights, checkpoints).
-from bge_jax.data.files import (atomic_output_dir, remove_stale_staging,  # noqa: F401
-                                replace_dir, staging_dir)
+from bge_jax.data.files import atomic_output_dir
 
 log = logging.getLogger(__name__)
 

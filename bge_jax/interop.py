@@ -6,7 +6,7 @@ The jobs behind conversion/convert.py, staged in a temporary folder and checked 
 `tol`. The output is written to a temporary folder beside OUT (and checked there) and renamed
 into place only when complete, so a failure leaves neither OUT nor a temporary folder behind; the
 folder of a conversion that was killed (`.OUT.tmp-PID@HOST-*`) is removed by the next conversion
-into the same OUT (`convert.atomic_output_dir`).
+into the same OUT (`files.atomic_output_dir`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import numpy as np
 
 from bge_jax import convert, weights
 from bge_jax.config import BertConfig
+from bge_jax.data import files
 from bge_jax.models import bert
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -78,7 +79,7 @@ def hf_to_jax(src: str, out: str, *, check: bool = False, tol: float = DEFAULT_T
       _check(lambda: _torch_from_source(src, config), written_params, written_config,
              weights.tokenizer_dir(tmp), "the tokenizer copied to OUT/tokenizer", tol)
 
-  convert.atomic_output_dir(out, write, overwrite=overwrite)
+  files.atomic_output_dir(out, write, overwrite=overwrite)
   parts = "bge_jax.json, params/ " + dtype + (", tokenizer/" if tokenizer else "")
   _say(f"wrote: {out}: bge-jax params folder ({parts})")
   return out
@@ -147,7 +148,7 @@ def jax_to_hf(src: str, out: str, *, check: bool = False, tol: float = DEFAULT_T
       _check(lambda: _torch_from_folder(tmp), params, config,
              tmp if tokenizer else None, "the tokenizer copied to OUT", tol)
 
-  convert.atomic_output_dir(out, write, overwrite=overwrite)
+  files.atomic_output_dir(out, write, overwrite=overwrite)
   arch = "BertForMaskedLM" if config.add_mlm_head else "BertModel"
   parts = [f"config.json + model.safetensors ({arch})"]
   if config.add_decoder:

@@ -26,6 +26,7 @@ import numpy as np
 
 from bge_jax import convert
 from bge_jax.config import BertConfig
+from bge_jax.data import files
 
 FORMAT = "bge-jax/params"
 VERSION = 1
@@ -52,7 +53,7 @@ def save_params(out_dir: str, params: Any, config: BertConfig, tokenizer: Any = 
       os.makedirs(os.path.join(tmp, "tokenizer"))
       convert.write_tokenizer(tokenizer, os.path.join(tmp, "tokenizer"))
 
-  return convert.atomic_output_dir(out_dir, write, overwrite=overwrite)
+  return files.atomic_output_dir(out_dir, write, overwrite=overwrite)
 
 
 def load_config(path: str) -> BertConfig:

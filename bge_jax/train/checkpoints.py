@@ -341,7 +341,7 @@ def best_mode(metric: str, mode: str = "auto") -> str:
 class BestExport:
   """The export of the step with the best value of `metric` so far, in <workdir>/best/.
 
-  Written through a staging folder that replaces best/ in one rename (`convert.atomic_output_dir`),
+  Written through a staging folder that replaces best/ in one rename (`files.atomic_output_dir`),
   so best/ is always one whole export with the best.json that names its step and value. The best
   value so far is read back from best/best.json, so a resumed run replaces it only with a strictly
   better one (a resume recomputes the same steps bit for bit: a tie is the same step). A kill in
@@ -406,7 +406,7 @@ class BestExport:
 
   def save(self, step: int, value: float, write_export) -> None:
     """Replaces best/ with `write_export(folder)`'s files and best.json naming step and value."""
-    from bge_jax import convert
+    from bge_jax.data import files
 
     def write(tmp: str) -> None:
       write_export(tmp)
@@ -416,7 +416,7 @@ class BestExport:
 
     self._recover()
     try:
-      convert.atomic_output_dir(self.directory, write, overwrite=True)
+      files.atomic_output_dir(self.directory, write, overwrite=True)
     except OSError as e:
       failure = write_failure(os.path.dirname(self.directory), "the best export", e)
       if failure is None:
