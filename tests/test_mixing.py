@@ -214,12 +214,12 @@ def test_two_batch_sizes_train_compile_once_each_and_resume_exactly(two_datasets
                                                                       caplog):
   """Two epochs over two datasets with global batches 32 and 16: 2 x (3 + 4) = 14 steps, the
   step compiled once per batch size (not once per step), both before the first step, and a run
-  killed after its step-6 save (which compiles both again before it resumes) resumes to the uninterrupted run's losses bit for bit."""
+  killed after its step-6 save (which compiles both again before it resumes) resumes to the
+  uninterrupted run's losses bit for bit."""
   from test_train import losses
 
-  from bge_jax.train.loop import train
-
   from bge_jax.train import loop, program
+  from bge_jax.train.loop import train
 
   events = []  # "compile" per lowered train step, the step of each metrics row, in order
   real_lower, real_write = program.TrainProgram.lower, loop.MetricWriter.write
