@@ -61,6 +61,7 @@ import argparse
 import ctypes
 import gc
 import importlib.util
+import functools
 import itertools
 import json
 import math
@@ -983,27 +984,29 @@ def _data_child(args) -> dict:
 
 def _batch_rounds(folder: str, settings: list[str], args) -> dict[str, list[dict]]:
   """`_data_child` on `folder`, `args.rounds` times per tokenizer setting, one fresh process
-  each; the settings' order alternates every round (a trend in the machine's load then falls on
-  every setting alike). Returns setting -> the children's results, in round order."""
+  each, in `interleaved`'s order (alternating every round, so a trend in the machine's load falls
+  on every setting alike). Returns setting -> the children's results, in round order."""
   measured: dict[str, list[dict]] = {k: [] for k in settings}
-  for r in range(args.rounds):
-    for setting in (settings if r % 2 == 0 else settings[::-1]):
-      child = subprocess.run(
-          [sys.executable, __file__, "data", "--child", folder, "--tokenizer", args.tokenizer,
-           "--batch-size", str(args.batch_size), "--group-size", str(args.group_size),
-           "--query-max-length", str(args.query_max_length), "--passage-max-length",
-           str(args.passage_max_length), "--steps", str(args.steps), "--processes",
-           str(args.processes), "--tokenizer-threads", setting],
-          capture_output=True, text=True, check=False)
-      if child.returncode:
-        raise RuntimeError(f"the --tokenizer-threads {setting} child failed:\n"
-                           + child.stderr[-3000:])
-      measured[setting].append(json.loads(child.stdout.strip().splitlines()[-1]))
-      if not args.quiet:
-        m = measured[setting][-1]
-        print(f"round {r + 1}/{args.rounds}, tokenizer threads {setting}: "
-              f"{m['examples_per_s']:,.0f} examples/s ({m['examples_per_cpu_s']:,.0f} per CPU-s), "
-              f"load {m['load_1min']}", file=sys.stderr, flush=True)
+
+  def child(setting: str) -> None:
+    done = subprocess.run(
+        [sys.executable, __file__, "data", "--child", folder, "--tokenizer", args.tokenizer,
+         "--batch-size", str(args.batch_size), "--group-size", str(args.group_size),
+         "--query-max-length", str(args.query_max_length), "--passage-max-length",
+         str(args.passage_max_length), "--steps", str(args.steps), "--processes",
+         str(args.processes), "--tokenizer-threads", setting],
+        capture_output=True, text=True, check=False)
+    if done.returncode:
+      raise RuntimeError(f"the --tokenizer-threads {setting} child failed:\n"
+                         + done.stderr[-3000:])
+    measured[setting].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    if not args.quiet:
+      m = measured[setting][-1]
+      print(f"round {len(measured[setting])}/{args.rounds}, tokenizer threads {setting}: "
+            f"{m['examples_per_s']:,.0f} examples/s ({m['examples_per_cpu_s']:,.0f} per CPU-s), "
+            f"load {m['load_1min']}", file=sys.stderr, flush=True)
+
+  interleaved({k: functools.partial(child, k) for k in settings}, args.rounds)
   return measured
 
 
