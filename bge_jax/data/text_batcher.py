@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 MODES = ("truncate", "concatenate")
@@ -42,7 +44,8 @@ class TextBatcher:
     self.max_length, self.mode, self.process_index = max_length, mode, process_index
     self.overlong_skipped = 0
     self._blocks = None
-    self._rows = np.arange(len(source), dtype=np.int32 if len(source) < 2**31 else np.int64)
+    # The source rows trained on: all (a range, no per-row array), or those not skipped below.
+    self._rows: Sequence[int] = range(len(source))
     if mode == "concatenate":
       self._blocks = concatenate_into_blocks(self._tokenize_all(), max_length)
     elif overlong != "truncate":
